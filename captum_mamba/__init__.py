@@ -1,0 +1,1 @@
+"""MambaLRP for Captum (front end on zennit_mamba)."""

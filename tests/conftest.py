@@ -1,0 +1,111 @@
+'''Shared helpers: small transformers Mamba models built from configs with fixed seeds, and explanation helpers.'''
+import os
+import sys
+from typing import Collection, Optional, Tuple
+
+import pytest
+import torch
+from transformers import MambaConfig, MambaForCausalLM
+from transformers.utils import logging as transformers_logging
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from zennit_mamba import MambaComposite  # noqa: E402
+
+# transformers announces its reference kernels on every call without mamba-ssm; the tests do not need to read that
+transformers_logging.set_verbosity_error()
+
+
+def make_mamba(
+    layers: int = 2,
+    hidden: int = 16,
+    state: int = 8,
+    vocab: int = 40,
+    seed: int = 0,
+    zero_conv_bias: bool = True,
+    residual_in_fp32: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> MambaForCausalLM:
+    '''A randomly initialised transformers MambaForCausalLM in eval mode.'''
+    torch.manual_seed(seed)
+    config = MambaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        state_size=state,
+        num_hidden_layers=layers,
+        conv_kernel=4,
+        residual_in_fp32=residual_in_fp32,
+    )
+    model = MambaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            # A_log and D start as constants; spread them so that every channel behaves differently
+            block.mixer.A_log.add_(0.3 * torch.randn_like(block.mixer.A_log))
+            block.mixer.D.add_(0.5 * torch.randn_like(block.mixer.D))
+            block.norm.weight.add_(0.2 * torch.randn_like(block.norm.weight))
+            # initial step sizes are tiny (0.001 to 0.1); trained models select more strongly
+            block.mixer.dt_proj.bias.add_(3.0)
+            block.mixer.dt_proj.weight.mul_(5.0)
+            if zero_conv_bias:
+                block.mixer.conv1d.bias.zero_()
+    return model
+
+
+def embed(model: MambaForCausalLM, batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    '''Embeddings of random token ids, detached.'''
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+    return model.get_input_embeddings()(ids).detach()
+
+
+def last_logits(model: torch.nn.Module, embeddings: torch.Tensor, **kwargs) -> torch.Tensor:
+    '''Logits at the last position in the model's dtype (transformers casts ``.logits`` to float32).'''
+    hidden = model.backbone(inputs_embeds=embeddings, use_cache=False, **kwargs).last_hidden_state
+    return model.lm_head(hidden[:, -1])
+
+
+def explain(
+    model: MambaForCausalLM,
+    embeddings: torch.Tensor,
+    targets: Optional[torch.Tensor] = None,
+    epsilon: float = 1e-12,
+    rules: Collection[str] = frozenset({'silu', 'ssm', 'gate', 'norm'}),
+    composite: Optional[MambaComposite] = None,
+    **kwargs,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    '''MambaLRP relevance of ``embeddings`` for the target logits at the last position.
+
+    Returns relevance, explained logits and targets.
+    '''
+    composite = composite or MambaComposite(epsilon=epsilon, rules=rules)
+    embeddings = embeddings.detach().clone().requires_grad_()
+    with composite.context(model) as modified:
+        logits = last_logits(modified, embeddings, **kwargs)
+        if targets is None:
+            targets = logits.argmax(-1)
+        rows = torch.arange(len(targets))
+        output_relevance = torch.zeros_like(logits)
+        output_relevance[rows, targets] = logits[rows, targets]
+        relevance, = torch.autograd.grad(logits, embeddings, output_relevance)
+    return relevance, logits[rows, targets].detach(), targets
+
+
+def gradient_x_input(
+    model: MambaForCausalLM, embeddings: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    '''Plain gradient x input on the unmodified model.'''
+    embeddings = embeddings.detach().clone().requires_grad_()
+    logits = last_logits(model, embeddings)
+    explained = logits[torch.arange(len(targets)), targets]
+    gradient, = torch.autograd.grad(explained.sum(), embeddings)
+    return embeddings * gradient
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    '''Largest absolute difference relative to the largest absolute expected value.'''
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture
+def model() -> MambaForCausalLM:
+    return make_mamba()

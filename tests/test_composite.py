@@ -1,0 +1,276 @@
+'''MambaComposite as a Zennit user meets it: context, attributors, restoration, bad input, traps.'''
+import pytest
+import torch
+import zennit.composites
+from transformers import FalconMambaConfig, FalconMambaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+from zennit.attribution import Gradient
+from zennit.layer import Sum
+from zennit.rules import Epsilon, Gamma, ZPlus
+
+from conftest import embed, explain, last_logits, make_mamba, relative_error
+from zennit_mamba import GateProduct, MambaComposite, SelectiveScan, SiLU, UnsupportedModelError
+
+
+def snapshot(model):
+    '''Everything a composite could leave behind.'''
+    return {
+        'state': {key: value.clone() for key, value in model.state_dict().items()},
+        'modules': [name for name, _ in model.named_modules()],
+        'hooks': sum(
+            len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks)
+            for module in model.modules()
+        ),
+        'instance_forwards': sum('forward' in module.__dict__ for module in model.modules()),
+    }
+
+
+def assert_restored(model, before, embeddings, logits_before):
+    after = snapshot(model)
+    assert after['modules'] == before['modules']
+    assert after['hooks'] == before['hooks'] == 0
+    assert after['instance_forwards'] == before['instance_forwards'] == 0
+    assert after['state'].keys() == before['state'].keys()
+    assert all(torch.equal(after['state'][key], before['state'][key]) for key in before['state'])
+    with torch.no_grad():
+        assert torch.equal(last_logits(model, embeddings), logits_before)
+
+
+class LastTokenClassifier(torch.nn.Module):
+    '''Takes embeddings, returns the logits at the last position: what zennit's attributors expect.'''
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeddings):
+        return last_logits(self.model, embeddings)
+
+
+def test_forward_unchanged_inside_context_and_model_restored_after():
+    model = make_mamba(layers=2, dtype=torch.float32, residual_in_fp32=True)
+    embeddings = embed(model, 2, 23)
+    with torch.no_grad():
+        expected = model(inputs_embeds=embeddings, use_cache=False).logits
+    before = snapshot(model)
+    with MambaComposite().context(model) as modified:
+        assert modified is model
+        inside = modified(inputs_embeds=embeddings, use_cache=False).logits
+        assert snapshot(model)['hooks'] > 0
+    assert relative_error(inside, expected) <= 1e-6
+    assert_restored(model, before, embeddings, last_logits(model, embeddings).detach())
+
+
+def test_model_restored_after_exception_inside_context(model):
+    embeddings = embed(model, 1, 5)
+    with torch.no_grad():
+        logits_before = last_logits(model, embeddings)
+    before = snapshot(model)
+    with pytest.raises(KeyError, match='raised inside'):
+        with MambaComposite().context(model) as modified:
+            modified(inputs_embeds=embeddings)
+            raise KeyError('raised inside')
+    assert_restored(model, before, embeddings, logits_before)
+
+
+def test_zennit_gradient_attributor_on_embedding_wrapper(model):
+    classifier = LastTokenClassifier(model).eval()
+    embeddings = embed(model, 2, 9)
+    with torch.no_grad():
+        logits = classifier(embeddings)
+    targets = logits.argmax(-1)
+    output_relevance = torch.zeros_like(logits)
+    output_relevance[[0, 1], targets] = logits[[0, 1], targets]
+
+    with Gradient(classifier, MambaComposite(epsilon=1e-12)) as attributor:
+        output, relevance = attributor(embeddings, output_relevance)
+
+    assert torch.allclose(output, logits)
+    assert torch.allclose(relevance.sum((1, 2)), logits[[0, 1], targets], rtol=1e-6)
+    expected, _, _ = explain(model, embeddings, targets)
+    assert relative_error(relevance, expected) <= 1e-10
+
+
+def test_composite_is_registered_with_zennit():
+    assert zennit.composites.COMPOSITES['mamba_lrp'] is MambaComposite
+
+
+def test_default_cache_is_filled_and_continuing_from_it_is_refused(model):
+    embeddings = embed(model, 1, 6)
+    with torch.no_grad():
+        plain = model(inputs_embeds=embeddings)
+    with MambaComposite().context(model) as modified:
+        with torch.no_grad():
+            output = modified(inputs_embeds=embeddings)  # transformers uses a cache by default in eval mode
+        assert torch.allclose(output.logits, plain.logits, rtol=1e-6)
+        for layer in range(model.config.num_hidden_layers):
+            assert torch.allclose(
+                output.cache_params.get_recurrent_state(layer), plain.cache_params.get_recurrent_state(layer),
+                rtol=1e-6,
+            )
+            assert torch.equal(output.cache_params.get_conv_state(layer), plain.cache_params.get_conv_state(layer))
+        with pytest.raises(RuntimeError, match='explains whole sequences'):
+            modified(inputs_embeds=embeddings[:, :1], cache_params=output.cache_params)
+
+
+def test_every_rule_fires_and_every_explicit_module_runs_once(model):
+    composite = MambaComposite()
+    calls = {}
+    with composite.context(model) as modified:
+        handles = [
+            module.register_forward_hook(lambda module, input, output, name=name: calls.update(
+                {name: calls.get(name, 0) + 1}))
+            for name, module in modified.named_modules()
+            if isinstance(module, (SiLU, GateProduct, SelectiveScan, Sum))
+        ]
+        embeddings = embed(model, 1, 4).requires_grad_()
+        logits = last_logits(modified, embeddings)
+        logits[0, 0].backward()
+        fired = ['grad_output' in hook.stored_tensors for hook in composite.hook_refs]
+        for handle in handles:
+            handle.remove()
+    # per layer: conv SiLU, gate SiLU, gate product, scan, residual sum
+    assert len(calls) == 5 * model.config.num_hidden_layers
+    assert set(calls.values()) == {1}
+    assert len(fired) > 0 and all(fired)
+
+
+def test_transformers_forward_bypasses_the_modules_rules_would_attach_to(model):
+    # the trap: transformers calls functional kernels, so hooks on conv1d and dt_proj never see a call
+    seen = []
+    mixer = model.backbone.layers[0].mixer
+    handles = [getattr(mixer, name).register_forward_hook(lambda *args, name=name: seen.append(name))
+               for name in ('conv1d', 'dt_proj')]
+    try:
+        with torch.no_grad():
+            last_logits(model, embed(model, 1, 3))
+        assert seen == []
+        with MambaComposite().context(model) as modified, torch.no_grad():
+            last_logits(modified, embed(model, 1, 3))
+        assert seen == ['conv1d', 'dt_proj']
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize('module_type', [GateProduct, Sum])
+def test_an_operation_without_rule_breaks_conservation(model, module_type):
+    embeddings = embed(model, 2, 8)
+    without = MambaComposite(epsilon=1e-12, layer_map=[(module_type, None)])
+    relevance, explained, _ = explain(model, embeddings, composite=without)
+    assert ((relevance.sum((1, 2)) - explained).abs() > 1e-3 * explained.abs()).any()
+
+
+def test_no_mamba_module_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    with pytest.raises(UnsupportedModelError) as error:
+        with MambaComposite().context(model):
+            pass
+    message = str(error.value)
+    assert 'no supported Mamba mixer in Sequential' in message
+    assert 'Linear' in message and 'ReLU' in message
+    assert 'transformers MambaMixer' in message
+    assert snapshot(model)['hooks'] == 0
+
+
+@pytest.mark.parametrize('build, mixer', [
+    (lambda: Mamba2ForCausalLM(Mamba2Config(
+        vocab_size=32, hidden_size=16, state_size=8, num_heads=4, head_dim=8, n_groups=1, num_hidden_layers=1,
+    )), 'Mamba2Mixer'),
+    (lambda: FalconMambaForCausalLM(FalconMambaConfig(
+        vocab_size=32, hidden_size=16, state_size=8, num_hidden_layers=1,
+    )), 'FalconMambaMixer'),
+], ids=['mamba2', 'falcon-mamba'])
+def test_unsupported_mixer_is_named_and_model_untouched(build, mixer):
+    torch.manual_seed(0)
+    model = build().eval()
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match=f'does not support the mixer {mixer} at'):
+        MambaComposite().register(model)
+    assert snapshot(model)['hooks'] == before['hooks'] == 0
+    assert snapshot(model)['modules'] == before['modules']
+
+
+def test_a_second_composite_on_the_same_model_is_refused(model):
+    embeddings = embed(model, 1, 6)
+    expected, _, targets = explain(model, embeddings)
+    first = MambaComposite(epsilon=1e-12)
+    with first.context(model):
+        with pytest.raises(RuntimeError, match='already registered'):
+            MambaComposite().register(model)
+        hooks_inside = snapshot(model)['hooks']
+    # the first context kept working, and both left nothing behind
+    relevance, _, _ = explain(model, embeddings, targets, composite=first)
+    assert relative_error(relevance, expected) <= 1e-12
+    assert snapshot(model)['hooks'] == 0 and hooks_inside > 0
+
+
+def test_registering_the_same_composite_twice_replaces_its_hooks(model):
+    composite = MambaComposite()
+    composite.register(model)
+    hooks_once = snapshot(model)['hooks']
+    composite.register(model)
+    assert snapshot(model)['hooks'] == hooks_once
+    composite.remove()
+    assert snapshot(model)['hooks'] == 0
+
+
+def test_unknown_rule_names_are_refused():
+    with pytest.raises(ValueError, match=r"Unknown MambaLRP rules \['selu'\]"):
+        MambaComposite(rules={'silu', 'selu'})
+
+
+def test_left_padding_gets_zero_relevance_and_leaves_the_rest_unchanged():
+    model = make_mamba(layers=2)
+    embeddings = embed(model, 2, 10)
+    padded = torch.cat([torch.randn(2, 3, embeddings.shape[-1], dtype=embeddings.dtype), embeddings], dim=1)
+    mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 10, dtype=torch.long)], dim=1)
+
+    relevance, explained, targets = explain(model, embeddings)
+    padded_relevance, padded_explained, _ = explain(model, padded, targets, attention_mask=mask)
+
+    assert torch.equal(padded_relevance[:, :3], torch.zeros_like(padded_relevance[:, :3]))
+    assert relative_error(padded_relevance[:, 3:], relevance) <= 1e-10
+    assert torch.allclose(padded_explained, explained, rtol=1e-10)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_models_are_explained_in_their_dtype(dtype):
+    model = make_mamba(layers=2, hidden=32, dtype=torch.float32)
+    embeddings = embed(model, 2, 24)
+    reference, _, targets = explain(model, embeddings, epsilon=1e-6)
+    relevance, explained, _ = explain(model.to(dtype), embeddings.to(dtype), targets, epsilon=1e-6)
+
+    assert relevance.dtype == dtype and torch.isfinite(relevance).all()
+    relevance, explained = relevance.float(), explained.float()
+    assert ((relevance.sum((1, 2)) - explained).abs() <= 2e-2 * explained.abs()).all()
+    token_relevance, token_reference = relevance.sum(-1), reference.sum(-1)
+    assert (torch.nn.functional.cosine_similarity(token_relevance, token_reference, dim=-1) > 0.99).all()
+
+
+def test_gamma_on_projections_conserves_and_changes_relevance():
+    model = make_mamba(layers=2)
+    embeddings = embed(model, 2, 12)
+    lrp0, explained, targets = explain(model, embeddings)
+    relevance, _, _ = explain(model, embeddings, targets, composite=MambaComposite(epsilon=1e-12, gamma=0.25))
+    assert ((relevance.sum((1, 2)) - explained).abs() <= 1e-6 * explained.abs()).all()
+    assert relative_error(relevance, lrp0) > 1e-3
+
+
+def test_gamma_selects_layers_by_name_pattern_and_type():
+    composite = MambaComposite(gamma={'out_proj': 0.5, 'backbone.layers.1.*': 0.1, torch.nn.Conv1d: 0.3})
+    linear, conv = torch.nn.Linear(2, 2), torch.nn.Conv1d(2, 2, 3)
+    rule = composite.mapping({}, 'backbone.layers.0.mixer.out_proj', linear)
+    assert isinstance(rule, Gamma)
+    assert isinstance(composite.mapping({}, 'backbone.layers.0.mixer.in_proj', linear), Epsilon)
+    assert isinstance(composite.mapping({}, 'backbone.layers.1.mixer.in_proj', linear), Gamma)
+    assert isinstance(composite.mapping({}, 'backbone.layers.0.mixer.conv1d', conv), Gamma)
+    assert isinstance(composite.mapping({}, 'lm_head', linear), Epsilon)
+
+
+def test_zennit_rules_combine_through_layer_map(model):
+    embeddings = embed(model, 2, 8)
+    default, _, targets = explain(model, embeddings)
+    composite = MambaComposite(epsilon=1e-12, layer_map=[(torch.nn.Conv1d, ZPlus())])
+    relevance, _, _ = explain(model, embeddings, targets, composite=composite)
+    assert torch.isfinite(relevance).all()
+    assert relative_error(relevance, default) > 1e-3

@@ -1,0 +1,25 @@
+'''MambaLRP for Zennit: rules, canonizers and the composite that explain Mamba models with conserved relevance.'''
+from .canonizers import MambaCanonizer
+from .composites import MAMBA_LRP_RULES, MambaComposite
+from .layers import GateProduct, SelectiveScan, SiLU, Softplus
+from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, SiLUIdentity
+from .scan import selective_scan
+from .support import UnsupportedModelError, check_supported
+
+__all__ = [
+    'MAMBA_LRP_RULES',
+    'DetachSelection',
+    'GateProduct',
+    'GradientTimesInput',
+    'HalfRule',
+    'LNRule',
+    'MambaCanonizer',
+    'MambaComposite',
+    'SelectiveScan',
+    'SiLU',
+    'SiLUIdentity',
+    'Softplus',
+    'UnsupportedModelError',
+    'check_supported',
+    'selective_scan',
+]

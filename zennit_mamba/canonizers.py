@@ -1,0 +1,143 @@
+'''Canonizers that make a Mamba model's hidden operations explicit modules.
+
+Each canonizer replaces the ``forward`` of matching module instances by one that routes every operation on the
+relevance path through an explicit submodule (:py:mod:`zennit_mamba.layers`), so that rules can attach to it.
+Forward values are unchanged. Removing the canonizer restores the instances exactly.
+'''
+import types
+from typing import Callable, Dict, List, Optional, Tuple, Type
+
+import torch
+from zennit.canonizers import Canonizer, CompositeCanonizer
+from zennit.layer import Sum
+
+from . import transformers_mamba
+from .layers import GateProduct, SelectiveScan, SiLU, Softplus
+
+_MISSING = object()
+
+#: prefix of every attribute a canonizer adds, so that a canonized model can be recognised
+ATTRIBUTE_PREFIX = 'lrp_'
+
+
+class ForwardCanonizer(Canonizer):
+    '''Replace the forward of module instances of one type and attach explicit submodules.
+
+    Parameters
+    ----------
+    module_type : type
+        Exact type of the modules to canonize (subclasses may compute something else, so they do not match).
+    forward : callable
+        Function ``(module, *args, **kwargs)`` bound to each module as its new ``forward``.
+    submodules : callable
+        Function ``(module) -> dict[str, torch.nn.Module]`` creating the explicit submodules for one module.
+    '''
+
+    def __init__(
+        self,
+        module_type: Type[torch.nn.Module],
+        forward: Callable,
+        submodules: Callable[[torch.nn.Module], Dict[str, torch.nn.Module]],
+    ):
+        super().__init__()
+        self.module_type = module_type
+        self.forward = forward
+        self.submodules = submodules
+        self.module: Optional[torch.nn.Module] = None
+        self.originals: Dict[str, object] = {}
+
+    def matches(self, module: torch.nn.Module) -> bool:
+        '''Whether this canonizer applies to ``module``.'''
+        return type(module) is self.module_type
+
+    def apply(self, root_module: torch.nn.Module) -> List['ForwardCanonizer']:
+        # collect first: registering adds submodules, which must not happen while named_modules() iterates
+        targets = [module for module in root_module.modules() if self.matches(module)]
+        instances = []
+        try:
+            for module in targets:
+                instance = self.copy()
+                instance.register(module)
+                instances.append(instance)
+        except BaseException:
+            for instance in instances:
+                instance.remove()
+            raise
+        return instances
+
+    def register(self, module: torch.nn.Module) -> None:
+        attributes = {'forward': types.MethodType(self.forward, module)}
+        attributes.update({ATTRIBUTE_PREFIX + key: value for key, value in self.submodules(module).items()})
+        self.module = module
+        for key, value in attributes.items():
+            # an instance attribute set by someone else (e.g. accelerate's hooks) must come back on removal
+            self.originals[key] = module.__dict__.get(key, _MISSING)
+            setattr(module, key, value)
+
+    def remove(self) -> None:
+        if self.module is None:
+            return
+        for key, original in self.originals.items():
+            delattr(self.module, key)
+            if original is not _MISSING:
+                setattr(self.module, key, original)
+        self.module = None
+        self.originals = {}
+
+    def copy(self) -> 'ForwardCanonizer':
+        return self.__class__(self.module_type, self.forward, self.submodules)
+
+
+def _mixer_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    return {
+        'conv_act': SiLU(),
+        'gate_act': SiLU(),
+        'softplus': Softplus(),
+        'scan': SelectiveScan(mixer.intermediate_size, mixer.ssm_state_size),
+        'gate': GateProduct(),
+    }
+
+
+def _block_submodules(block: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    return {'residual': Sum(dim=-1)}
+
+
+def transformers_canonizers() -> List[ForwardCanonizer]:
+    '''Canonizers for the Mamba modules of :py:mod:`transformers`.'''
+    from transformers.models.mamba import modeling_mamba
+
+    return [
+        ForwardCanonizer(modeling_mamba.MambaMixer, transformers_mamba.mixer_forward, _mixer_submodules),
+        ForwardCanonizer(modeling_mamba.MambaBlock, transformers_mamba.block_forward, _block_submodules),
+    ]
+
+
+class MambaCanonizer(CompositeCanonizer):
+    '''All canonizers for the supported Mamba implementations.
+
+    Examples
+    --------
+    >>> from transformers import MambaConfig, MambaModel
+    >>> model = MambaModel(MambaConfig(vocab_size=10, hidden_size=8, state_size=4, num_hidden_layers=1))
+    >>> instances = MambaCanonizer().apply(model)
+    >>> hasattr(model.layers[0].mixer, 'lrp_scan')
+    True
+    >>> for instance in instances:
+    ...     instance.remove()
+    >>> hasattr(model.layers[0].mixer, 'lrp_scan')
+    False
+    '''
+
+    def __init__(self):
+        super().__init__(transformers_canonizers())
+
+    def copy(self) -> 'MambaCanonizer':
+        return MambaCanonizer()
+
+
+def canonized_modules(root_module: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
+    '''Modules of ``root_module`` that currently carry submodules added by a MambaLRP canonizer.'''
+    return [
+        (name, module) for name, module in root_module.named_modules()
+        if any(child.startswith(ATTRIBUTE_PREFIX) for child in module._modules)
+    ]

@@ -1,0 +1,132 @@
+'''The MambaLRP composite: canonizer plus rule map.'''
+from fnmatch import fnmatchcase
+from typing import Collection, List, Mapping, Optional, Tuple, Union
+
+import torch
+from zennit.canonizers import Canonizer
+from zennit.composites import register_composite
+from zennit.core import Composite, Hook
+from zennit.layer import Sum
+from zennit.rules import Epsilon, Gamma, Norm, Pass
+from zennit.types import Activation, Convolution, Linear
+
+from .canonizers import MambaCanonizer
+from .layers import GateProduct, SelectiveScan, SiLU, Softplus
+from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, SiLUIdentity
+from .support import check_supported, supported_norm_types
+
+#: the MambaLRP rules that can be switched on and off
+MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm'})
+#: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
+PROJECTIONS = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj')
+
+GammaSpec = Union[None, float, Mapping[Union[str, type], float]]
+LayerMap = List[Tuple[Tuple[type, ...], Hook]]
+
+
+@register_composite('mamba_lrp')
+class MambaComposite(Composite):
+    '''MambaLRP (Rezaei Jafari et al., NeurIPS 2024) as a Zennit composite.
+
+    Inside its context, the gradient reaching the model input is the relevance, given the output relevance as the
+    output gradient (e.g. the target logit at one position and zero elsewhere), as for every Zennit composite.
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        Stabiliser of every division (Epsilon/LRP-0 on projections, Gamma, residual sums, the selective scan).
+    gamma : float or mapping, optional
+        The generalised gamma rule on projections instead of LRP-0. A float applies it to all projections of the
+        mixers (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``). A mapping selects layers by
+        module type, by attribute name (``'out_proj'``) or by a pattern on the qualified name
+        (``'backbone.layers.0.*'``), each with its own gamma.
+    rules : collection of str, optional
+        The MambaLRP rules that are on, a subset of ``{'silu', 'ssm', 'gate', 'norm'}`` (all by default). A rule
+        switched off is replaced by gradient x input through the unmodified operation: ``rules={'norm'}`` is the
+        "LRP (LN-rule)" baseline, ``rules=()`` gradient x input (up to ``epsilon``), and dropping one rule gives
+        the ablations of the paper.
+    layer_map : list of (types, Hook), optional
+        Rules for further module types, checked before all others (e.g. ``[(torch.nn.Linear, ZPlus())]``).
+    canonizers : list of Canonizer, optional
+        Further canonizers, applied after :py:class:`~zennit_mamba.canonizers.MambaCanonizer`.
+
+    Examples
+    --------
+    >>> from transformers import MambaConfig, MambaForCausalLM
+    >>> model = MambaForCausalLM(MambaConfig(vocab_size=16, hidden_size=8, state_size=4, num_hidden_layers=1))
+    >>> embeddings = model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach().requires_grad_()
+    >>> with MambaComposite().context(model) as modified:
+    ...     logits = modified(inputs_embeds=embeddings, use_cache=False).logits
+    ...     target = logits[0, -1].argmax()
+    ...     output_relevance = torch.zeros_like(logits)
+    ...     output_relevance[0, -1, target] = logits[0, -1, target]
+    ...     relevance, = torch.autograd.grad(logits, embeddings, output_relevance)
+    >>> bool(torch.isclose(relevance.sum(), logits[0, -1, target], rtol=1e-3))
+    True
+    '''
+
+    def __init__(
+        self,
+        epsilon: float = 1e-6,
+        gamma: GammaSpec = None,
+        rules: Collection[str] = MAMBA_LRP_RULES,
+        layer_map: Optional[LayerMap] = None,
+        canonizers: Optional[List[Canonizer]] = None,
+    ):
+        rules = frozenset(rules)
+        if not rules <= MAMBA_LRP_RULES:
+            raise ValueError(
+                f'Unknown MambaLRP rules {sorted(rules - MAMBA_LRP_RULES)}; choose from {sorted(MAMBA_LRP_RULES)}.'
+            )
+        if isinstance(gamma, (int, float)):
+            gamma = {name: float(gamma) for name in PROJECTIONS}
+        self.epsilon = epsilon
+        self.gamma = dict(gamma or {})
+        self.rules = rules
+        self.layer_map = list(layer_map or [])
+        super().__init__(module_map=self.mapping, canonizers=[MambaCanonizer()] + list(canonizers or []))
+
+    def register(self, module: torch.nn.Module) -> None:
+        '''Canonize ``module`` and attach the rules; on any error, ``module`` is left as it was.'''
+        self.remove()
+        check_supported(module)
+        try:
+            super().register(module)
+        except BaseException:
+            self.remove()
+            raise
+
+    def mapping(self, ctx: dict, name: str, module: torch.nn.Module) -> Optional[Hook]:
+        '''The rule for one module, or None to leave its gradient unmodified.'''
+        for types, hook in self.layer_map:
+            if isinstance(module, types):
+                return hook
+        gradient_x_input = GradientTimesInput(self.epsilon)
+        if isinstance(module, SiLU):
+            return SiLUIdentity() if 'silu' in self.rules else gradient_x_input
+        if isinstance(module, GateProduct):
+            return HalfRule() if 'gate' in self.rules else gradient_x_input
+        if isinstance(module, SelectiveScan):
+            return DetachSelection(self.epsilon) if 'ssm' in self.rules else gradient_x_input
+        if isinstance(module, supported_norm_types()):
+            return LNRule() if 'norm' in self.rules else gradient_x_input
+        if isinstance(module, Softplus):
+            return gradient_x_input
+        if isinstance(module, Sum):
+            return Norm(stabilizer=self.epsilon)
+        if isinstance(module, (Linear, Convolution)):
+            gamma = self._gamma_for(name, module)
+            return Epsilon(epsilon=self.epsilon) if gamma is None else Gamma(gamma=gamma, stabilizer=self.epsilon)
+        if isinstance(module, Activation):
+            return Pass()
+        return None
+
+    def _gamma_for(self, name: str, module: torch.nn.Module) -> Optional[float]:
+        attribute = name.rsplit('.', 1)[-1]
+        for key, value in self.gamma.items():
+            if isinstance(key, type):
+                if isinstance(module, key):
+                    return value
+            elif key == attribute or fnmatchcase(name, key):
+                return value
+        return None

@@ -1,0 +1,152 @@
+'''MambaLRP rules as Zennit hooks.
+
+Inside a Zennit composite the tensor that flows backward is relevance, not gradient. Each rule below maps the
+relevance of a module's output to the relevance of its input:
+
+* :py:class:`SiLUIdentity` -- SiLU with the sigmoid factor held constant: relevance passes unchanged.
+* :py:class:`HalfRule` -- a product of factors: each factor receives an equal share.
+* :py:class:`DetachSelection` -- the selective scan with ``delta, B, C`` held constant: LRP-0 through the scan,
+  which is then linear in ``x``.
+* :py:class:`LNRule` -- RMSNorm with its denominator held constant: relevance passes unchanged.
+* :py:class:`GradientTimesInput` -- LRP-0 through any module, ``R_in = x * J^T (R_out / y)``; on a module that is not
+  linear in its input this is plain gradient x input, which is how the ablations switch a MambaLRP rule off.
+'''
+import weakref
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+from zennit.core import Hook, Stabilizer
+from zennit.rules import Pass
+
+from .layers import SelectiveScan
+
+StabilizerLike = Union[float, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class _DivideGradient(torch.autograd.Function):
+    '''Identity whose backward divides the incoming relevance by the (stabilised) output.'''
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, stabilizer: Callable) -> torch.Tensor:
+        ctx.save_for_backward(output)
+        ctx.stabilizer = stabilizer
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, relevance: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        output, = ctx.saved_tensors
+        return relevance / ctx.stabilizer(output), None
+
+
+class GradientTimesInput(Hook):
+    '''LRP-0 through a module's own autograd graph: ``R_in = x * J^T (R_out / stabilize(y))``.
+
+    The division is applied to the relevance arriving at the module's output and the multiplication to the gradient
+    leaving its input, so the module's forward runs once and its graph is differentiated once. For a module that is
+    linear in its input (a Linear without bias, or a Mamba operation whose input-dependent factors are detached),
+    relevance is conserved.
+
+    Parameters
+    ----------
+    stabilizer : float or callable, optional
+        Stabiliser of the division, as in :py:class:`zennit.rules.Epsilon`.
+
+    Examples
+    --------
+    >>> module = torch.nn.Linear(3, 2, bias=False)
+    >>> handles = GradientTimesInput().register(module)
+    >>> x = torch.randn(1, 3, requires_grad=True)
+    >>> y = module(x)
+    >>> relevance, = torch.autograd.grad(y, x, y)
+    >>> handles.remove()
+    >>> bool(torch.allclose(relevance.sum(), y.sum()))
+    True
+    '''
+
+    def __init__(self, stabilizer: StabilizerLike = 1e-6):
+        super().__init__()
+        self.stabilizer = stabilizer
+
+    def post_forward(self, module, input, output):
+        '''Divide the output relevance by the output before it enters the module's graph.'''
+        outputs = output if isinstance(output, tuple) else (output,)
+        if outputs[0].requires_grad:
+            divided = _DivideGradient.apply(outputs[0], Stabilizer.ensure(self.stabilizer))
+            outputs = (divided,) + tuple(outputs[1:])
+        return super().post_forward(module, input, outputs if isinstance(output, tuple) else outputs[0])
+
+    def forward(self, module, input, output):
+        '''Store the module's inputs for the multiplication in the backward pass.'''
+        self.stored_tensors['input'] = input
+
+    def backward(self, module, grad_input, grad_output):
+        '''Multiply the gradient at each input by that input.'''
+        return tuple(
+            None if gradient is None else original * gradient
+            for original, gradient in zip(self.stored_tensors['input'], grad_input)
+        )
+
+    def copy(self) -> 'GradientTimesInput':
+        return self.__class__(self.stabilizer)
+
+
+class DetachSelection(GradientTimesInput):
+    '''MambaLRP rule for the selective SSM: ``delta``, ``A_bar``, ``B_bar`` and ``C`` are constants.
+
+    While registered, the :py:class:`~zennit_mamba.layers.SelectiveScan` computes its autograd graph with the
+    input-dependent parameters detached; its output is then linear in ``x`` (state path and ``D`` skip) and LRP-0
+    through that graph conserves relevance. The selection inputs receive no relevance.
+
+    Parameters
+    ----------
+    stabilizer : float or callable, optional
+        Stabiliser of the division, as in :py:class:`zennit.rules.Epsilon`.
+    '''
+
+    def __init__(self, stabilizer: StabilizerLike = 1e-6):
+        super().__init__(stabilizer)
+        self._module: Optional[weakref.ref] = None
+
+    def register(self, module: torch.nn.Module):
+        if not isinstance(module, SelectiveScan):
+            raise TypeError(f'DetachSelection applies to SelectiveScan modules, not {type(module).__name__}')
+        handles = super().register(module)
+        module.detach_selection = True
+        self._module = weakref.ref(module)
+        return handles
+
+    def remove(self):
+        super().remove()
+        module = self._module() if self._module is not None else None
+        if module is not None:
+            module.detach_selection = False
+        self._module = None
+
+
+class SiLUIdentity(Pass):
+    '''MambaLRP rule for SiLU: ``y = x * sigmoid(x)`` with the sigmoid held constant, so ``R(x) = R(y)``.
+
+    Gradient x input of ``x * sigmoid(x).detach()`` gives ``x * sigmoid(x) * R / y = R`` exactly, which is what
+    passing the relevance through computes, without the division.
+    '''
+
+
+class LNRule(Pass):
+    '''LN-rule for RMSNorm: ``u = w * h * r`` with ``r = rsqrt(mean(h^2) + eps)`` held constant.
+
+    The normalisation is then diagonal in ``h``, and each element keeps its relevance: ``R(h_i) = R(u_i)``.
+    '''
+
+
+class HalfRule(Hook):
+    '''MambaLRP rule for a multiplicative gate ``o = y * g``: each factor receives half the relevance.
+
+    Equivalent to gradient x input of ``0.5 * o + 0.5 * o.detach()``. The module's input holds the factors stacked
+    along its last dimension (:py:class:`~zennit_mamba.layers.GateProduct`); with ``n`` factors each receives
+    ``R / n``.
+    '''
+
+    def backward(self, module, grad_input, grad_output):
+        factors = grad_input[0].shape[-1]
+        share = grad_output[0].unsqueeze(-1) / factors
+        return (share.expand_as(grad_input[0]),) + (None,) * (len(grad_input) - 1)

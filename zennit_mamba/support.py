@@ -1,0 +1,85 @@
+'''Which Mamba implementations MambaLRP supports, and the errors for models it cannot explain.'''
+import re
+from collections import Counter
+from typing import List, Tuple
+
+import torch
+
+from .canonizers import canonized_modules
+
+SUPPORTED_MIXERS = 'transformers MambaMixer (MambaModel, MambaForCausalLM and models embedding them)'
+
+# Mamba-like mixers whose forward the canonizers do not know: explaining through them would be silently wrong
+_MAMBA_LIKE = re.compile(r'.*(Mamba|SSM|Bamba|H1).*Mixer|Mamba\d*|.*MambaLayer|Mamba\d*Simple', re.IGNORECASE)
+
+
+class UnsupportedModelError(ValueError):
+    '''The model holds no Mamba mixer MambaLRP supports, or a Mamba-like mixer it does not support.'''
+
+
+def _supported_mixer_types() -> Tuple[type, ...]:
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    return (MambaMixer,)
+
+
+def supported_norm_types() -> Tuple[type, ...]:
+    '''RMSNorm classes that the LN-rule applies to.'''
+    from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+
+    return (MambaRMSNorm,)
+
+
+def check_supported(model: torch.nn.Module) -> List[str]:
+    '''Check that MambaLRP can explain ``model``; return the names of its supported mixers.
+
+    Parameters
+    ----------
+    model : :py:obj:`torch.nn.Module`
+        The model to explain.
+
+    Returns
+    -------
+    list[str]
+        Qualified names of the supported mixers found.
+
+    Raises
+    ------
+    UnsupportedModelError
+        If the model holds a Mamba-like mixer that is not supported, or no supported mixer at all.
+    RuntimeError
+        If a MambaLRP canonizer is already applied to the model (another composite is registered).
+
+    Examples
+    --------
+    >>> check_supported(torch.nn.Linear(2, 2))
+    Traceback (most recent call last):
+    ...
+    zennit_mamba.support.UnsupportedModelError: MambaLRP found no supported Mamba mixer in Linear ...
+    '''
+    canonized = canonized_modules(model)
+    if canonized:
+        raise RuntimeError(
+            f'A MambaLRP composite is already registered on this model (canonized module '
+            f'\'{canonized[0][0]}\'); leave its context or call its remove() before registering another.'
+        )
+    supported_types = _supported_mixer_types()
+    supported, unsupported = [], []
+    for name, module in model.named_modules():
+        if type(module) in supported_types:
+            supported.append(name)
+        elif _MAMBA_LIKE.fullmatch(type(module).__name__):
+            unsupported.append(f'{type(module).__name__} at \'{name}\'')
+    if unsupported:
+        raise UnsupportedModelError(
+            f'MambaLRP does not support the mixer {", ".join(unsupported)}; relevance through it would be wrong. '
+            f'Supported: {SUPPORTED_MIXERS}.'
+        )
+    if not supported:
+        found = Counter(type(module).__name__ for module in model.modules())
+        listing = ', '.join(f'{name} x{count}' if count > 1 else name for name, count in found.items())
+        raise UnsupportedModelError(
+            f'MambaLRP found no supported Mamba mixer in {type(model).__name__} (it contains: {listing}). '
+            f'Supported: {SUPPORTED_MIXERS}.'
+        )
+    return supported
