@@ -11,9 +11,27 @@ from transformers.utils import logging as transformers_logging
 sys.path.insert(0, os.path.dirname(__file__))
 
 from zennit_mamba import MambaComposite  # noqa: E402
+from zennit_mamba._optional import mamba_ssm_modules  # noqa: E402
 
 # transformers announces its reference kernels on every call without mamba-ssm; the tests do not need to read that
 transformers_logging.set_verbosity_error()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'unmodified_forward: runs transformers\' own Mamba forward on the CPU or in float64',
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    # where mamba-ssm is installed, transformers' own Mamba forward calls its CUDA kernels, which take only CUDA
+    # tensors in float32/16; the canonized forward does not use them
+    if mamba_ssm_modules() is None:
+        return
+    skip = pytest.mark.skip(reason='transformers dispatches to mamba-ssm kernels (CUDA float32/16 only)')
+    for item in items:
+        if 'unmodified_forward' in item.keywords:
+            item.add_marker(skip)
 
 
 def make_mamba(
@@ -55,6 +73,7 @@ def embed(model: MambaForCausalLM, batch: int, length: int, seed: int = 1) -> to
     '''Embeddings of random token ids, detached.'''
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+    ids = ids.to(model.get_input_embeddings().weight.device)
     return model.get_input_embeddings()(ids).detach()
 
 

@@ -27,7 +27,7 @@ def _rms_norm(norm: torch.nn.Module, h: torch.Tensor, ln_rule: bool) -> torch.Te
 
 def _sequential_scan(x, delta, A, B, C, D):
     '''x, delta: (batch, length, channels); B, C: (batch, length, state); A: (channels, state).'''
-    state = torch.zeros(x.shape[0], x.shape[2], A.shape[1], dtype=x.dtype)
+    state = torch.zeros(x.shape[0], x.shape[2], A.shape[1], dtype=x.dtype, device=x.device)
     outputs = []
     for t in range(x.shape[1]):
         decay = torch.exp(delta[:, t, :, None] * A)

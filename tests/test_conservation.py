@@ -14,6 +14,7 @@ SIZES = [
 ]
 
 
+@pytest.mark.unmodified_forward
 @pytest.mark.parametrize('layers, hidden, state, batch, length', SIZES)
 def test_conservation_where_gradient_x_input_violates_it(layers, hidden, state, batch, length):
     model = make_mamba(layers=layers, hidden=hidden, state=state, seed=layers)

@@ -11,7 +11,8 @@ import torch
 from zennit.canonizers import Canonizer, CompositeCanonizer
 from zennit.layer import Sum
 
-from . import transformers_mamba
+from . import mamba_ssm_mamba, transformers_mamba
+from ._optional import mamba_ssm_modules
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
 
 _MISSING = object()
@@ -88,17 +89,25 @@ class ForwardCanonizer(Canonizer):
         return self.__class__(self.module_type, self.forward, self.submodules)
 
 
-def _mixer_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+def _mixer_submodules(channels: int, state_size: int) -> Dict[str, torch.nn.Module]:
     return {
         'conv_act': SiLU(),
         'gate_act': SiLU(),
         'softplus': Softplus(),
-        'scan': SelectiveScan(mixer.intermediate_size, mixer.ssm_state_size),
+        'scan': SelectiveScan(channels, state_size),
         'gate': GateProduct(),
     }
 
 
-def _block_submodules(block: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+def _transformers_mixer_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    return _mixer_submodules(mixer.intermediate_size, mixer.ssm_state_size)
+
+
+def _mamba_ssm_mixer_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    return _mixer_submodules(mixer.d_inner, mixer.d_state)
+
+
+def _residual_submodules(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     return {'residual': Sum(dim=-1)}
 
 
@@ -107,8 +116,20 @@ def transformers_canonizers() -> List[ForwardCanonizer]:
     from transformers.models.mamba import modeling_mamba
 
     return [
-        ForwardCanonizer(modeling_mamba.MambaMixer, transformers_mamba.mixer_forward, _mixer_submodules),
-        ForwardCanonizer(modeling_mamba.MambaBlock, transformers_mamba.block_forward, _block_submodules),
+        ForwardCanonizer(modeling_mamba.MambaMixer, transformers_mamba.mixer_forward, _transformers_mixer_submodules),
+        ForwardCanonizer(modeling_mamba.MambaBlock, transformers_mamba.block_forward, _residual_submodules),
+    ]
+
+
+def mamba_ssm_canonizers() -> List[ForwardCanonizer]:
+    '''Canonizers for mamba-ssm's Mamba-1 modules; empty where mamba-ssm is not importable.'''
+    modules = mamba_ssm_modules()
+    if modules is None:
+        return []
+    return [
+        ForwardCanonizer(modules.Mamba, mamba_ssm_mamba.mixer_forward, _mamba_ssm_mixer_submodules),
+        ForwardCanonizer(modules.Block, mamba_ssm_mamba.block_forward, _residual_submodules),
+        ForwardCanonizer(modules.MixerModel, mamba_ssm_mamba.backbone_forward, _residual_submodules),
     ]
 
 
@@ -129,7 +150,7 @@ class MambaCanonizer(CompositeCanonizer):
     '''
 
     def __init__(self):
-        super().__init__(transformers_canonizers())
+        super().__init__(transformers_canonizers() + mamba_ssm_canonizers())
 
     def copy(self) -> 'MambaCanonizer':
         return MambaCanonizer()

@@ -5,9 +5,13 @@ from typing import List, Tuple
 
 import torch
 
+from ._optional import mamba_ssm_modules
 from .canonizers import canonized_modules
 
-SUPPORTED_MIXERS = 'transformers MambaMixer (MambaModel, MambaForCausalLM and models embedding them)'
+SUPPORTED_MIXERS = (
+    'transformers MambaMixer (MambaModel, MambaForCausalLM and models embedding them), and mamba-ssm Mamba '
+    '(mamba_simple, in blocks without MLP and with RMSNorm) where mamba-ssm is installed'
+)
 
 # Mamba-like mixers whose forward the canonizers do not know: explaining through them would be silently wrong
 _MAMBA_LIKE = re.compile(r'.*(Mamba|SSM|Bamba|H1).*Mixer|Mamba\d*|.*MambaLayer|Mamba\d*Simple', re.IGNORECASE)
@@ -20,14 +24,33 @@ class UnsupportedModelError(ValueError):
 def _supported_mixer_types() -> Tuple[type, ...]:
     from transformers.models.mamba.modeling_mamba import MambaMixer
 
-    return (MambaMixer,)
+    mamba_ssm = mamba_ssm_modules()
+    return (MambaMixer,) + ((mamba_ssm.Mamba,) if mamba_ssm is not None else ())
 
 
 def supported_norm_types() -> Tuple[type, ...]:
     '''RMSNorm classes that the LN-rule applies to.'''
     from transformers.models.mamba.modeling_mamba import MambaRMSNorm
 
-    return (MambaRMSNorm,)
+    mamba_ssm = mamba_ssm_modules()
+    return (MambaRMSNorm,) + ((mamba_ssm.RMSNorm,) if mamba_ssm is not None else ())
+
+
+def _unsupported_mamba_ssm_parts(model: torch.nn.Module) -> List[str]:
+    '''mamba-ssm blocks and backbones whose forward the canonizers do not reproduce.'''
+    modules = mamba_ssm_modules()
+    if modules is None:
+        return []
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, modules.Block):
+            if module.mlp is not None:
+                found.append(f'Block with an MLP at \'{name}\'')
+            if not isinstance(module.norm, modules.RMSNorm):
+                found.append(f'Block with {type(module.norm).__name__} at \'{name}\'')
+        if isinstance(module, modules.MixerModel) and not isinstance(module.norm_f, modules.RMSNorm):
+            found.append(f'MixerModel with {type(module.norm_f).__name__} at \'{name}\'')
+    return found
 
 
 def check_supported(model: torch.nn.Module) -> List[str]:
@@ -64,7 +87,7 @@ def check_supported(model: torch.nn.Module) -> List[str]:
             f'\'{canonized[0][0]}\'); leave its context or call its remove() before registering another.'
         )
     supported_types = _supported_mixer_types()
-    supported, unsupported = [], []
+    supported, unsupported = [], _unsupported_mamba_ssm_parts(model)
     for name, module in model.named_modules():
         if type(module) in supported_types:
             supported.append(name)
@@ -72,7 +95,7 @@ def check_supported(model: torch.nn.Module) -> List[str]:
             unsupported.append(f'{type(module).__name__} at \'{name}\'')
     if unsupported:
         raise UnsupportedModelError(
-            f'MambaLRP does not support the mixer {", ".join(unsupported)}; relevance through it would be wrong. '
+            f'MambaLRP does not support {", ".join(unsupported)}; relevance through it would be wrong. '
             f'Supported: {SUPPORTED_MIXERS}.'
         )
     if not supported:

@@ -1,0 +1,139 @@
+'''GPU paths: transformers Mamba on CUDA, and mamba-ssm's Mamba-1 modules. Skipped without CUDA or mamba-ssm.'''
+import pytest
+import torch
+
+from conftest import embed, explain, make_mamba, relative_error
+from reference import reference_relevance
+from zennit_mamba import MambaComposite, UnsupportedModelError
+from zennit_mamba._optional import mamba_ssm_modules
+from zennit_mamba.scan import selective_scan
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+needs_mamba_ssm = pytest.mark.skipif(
+    not torch.cuda.is_available() or mamba_ssm_modules() is None, reason='needs a CUDA GPU and mamba-ssm'
+)
+
+
+@cuda
+def test_transformers_model_on_cuda_conserves_and_matches_reference():
+    model = make_mamba(layers=2, hidden=32).cuda()
+    embeddings = embed(model, 2, 200).cuda()
+    relevance, explained, targets = explain(model, embeddings)
+    assert ((relevance.sum((1, 2)) - explained).abs() <= 1e-6 * explained.abs()).all()
+    expected, _ = reference_relevance(model, embeddings, targets)
+    assert relative_error(relevance, expected) <= 1e-8
+
+
+def make_mamba_ssm(d_intermediate: int = 0, seed: int = 0):
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    torch.manual_seed(seed)
+    config = MambaConfig(d_model=64, d_intermediate=d_intermediate, n_layer=2, vocab_size=64)
+    model = MambaLMHeadModel(config, device='cuda', dtype=torch.float32).eval()
+    with torch.no_grad():
+        for block in model.backbone.layers:
+            block.mixer.conv1d.bias.zero_()
+            block.mixer.dt_proj.bias.add_(3.0)
+            block.mixer.A_log.add_(0.3 * torch.randn_like(block.mixer.A_log))
+    return model
+
+
+def to_transformers(model):
+    '''The same weights in transformers' MambaForCausalLM.'''
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(
+        vocab_size=model.lm_head.weight.shape[0], hidden_size=64, state_size=16, num_hidden_layers=2,
+        expand=2, conv_kernel=4, layer_norm_epsilon=1e-5, residual_in_fp32=True,
+    )
+    converted = MambaForCausalLM(config).cuda().eval()
+    state = {key.replace('backbone.embedding.', 'backbone.embeddings.'): value
+             for key, value in model.state_dict().items()}
+    converted.load_state_dict(state)
+    return converted
+
+
+def mamba_ssm_relevance(model, embeddings, targets, composite=None):
+    embeddings = embeddings.detach().clone().requires_grad_()
+    with (composite or MambaComposite()).context(model) as modified:
+        logits = modified(None, inputs_embeds=embeddings).logits[:, -1]
+        rows = torch.arange(len(targets))
+        output_relevance = torch.zeros_like(logits)
+        output_relevance[rows, targets] = logits[rows, targets]
+        relevance, = torch.autograd.grad(logits, embeddings, output_relevance)
+    return relevance, logits[rows, targets].detach()
+
+
+@needs_mamba_ssm
+def test_mamba_ssm_forward_unchanged_and_model_restored():
+    model = make_mamba_ssm()
+    ids = torch.randint(0, 64, (2, 50), device='cuda')
+    with torch.no_grad():
+        fused = model(ids).logits
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    with MambaComposite().context(model) as modified, torch.no_grad():
+        inside = modified(ids).logits
+    assert relative_error(inside, fused) <= 1e-4
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules()) == 0
+    assert not any('forward' in module.__dict__ for module in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, fused)
+
+
+@needs_mamba_ssm
+def test_mamba_ssm_relevance_equals_transformers_relevance_on_the_same_weights():
+    model = make_mamba_ssm()
+    converted = to_transformers(model)
+    ids = torch.randint(0, 64, (2, 40), device='cuda')
+    embeddings = model.backbone.embedding(ids).detach()
+    expected, explained, targets = explain(converted, embeddings, epsilon=1e-6)
+    relevance, logits = mamba_ssm_relevance(model, embeddings, targets)
+    assert torch.allclose(logits, explained, rtol=1e-4)
+    assert relative_error(relevance, expected) <= 1e-3
+    assert ((relevance.sum((1, 2)) - logits).abs() <= 1e-3 * logits.abs()).all()
+
+
+@needs_mamba_ssm
+def test_mamba_ssm_cache_is_filled_and_continuation_refused():
+    from mamba_ssm.utils.generation import InferenceParams
+
+    model = make_mamba_ssm()
+    ids = torch.randint(0, 64, (1, 12), device='cuda')
+    expected = InferenceParams(max_seqlen=32, max_batch_size=1)
+    filled = InferenceParams(max_seqlen=32, max_batch_size=1)
+    with torch.no_grad():
+        model(ids, inference_params=expected)
+        with MambaComposite().context(model) as modified:
+            modified(ids, inference_params=filled)
+            filled.seqlen_offset = 12
+            with pytest.raises(RuntimeError, match='explains whole sequences'):
+                modified(ids[:, :1], inference_params=filled)
+    # in_proj as a module call and as mamba-ssm's `weight @ x` round differently in float32
+    for layer, (conv_state, ssm_state) in expected.key_value_memory_dict.items():
+        assert relative_error(filled.key_value_memory_dict[layer][0], conv_state) <= 1e-5
+        assert relative_error(filled.key_value_memory_dict[layer][1], ssm_state) <= 1e-4
+
+
+@needs_mamba_ssm
+def test_mamba_ssm_block_with_mlp_is_refused():
+    model = make_mamba_ssm(d_intermediate=32)
+    with pytest.raises(UnsupportedModelError, match='Block with an MLP'):
+        MambaComposite().register(model)
+    assert sum(len(module._forward_hooks) for module in model.modules()) == 0
+
+
+@needs_mamba_ssm
+def test_torch_scan_matches_mamba_ssm_kernel():
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 1000, device='cuda')
+    delta = torch.rand(2, 64, 1000, device='cuda')
+    A = -torch.rand(64, 16, device='cuda') * 8
+    B, C = torch.randn(2, 2, 16, 1000, device='cuda')
+    D = torch.randn(64, device='cuda')
+    expected = selective_scan_fn(x, delta, A, B, C, D)
+    output, _ = selective_scan(x, delta, A, B, C, D)
+    assert relative_error(output, expected) <= 1e-5

@@ -1,0 +1,17 @@
+'''Optional imports: mamba-ssm needs its CUDA extension, so on a CPU-only machine it is absent.'''
+import functools
+import types
+from typing import Optional
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_ssm_modules() -> Optional[types.SimpleNamespace]:
+    '''mamba-ssm's Mamba-1 classes, or None where mamba-ssm cannot be imported.'''
+    try:
+        from mamba_ssm.models.mixer_seq_simple import MixerModel
+        from mamba_ssm.modules.block import Block
+        from mamba_ssm.modules.mamba_simple import Mamba
+        from mamba_ssm.ops.triton.layer_norm import RMSNorm
+    except (ImportError, OSError, RuntimeError):
+        return None
+    return types.SimpleNamespace(Mamba=Mamba, Block=Block, MixerModel=MixerModel, RMSNorm=RMSNorm)

@@ -1,0 +1,65 @@
+'''Canonized forwards for mamba-ssm's Mamba-1 modules (``Mamba``, ``Block``, ``MixerModel``).
+
+mamba-ssm fuses the residual add into its RMSNorm kernel and passes the residual stream between blocks as a second
+tensor; the canonized forwards add it through an explicit :py:class:`zennit.layer.Sum` and call the norm on the sum.
+The canonized ``MixerModel`` also accepts ``inputs_embeds``, so relevance can be read at the embeddings:
+``model(None, inputs_embeds=embeddings)`` on a ``MambaLMHeadModel``.
+'''
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .layers import stack_operands
+from .mixer import canonical_mixer, refuse_continuation
+
+
+def mixer_forward(self, hidden_states: torch.Tensor, inference_params=None, **kwargs) -> torch.Tensor:
+    '''Forward of a canonized ``mamba_ssm.modules.mamba_simple.Mamba``; fills a fresh cache as the original does.'''
+    states = None
+    if inference_params is not None:
+        if inference_params.seqlen_offset > 0:
+            raise refuse_continuation()
+        states = self._get_states_from_cache(inference_params, hidden_states.shape[0])
+    result = canonical_mixer(self, hidden_states, self.dt_rank, self.d_state)
+    if states is not None:
+        conv_state, ssm_state = states
+        conv_state.copy_(F.pad(result.conv_input, (self.d_conv - result.conv_input.shape[-1], 0)))
+        ssm_state.copy_(result.last_state)
+    return result.output
+
+
+def _add_residual(module: torch.nn.Module, hidden_states: torch.Tensor, residual: Optional[torch.Tensor]):
+    if residual is None:
+        return hidden_states
+    return module.lrp_residual(stack_operands(hidden_states, residual))
+
+
+def block_forward(
+    self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor] = None, inference_params=None, **mixer_kwargs
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''Forward of a canonized ``mamba_ssm.modules.block.Block`` without MLP: add, norm, mixer.'''
+    residual = _add_residual(self, hidden_states, residual)
+    hidden_states = self.norm(residual.to(dtype=self.norm.weight.dtype))
+    if self.residual_in_fp32:
+        residual = residual.to(torch.float32)
+    hidden_states = self.mixer(hidden_states, inference_params=inference_params, **mixer_kwargs)
+    return hidden_states, residual
+
+
+def backbone_forward(
+    self,
+    input_ids: Optional[torch.Tensor] = None,
+    inference_params=None,
+    inputs_embeds: Optional[torch.Tensor] = None,
+    **mixer_kwargs,
+) -> torch.Tensor:
+    '''Forward of a canonized ``mamba_ssm.models.mixer_seq_simple.MixerModel``, from token ids or embeddings.'''
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError('Pass exactly one of input_ids and inputs_embeds.')
+    hidden_states = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+    residual = None
+    for layer in self.layers:
+        hidden_states, residual = layer(hidden_states, residual, inference_params=inference_params, **mixer_kwargs)
+    residual = _add_residual(self, hidden_states, residual)
+    return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
