@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+from zennit.rules import Epsilon, Pass
 
 from zennit_mamba import (
     DetachSelection, GateProduct, GradientTimesInput, HalfRule, LNRule, SelectiveScan, SiLU, SiLUIdentity,
@@ -147,3 +148,24 @@ def test_gradient_x_input_on_bias_free_linear_is_lrp0():
 def test_rules_copy_their_stabilizer():
     assert GradientTimesInput(0.5).copy().stabilizer == 0.5
     assert DetachSelection(0.25).copy().stabilizer == 0.25
+
+
+class TwoInputProduct(torch.nn.Module):
+    def forward(self, value, gate):
+        return value * gate
+
+
+@pytest.mark.parametrize('rule', [Pass(), Epsilon()], ids=['Pass', 'Epsilon'])
+def test_zennit_rules_cannot_serve_two_input_modules_hence_packed_inputs(rule):
+    # zennit 0.5.1 hooks see only a module's first input: a two-input product cannot carry a rule...
+    value, gate = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    module = TwoInputProduct()
+    handles = rule.register(module)
+    try:
+        with pytest.raises((RuntimeError, TypeError)):
+            torch.autograd.grad(module(value, gate), (value, gate), torch.ones(3, dtype=torch.float64))
+    finally:
+        handles.remove()
+    # ...while on the packed GateProduct a zennit BasicHook reaches both factors (here LRP-0: R each)
+    output, (relevance,) = propagate(Epsilon(1e-30), GateProduct(), stack_operands(value, gate))
+    assert torch.allclose(relevance, output.unsqueeze(-1).expand(3, 2), rtol=1e-12)
