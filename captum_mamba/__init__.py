@@ -1,1 +1,5 @@
-"""MambaLRP for Captum (front end on zennit_mamba)."""
+'''MambaLRP for Captum: a thin front end on :py:mod:`zennit_mamba`.'''
+from .attribution import MambaLRP
+from .layer import LayerMambaLRP
+
+__all__ = ['LayerMambaLRP', 'MambaLRP']

@@ -3,11 +3,12 @@
 Positive relevance is red, negative blue, with the colour scaled per row by the largest absolute relevance.
 '''
 import html
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 Colour = Tuple[int, int, int]
+ColourMap = Callable[[Sequence[float]], List[Colour]]
 
 
 def token_colours(relevance: Sequence[float]) -> List[Colour]:
@@ -78,8 +79,12 @@ def save_png(
     rows: Sequence[Tuple[Sequence[str], Sequence[float]]],
     captions: Optional[Sequence[str]] = None,
     width: float = 10.0,
+    colours: ColourMap = token_colours,
 ) -> None:
-    '''Render the same heatmap as :py:func:`html_heatmap` into a PNG file, wrapping long rows.'''
+    '''Render the same heatmap as :py:func:`html_heatmap` into a PNG file, wrapping long rows.
+
+    ``colours`` maps one row's relevances to RGB colours (:py:func:`token_colours` by default).
+    '''
     import matplotlib
 
     matplotlib.use('Agg')
@@ -96,7 +101,7 @@ def save_png(
         figure.text(0.01, y, caption, fontsize=font_size, weight='bold', va='baseline')
         y -= line_height * inches_to_figure
         x = 0.01
-        for token, (r, g, b) in zip(tokens, token_colours(relevance)):
+        for token, (r, g, b) in zip(tokens, colours(relevance)):
             text = figure.text(
                 x, y, token, fontsize=font_size, va='baseline',
                 bbox={'facecolor': (r / 255, g / 255, b / 255), 'edgecolor': 'none', 'pad': 1.5},

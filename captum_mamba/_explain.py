@@ -1,0 +1,153 @@
+'''What every Captum front end needs around the zennit_mamba composite.'''
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from captum._utils.typing import TargetType
+from torch import Tensor
+
+from zennit_mamba import MambaComposite
+from zennit_mamba._optional import mamba_ssm_modules
+
+
+class _TimesOutput(torch.autograd.Function):
+    '''Identity whose backward multiplies the gradient by the output: relevance ``y * df/dy`` enters here.'''
+
+    @staticmethod
+    def forward(ctx, output: Tensor) -> Tensor:
+        ctx.save_for_backward(output)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, gradient: Tensor) -> Tensor:
+        output, = ctx.saved_tensors
+        return gradient * output
+
+
+def _relevance_enters_at_output(module: torch.nn.Module, args: Any, output: Any) -> Any:
+    '''Forward hook on the explained model: its logits become the place where relevance enters.
+
+    For an explained value ``f`` that selects one logit, ``y * df/dy`` is that logit at its position and zero
+    elsewhere, the usual start of LRP; for a function of the logits (e.g. Captum's log-probabilities) it is
+    gradient x input through that function.
+    '''
+    if isinstance(output, Tensor):
+        return _TimesOutput.apply(output)
+    if isinstance(output, dict) and 'logits' in output:  # transformers ModelOutput
+        output['logits'] = _TimesOutput.apply(output['logits'])
+        return output
+    if hasattr(output, '_replace') and 'logits' in getattr(output, '_fields', ()):  # mamba-ssm's namedtuple
+        return output._replace(logits=_TimesOutput.apply(output.logits))
+    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+        return (_TimesOutput.apply(output[0]),) + tuple(output[1:])
+    raise TypeError(f'Cannot find the logits in the model output of type {type(output).__name__}')
+
+
+@contextmanager
+def explaining(model: torch.nn.Module, composite: MambaComposite) -> Iterator[None]:
+    '''Register ``composite`` on ``model`` in eval mode; restore training flags and hooks afterwards.'''
+    training = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with composite.context(model):
+            handle = model.register_forward_hook(_relevance_enters_at_output)
+            try:
+                yield
+            finally:
+                handle.remove()
+    finally:
+        for module, flag in training:
+            module.training = flag
+
+
+def check_target(output: Tensor, target: TargetType) -> None:
+    '''Raise a precise error for a target that does not fit the explained output.'''
+    outputs_per_example = output[0].numel() if output.dim() > 0 and len(output) else 0
+    if target is None:
+        if output.dim() > 1 and outputs_per_example > 1:
+            raise ValueError(
+                f'target is required: the model has {outputs_per_example} outputs per example. '
+                'Pass target=<class index>, a tensor of indices, or a list with one index per example.'
+            )
+        return
+    if output.dim() < 2:
+        raise ValueError('The explained output is one value per example; pass target=None.')
+    if isinstance(target, list) and target and isinstance(target[0], tuple):
+        return  # multi-dimensional targets are checked by Captum's own selection
+    indices = torch.as_tensor(target).flatten()
+    classes = output.shape[1]
+    if indices.is_floating_point() or ((indices < 0) | (indices >= classes)).any():
+        raise ValueError(
+            f'target {target!r} is out of range: the model has {classes} outputs per example '
+            f'(valid indices 0 to {classes - 1}).'
+        )
+
+
+class ExplainedForward:
+    '''Adapt a model or forward function to the 2-D (or 1-D) output Captum selects targets from.
+
+    Parameters
+    ----------
+    forward_func : callable
+        The model, or the forward function Captum gave the attribution method.
+    position : int
+        Sequence position whose logits are explained when the output has a sequence dimension.
+    target : optional
+        The Captum target, checked against the output before Captum selects it.
+    embeddings : bool
+        Whether float inputs of a transformers model are embeddings (passed as ``inputs_embeds``).
+    '''
+
+    def __init__(self, forward_func: Callable, position: int, target: TargetType, embeddings: bool):
+        self.forward_func = forward_func
+        self.position = position
+        self.target = target
+        self.embeddings = embeddings
+
+    def __call__(self, *args: Any) -> Tensor:
+        output = self.forward_func(*self._arguments(args), **self._keywords(args))
+        output = _logits(output)
+        if output.dim() == 3:
+            output = output[:, self.position]
+        check_target(output, self.target)
+        return output
+
+    def _is_pretrained(self) -> bool:
+        return hasattr(self.forward_func, 'config') and hasattr(self.forward_func, 'get_input_embeddings')
+
+    def _embeds_into(self) -> Optional[str]:
+        '''Keyword under which the model takes embeddings, if the first input is embeddings.'''
+        if not self.embeddings:
+            return None
+        if self._is_pretrained():
+            return 'inputs_embeds'
+        mamba_ssm = mamba_ssm_modules()
+        backbone = getattr(self.forward_func, 'backbone', None)
+        if mamba_ssm is not None and isinstance(backbone, mamba_ssm.MixerModel):
+            return 'inputs_embeds'  # MambaLMHeadModel takes embeddings once canonized
+        return None
+
+    def _arguments(self, args: tuple) -> tuple:
+        if self._embeds_into() is None:
+            return args
+        return (None,) + tuple(args[1:])
+
+    def _keywords(self, args: tuple) -> dict:
+        keywords = {}
+        if self._embeds_into() is not None:
+            keywords['inputs_embeds'] = args[0]
+        if self._is_pretrained():
+            keywords['use_cache'] = False
+        return keywords
+
+
+def _logits(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict) and 'logits' in output:
+        return output['logits']
+    if hasattr(output, 'logits'):
+        return output.logits
+    if isinstance(output, tuple):
+        return output[0]
+    raise TypeError(f'Cannot find the logits in the model output of type {type(output).__name__}')

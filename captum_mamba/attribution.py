@@ -1,0 +1,137 @@
+'''MambaLRP as a Captum attribution method.'''
+from typing import Any, Optional, Tuple, Union
+
+import torch
+from captum._utils.common import _format_output, _format_tensor_into_tuples, _is_tuple, _run_forward
+from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor
+
+from zennit_mamba import MambaComposite
+
+from ._explain import ExplainedForward, explaining
+
+
+class MambaLRP(GradientAttribution):
+    '''MambaLRP (Rezaei Jafari et al., NeurIPS 2024): relevances of the inputs that sum to the explained output.
+
+    The model is explained in eval mode with :py:class:`zennit_mamba.MambaComposite` registered on it; both are
+    undone afterwards. Inputs are float tensors: for a transformers or mamba-ssm language model they are the input
+    embeddings (passed as ``inputs_embeds``). To explain token ids, use
+    :py:class:`~captum_mamba.LayerMambaLRP` on the embedding layer.
+
+    Parameters
+    ----------
+    model : :py:obj:`torch.nn.Module`
+        The model; its Mamba mixers carry the rules while attributions are computed.
+    position : int, optional
+        Sequence position explained when the model returns logits per position (last by default).
+    **composite_options
+        Options of :py:class:`zennit_mamba.MambaComposite`: ``epsilon``, ``gamma``, ``rules``, ``layer_map``.
+
+    Examples
+    --------
+    >>> from transformers import MambaConfig, MambaForCausalLM
+    >>> model = MambaForCausalLM(MambaConfig(vocab_size=16, hidden_size=8, state_size=4, num_hidden_layers=1))
+    >>> embeddings = model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach()
+    >>> attributions, delta = MambaLRP(model).attribute(embeddings, target=5, return_convergence_delta=True)
+    >>> attributions.shape, bool(delta.abs() < 1e-3)
+    (torch.Size([1, 3, 8]), True)
+    '''
+
+    def __init__(self, model: torch.nn.Module, position: int = -1, **composite_options: Any):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f'MambaLRP explains a torch.nn.Module, not {type(model).__name__}')
+        super().__init__(model)
+        self.model = model
+        self.position = position
+        self.composite = MambaComposite(**composite_options)
+
+    @log_usage(part_of_slo=True)
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        return_convergence_delta: bool = False,
+        **kwargs: Any,
+    ) -> Union[TensorOrTupleOfTensorsGeneric, Tuple[TensorOrTupleOfTensorsGeneric, Tensor]]:
+        '''Relevance of each input element for the target output of each example.
+
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensor
+            Float inputs with the batch in the first dimension (embeddings for language models).
+        target : int, Tensor, list, optional
+            Output index to explain, as in Captum: one for all examples, or one per example.
+        additional_forward_args : optional
+            Further arguments passed to the model after the inputs.
+        return_convergence_delta : bool, optional
+            Also return ``sum(attributions) - f(x)`` per example.
+
+        Returns
+        -------
+        Tensor or tuple of Tensor, and optionally the convergence delta
+            Attributions shaped like ``inputs``; they sum to the explained output (up to biases and epsilon).
+        '''
+        if 'baselines' in kwargs:
+            raise TypeError(
+                'MambaLRP takes no baselines: its relevances sum to f(x) itself, not to f(x) - f(baseline). '
+                'For attributions relative to a baseline use IntegratedGradients.'
+            )
+        if kwargs:
+            raise TypeError(f'MambaLRP.attribute() got unexpected arguments: {sorted(kwargs)}')
+        is_inputs_tuple = _is_tuple(inputs)
+        inputs = _format_tensor_into_tuples(inputs)
+        for index, tensor in enumerate(inputs):
+            if not torch.is_floating_point(tensor):
+                raise TypeError(
+                    f'Input {index} has dtype {tensor.dtype}: MambaLRP explains float inputs (embeddings). '
+                    'For token ids use LayerMambaLRP(model, model.get_input_embeddings()).attribute(ids, target=...).'
+                )
+        # copies: the caller's tensors keep their requires_grad flag and graph
+        inputs = tuple(tensor.detach().requires_grad_() for tensor in inputs)
+
+        forward = ExplainedForward(self.forward_func, self.position, target, embeddings=True)
+        with explaining(self.model, self.composite), torch.enable_grad():
+            explained = _run_forward(forward, inputs, target, additional_forward_args)
+            relevance = torch.autograd.grad(torch.unbind(explained), inputs)
+        attributions = _format_output(is_inputs_tuple, relevance)
+        if return_convergence_delta:
+            return attributions, self.compute_convergence_delta(attributions, explained.detach())
+        return attributions
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    def compute_convergence_delta(
+        self, attributions: TensorOrTupleOfTensorsGeneric, output: Tensor
+    ) -> Tensor:
+        '''``sum(attributions) - output`` per example: zero where relevance is conserved.
+
+        Parameters
+        ----------
+        attributions : Tensor or tuple of Tensor
+            Attributions as returned by :py:meth:`attribute`.
+        output : Tensor
+            The explained output per example, shape ``(batch,)``.
+
+        Returns
+        -------
+        Tensor
+            The delta per example.
+        '''
+        attributions = _format_tensor_into_tuples(attributions)
+        total = sum(attribution.flatten(1).sum(1) for attribution in attributions)
+        return total - output.reshape(-1).to(total.dtype)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return True
+
+    @classmethod
+    def get_name(cls) -> str:
+        return 'MambaLRP'
+
+

@@ -1,0 +1,105 @@
+'''MambaLRP relevance at a layer, as a Captum layer attribution method.'''
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+from captum._utils.common import _format_output
+from captum._utils.gradient import compute_layer_gradients_and_eval
+from captum._utils.typing import TargetType
+from captum.attr import LayerGradientXActivation
+from captum.log import log_usage
+from torch import Tensor
+
+from zennit_mamba import MambaComposite
+
+from ._explain import ExplainedForward, explaining
+
+
+class LayerMambaLRP(LayerGradientXActivation):
+    '''MambaLRP relevance of a layer's output (or input), e.g. of the embeddings given token ids.
+
+    A subclass of :py:class:`captum.attr.LayerGradientXActivation`, so that
+    :py:class:`captum.attr.LLMGradientAttribution` accepts it. That class replaces ``forward_func`` with its own
+    wrapper around the model, which is why the rules are registered on ``model``'s modules, not on a wrapper.
+
+    Parameters
+    ----------
+    model : :py:obj:`torch.nn.Module`
+        The model; its Mamba mixers carry the rules while attributions are computed.
+    layer : :py:obj:`torch.nn.Module`
+        The layer whose relevance is returned, e.g. ``model.get_input_embeddings()``.
+    position : int, optional
+        Sequence position explained when the model returns logits per position (last by default).
+    device_ids : list of int, optional
+        As for Captum's layer methods with DataParallel models.
+    **composite_options
+        Options of :py:class:`zennit_mamba.MambaComposite`: ``epsilon``, ``gamma``, ``rules``, ``layer_map``.
+
+    Examples
+    --------
+    >>> from transformers import MambaConfig, MambaForCausalLM
+    >>> model = MambaForCausalLM(MambaConfig(vocab_size=16, hidden_size=8, state_size=4, num_hidden_layers=1))
+    >>> lrp = LayerMambaLRP(model, model.get_input_embeddings())
+    >>> lrp.attribute(torch.tensor([[1, 2, 3]]), target=5).shape
+    torch.Size([1, 3, 8])
+    '''
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layer: torch.nn.Module,
+        position: int = -1,
+        device_ids: Optional[List[int]] = None,
+        **composite_options: Any,
+    ):
+        super().__init__(model, layer, device_ids, multiply_by_inputs=False)
+        self.model = model
+        self.position = position
+        self.composite = MambaComposite(**composite_options)
+
+    @log_usage(part_of_slo=True)
+    def attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        attribute_to_layer_input: bool = False,
+        **kwargs: Any,
+    ) -> Union[Tensor, Tuple[Tensor, ...]]:
+        '''Relevance of the layer's output (or input) for the target output of each example.
+
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensor
+            Model inputs, e.g. token ids.
+        target : int, Tensor, list, optional
+            Output index to explain, as in Captum.
+        additional_forward_args : optional
+            Further arguments passed to the forward function after the inputs.
+        attribute_to_layer_input : bool, optional
+            Relevance of the layer's input instead of its output.
+
+        Returns
+        -------
+        Tensor or tuple of Tensor
+            Relevance shaped like the layer's output (or input); it sums to the explained output.
+        '''
+        if 'baselines' in kwargs:
+            raise TypeError('LayerMambaLRP takes no baselines: its relevances sum to f(x) itself.')
+        if kwargs:
+            raise TypeError(f'LayerMambaLRP.attribute() got unexpected arguments: {sorted(kwargs)}')
+        forward = ExplainedForward(self.forward_func, self.position, target, embeddings=False)
+        with explaining(self.model, self.composite), torch.enable_grad():
+            relevance, _ = compute_layer_gradients_and_eval(
+                forward,
+                self.layer,
+                inputs,
+                target,
+                additional_forward_args,
+                device_ids=self.device_ids,
+                attribute_to_layer_input=attribute_to_layer_input,
+            )
+        return _format_output(len(relevance) > 1, relevance)
+
+    @classmethod
+    def get_name(cls) -> str:
+        return 'LayerMambaLRP'
