@@ -1,0 +1,45 @@
+'''The examples run as the README says and produce what they promise.'''
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_example(name, out):
+    environment = dict(os.environ, PYTHONPATH=ROOT)
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'examples', name), '--out', str(out)],
+        capture_output=True, text=True, env=environment, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+def test_quickstart(tmp_path):
+    output = run_example('quickstart.py', tmp_path)
+    accuracy = float(re.search(r'test accuracy ([\d.]+)%', output).group(1))
+    share = float(re.search(r'sentiment words: ([\d.]+)%', output).group(1))
+    error = float(re.search(r'\|sum R - f\| / \|f\|: ([\d.e+-]+)', output).group(1))
+    assert accuracy > 80 and share > 30 and error < 1e-3
+    assert '\x1b[48;2;' in output  # coloured terminal heatmap
+    assert (tmp_path / 'quickstart.html').stat().st_size > 0
+    assert (tmp_path / 'quickstart.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_compare_methods(tmp_path):
+    output = run_example('compare_methods.py', tmp_path)
+    rows = {line[:38].strip(): line[38:].split() for line in output.splitlines() if line[:38].strip()}
+    lrp, ixg = rows['MambaLRP'], rows['InputXGradient']
+    assert float(lrp[1]) < 1e-3 < float(ixg[1])  # conservation error
+    assert "Captum's LRP" in output and 'fails' in output
+    assert (tmp_path / 'compare_methods.png').exists()
+
+
+def test_generate_explain(tmp_path):
+    output = run_example('generate_explain.py', tmp_path)
+    assert 'generated: "green ."' in output
+    assert (tmp_path / 'generate_explain.html').exists() and (tmp_path / 'generate_explain.png').exists()
