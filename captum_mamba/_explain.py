@@ -60,6 +60,17 @@ def explaining(model: torch.nn.Module, composite: MambaComposite) -> Iterator[No
             module.training = flag
 
 
+def refuse_extra_arguments(method: str, arguments: dict) -> None:
+    '''Raise for arguments ``attribute()`` does not take, explaining why there are no baselines.'''
+    if 'baselines' in arguments:
+        raise TypeError(
+            f'{method} takes no baselines: its relevances sum to f(x) itself, not to f(x) - f(baseline). '
+            'For attributions relative to a baseline use IntegratedGradients.'
+        )
+    if arguments:
+        raise TypeError(f'{method}.attribute() got unexpected arguments: {sorted(arguments)}')
+
+
 def check_target(output: Tensor, target: TargetType) -> None:
     '''Raise a precise error for a target that does not fit the explained output.'''
     outputs_per_example = output[0].numel() if output.dim() > 0 and len(output) else 0

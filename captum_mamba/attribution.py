@@ -10,7 +10,7 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 
-from ._explain import ExplainedForward, explaining
+from ._explain import ExplainedForward, explaining, refuse_extra_arguments
 
 
 class MambaLRP(GradientAttribution):
@@ -75,13 +75,7 @@ class MambaLRP(GradientAttribution):
         Tensor or tuple of Tensor, and optionally the convergence delta
             Attributions shaped like ``inputs``; they sum to the explained output (up to biases and epsilon).
         '''
-        if 'baselines' in kwargs:
-            raise TypeError(
-                'MambaLRP takes no baselines: its relevances sum to f(x) itself, not to f(x) - f(baseline). '
-                'For attributions relative to a baseline use IntegratedGradients.'
-            )
-        if kwargs:
-            raise TypeError(f'MambaLRP.attribute() got unexpected arguments: {sorted(kwargs)}')
+        refuse_extra_arguments('MambaLRP', kwargs)
         is_inputs_tuple = _is_tuple(inputs)
         inputs = _format_tensor_into_tuples(inputs)
         for index, tensor in enumerate(inputs):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 
-from ._explain import ExplainedForward, explaining
+from ._explain import ExplainedForward, explaining, refuse_extra_arguments
 
 
 class LayerMambaLRP(LayerGradientXActivation):
@@ -83,10 +83,7 @@ class LayerMambaLRP(LayerGradientXActivation):
         Tensor or tuple of Tensor
             Relevance shaped like the layer's output (or input); it sums to the explained output.
         '''
-        if 'baselines' in kwargs:
-            raise TypeError('LayerMambaLRP takes no baselines: its relevances sum to f(x) itself.')
-        if kwargs:
-            raise TypeError(f'LayerMambaLRP.attribute() got unexpected arguments: {sorted(kwargs)}')
+        refuse_extra_arguments('LayerMambaLRP', kwargs)
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=False)
         with explaining(self.model, self.composite), torch.enable_grad():
             relevance, _ = compute_layer_gradients_and_eval(
