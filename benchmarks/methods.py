@@ -1,0 +1,107 @@
+'''The attribution methods compared by the faithfulness benchmark, each as ``(model, inputs, targets) -> scores``.
+
+Scores are per position (token, patch): attributions summed over the feature dimension.
+'''
+from typing import Callable, Dict, List
+
+import torch
+from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
+
+from captum_mamba import MambaLRP
+from zennit_mamba import MAMBA_LRP_RULES, MambaCanonizer, SelectiveScan
+
+Method = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: methods whose attributions are meant to sum to the explained output (their conservation error is reported)
+RELEVANCE_METHODS = {
+    'InputXGradient', 'IntegratedGradients', 'LRP (LN-rule)', 'MambaLRP',
+    'MambaLRP w/o SiLU rule', 'MambaLRP w/o SSM rule', 'MambaLRP w/o gate rule',
+}
+
+
+def hidden_attention(scan: SelectiveScan, packed: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    '''Mamba's hidden attention (Ali, Zimerman and Wolf, 2024): ``y_t = sum_k alpha[t, k] x_k`` per channel.
+
+    Returns ``alpha`` of shape ``(batch, channels, length, length)``, zero above the diagonal.
+    '''
+    x, delta, B, C = scan.unpack(packed)
+    cumulative = delta.cumsum(-1)
+    elapsed = cumulative[..., :, None] - cumulative[..., None, :]  # (batch, channels, t, k)
+    causal = torch.ones(elapsed.shape[-2:], dtype=torch.bool, device=elapsed.device).tril()
+    alpha = torch.zeros_like(elapsed)
+    for n in range(B.shape[1]):
+        decay = torch.exp(torch.where(causal, A[None, :, n, None, None] * elapsed, -torch.inf))
+        alpha = alpha + C[:, None, n, :, None] * decay * (delta * B[:, None, n, :])[:, :, None, :]
+    return alpha
+
+
+def _rollout(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, gradient: bool) -> torch.Tensor:
+    '''Attention rollout over the hidden attention of every layer; gradient-weighted (Chefer-style) if asked.'''
+    attentions: List[torch.Tensor] = []
+
+    def attention_form(module, args, kwargs, output):
+        alpha = hidden_attention(module, args[0].detach(), kwargs['A'].detach()).requires_grad_(gradient)
+        attentions.append(alpha)
+        x = module.unpack(args[0])[0]
+        y = torch.einsum('bctk,bck->bct', alpha, x) + kwargs['D'][None, :, None] * x
+        return y.to(output[0].dtype), output[1]
+
+    instances = MambaCanonizer().apply(model)
+    handles = [module.register_forward_hook(attention_form, with_kwargs=True)
+               for module in model.modules() if isinstance(module, SelectiveScan)]
+    try:
+        with torch.set_grad_enabled(gradient):
+            logits = model(inputs)
+            if gradient:
+                explained = logits[torch.arange(len(targets)), targets]
+                gradients = torch.autograd.grad(explained.sum(), attentions)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for instance in instances:
+            instance.remove()
+
+    length = inputs.shape[1]
+    identity = torch.eye(length, dtype=attentions[0].dtype)
+    rollout = identity.expand(len(inputs), length, length)
+    for index, alpha in enumerate(attentions):
+        if gradient:
+            layer = identity + (alpha * gradients[index]).clamp(min=0).mean(1)
+        else:
+            layer = alpha.detach().abs().mean(1)
+            layer = 0.5 * layer / layer.sum(-1, keepdim=True).clamp(min=1e-12) + 0.5 * identity
+        rollout = layer @ rollout
+    return rollout[:, -1]
+
+
+def _per_position(attributions: torch.Tensor) -> torch.Tensor:
+    return attributions.detach().flatten(2).sum(-1)
+
+
+def methods(quick: bool) -> Dict[str, Method]:
+    '''Name to method, in the order of the tables.'''
+    ig_steps, noise_samples = (20, 5) if quick else (50, 10)
+
+    def mamba_lrp(rules):
+        return lambda model, x, t: _per_position(MambaLRP(model, rules=rules).attribute(x, target=t))
+
+    def random(model, x, t):
+        generator = torch.Generator().manual_seed(int(x.flatten()[0].abs().item() * 1e6) % (2 ** 31))
+        return torch.rand(x.shape[:2], generator=generator, dtype=x.dtype)
+
+    return {
+        'Random': random,
+        'Saliency': lambda model, x, t: _per_position(Saliency(model).attribute(x, target=t)),
+        'InputXGradient': lambda model, x, t: _per_position(InputXGradient(model).attribute(x, target=t)),
+        'IntegratedGradients': lambda model, x, t: _per_position(
+            IntegratedGradients(model).attribute(x, target=t, n_steps=ig_steps)),
+        'SmoothGrad': lambda model, x, t: _per_position(NoiseTunnel(InputXGradient(model)).attribute(
+            x, target=t, nt_type='smoothgrad', nt_samples=noise_samples, stdevs=0.1 * x.std().item())),
+        'AttnRoll': lambda model, x, t: _rollout(model, x, t, gradient=False),
+        'G x AttnRoll': lambda model, x, t: _rollout(model, x, t, gradient=True),
+        'LRP (LN-rule)': mamba_lrp({'norm'}),
+        'MambaLRP': mamba_lrp(MAMBA_LRP_RULES),
+        'MambaLRP w/o SiLU rule': mamba_lrp(MAMBA_LRP_RULES - {'silu'}),
+        'MambaLRP w/o SSM rule': mamba_lrp(MAMBA_LRP_RULES - {'ssm'}),
+        'MambaLRP w/o gate rule': mamba_lrp(MAMBA_LRP_RULES - {'gate'}),
+    }

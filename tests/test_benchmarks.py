@@ -1,0 +1,83 @@
+'''The benchmark's own pieces: the hidden-attention baseline, and the faithfulness run (quick, 1 and 2 processes).'''
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zennit_mamba import SelectiveScan, selective_scan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+from methods import hidden_attention  # noqa: E402
+
+
+def test_hidden_attention_reproduces_the_scan():
+    torch.manual_seed(0)
+    x, delta = torch.randn(2, 5, 30, dtype=torch.float64), torch.rand(2, 5, 30, dtype=torch.float64)
+    A = -torch.rand(5, 3, dtype=torch.float64) * 4
+    B, C = torch.randn(2, 2, 3, 30, dtype=torch.float64)
+    alpha = hidden_attention(SelectiveScan(5, 3), SelectiveScan.pack(x, delta, B, C), A)
+    expected, _ = selective_scan(x, delta, A, B, C)
+    assert torch.allclose(torch.einsum('bctk,bck->bct', alpha, x), expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(alpha.triu(1), torch.zeros_like(alpha))
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def run(command, timeout=600):
+    environment = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def read_rows(path, task):
+    import csv
+
+    with open(path) as file:
+        rows = [row for row in csv.DictReader(file) if row['task'] == task]
+    for row in rows:
+        del row['seconds_per_explanation']  # timings differ between runs, everything else must not
+    return rows
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('faithfulness')
+    output = run([sys.executable, 'benchmarks/faithfulness.py', '--quick', '--out', str(out)])
+    return out, output
+
+
+def test_quick_run_writes_tables_and_plots(quick_run):
+    out, output = quick_run
+    for task in ('sentiment', 'digits', 'needle'):
+        assert f'### {task}' in output
+        assert (out / f'curves_{task}.png').exists() and (out / f'conservation_{task}.png').exists()
+    rows = read_rows(out / 'results.csv', 'needle')
+    methods = {row['method']: row for row in rows}
+    assert len(methods) == 12
+    assert float(methods['MambaLRP']['conservation_error']) < 1e-4
+    assert float(methods['InputXGradient']['conservation_error']) > 1e-3
+    assert 0.0 <= float(methods['MambaLRP']['needle_share']) <= 1.0
+    assert (out / 'results.md').read_text().count('| MambaLRP |') == 3
+
+
+def test_two_processes_give_the_same_table(quick_run):
+    out, _ = quick_run
+    parallel_out = out / 'parallel'
+    os.makedirs(parallel_out / 'cache')
+    # the same trained model, so that only the split across processes differs
+    for name in os.listdir(out / 'cache'):
+        os.link(out / 'cache' / name, parallel_out / 'cache' / name)
+    run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+         'benchmarks/faithfulness.py', '--quick', '--tasks', 'needle', '--out', str(parallel_out)])
+    assert read_rows(parallel_out / 'results.csv', 'needle') == read_rows(out / 'results.csv', 'needle')
