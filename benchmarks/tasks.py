@@ -58,7 +58,6 @@ class Task:
     vocab_size: int = 0  # 0 for patch inputs
     replacement_token: Optional[int] = None  # token whose embedding replaces removed tokens (None: zeros)
     needle_positions: Optional[torch.Tensor] = None
-    tokens: Optional[list] = None  # vocabulary, for heatmaps
 
     @property
     def uses_tokens(self) -> bool:
@@ -104,9 +103,8 @@ def sentiment_task(quick: bool, seed: int = 0) -> Task:
     long_enough = [row for row in test_rows if len(encode(row)) >= test_length]
     test_ids = torch.tensor([encode(row)[:test_length] for row in long_enough])
     labels = [torch.tensor([int(row['label']) for row in subset]) for subset in (train_rows, long_enough)]
-    vocabulary = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
     return Task('sentiment', train_ids, labels[0], train_mask, test_ids, labels[1], 2,
-                vocab_size=tokenizer.get_vocab_size(), replacement_token=1, tokens=vocabulary)
+                vocab_size=tokenizer.get_vocab_size(), replacement_token=1)
 
 
 def digits_task(quick: bool, seed: int = 0) -> Task:
@@ -133,8 +131,7 @@ def needle_task(quick: bool, seed: int = 0) -> Task:
     test = slice(0, 500)
     train = slice(500, None)
     return Task('needle', ids[train], labels[train], None, ids[test], labels[test], 2, vocab_size=32,
-                needle_positions=positions[test], tokens=['[PAD]', 'NEEDLE-A', 'NEEDLE-B'] +
-                [f't{index}' for index in range(3, 32)])
+                needle_positions=positions[test])
 
 
 TASKS = {'sentiment': sentiment_task, 'digits': digits_task, 'needle': needle_task}
