@@ -85,12 +85,8 @@ def methods(quick: bool) -> Dict[str, Method]:
     def mamba_lrp(rules):
         return lambda model, x, t: _per_position(MambaLRP(model, rules=rules).attribute(x, target=t))
 
-    def random(model, x, t):
-        generator = torch.Generator().manual_seed(int(x.flatten()[0].abs().item() * 1e6) % (2 ** 31))
-        return torch.rand(x.shape[:2], generator=generator, dtype=x.dtype)
-
     return {
-        'Random': random,
+        'Random': lambda model, x, t: torch.rand(x.shape[:2], dtype=x.dtype),  # seeded per chunk by the caller
         'Saliency': lambda model, x, t: _per_position(Saliency(model).attribute(x, target=t)),
         'InputXGradient': lambda model, x, t: _per_position(InputXGradient(model).attribute(x, target=t)),
         'IntegratedGradients': lambda model, x, t: _per_position(

@@ -7,8 +7,9 @@ import re
 from typing import List, Optional, Sequence
 
 import torch
-from captum.attr._utils.visualization import VisualizationDataRecord, format_classname, format_word_importances
-from captum.attr._utils.visualization import _get_color
+from captum.attr._utils.visualization import (
+    VisualizationDataRecord, _get_color, format_classname, format_word_importances,
+)
 
 from zennit_mamba.heatmap import Colour, save_png
 
