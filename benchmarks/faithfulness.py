@@ -49,6 +49,7 @@ def explain_chunk(model, task: Task, chunk: slice, quick: bool) -> List[dict]:
     targets = logits.argmax(-1)
     explained = logits[torch.arange(len(targets)), targets]
     step = max(1, inputs.shape[1] // 32)
+    removed = replacement(model, task, inputs)
     records = []
     for number, (name, method) in enumerate(methods(quick).items()):
         # noise (SmoothGrad) depends on the chunk and method only, not on what this process did before
@@ -56,8 +57,7 @@ def explain_chunk(model, task: Task, chunk: slice, quick: bool) -> List[dict]:
         start = time.perf_counter()
         scores = method(model, inputs, targets)
         seconds = (time.perf_counter() - start) / len(targets)
-        result = faithfulness(model, inputs, scores, target=targets, replacement=replacement(model, task, inputs),
-                              step=step)
+        result = faithfulness(model, inputs, scores, target=targets, replacement=removed, step=step)
         for index in range(len(targets)):
             record = {
                 'task': task.name, 'method': name, 'example': chunk.start + index,

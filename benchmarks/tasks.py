@@ -137,7 +137,7 @@ def needle_task(quick: bool, seed: int = 0) -> Task:
 TASKS = {'sentiment': sentiment_task, 'digits': digits_task, 'needle': needle_task}
 
 
-def build_model(task: Task, quick: bool) -> SequenceClassifier:
+def build_model(task: Task) -> SequenceClassifier:
     config = MambaConfig(
         vocab_size=max(task.vocab_size, 1), hidden_size=32, state_size=8, num_hidden_layers=2,
         use_conv_bias=False,
@@ -153,9 +153,9 @@ def model_inputs(model: SequenceClassifier, task: Task, inputs: torch.Tensor) ->
 
 
 def train_model(task: Task, quick: bool, seed: int = 0) -> SequenceClassifier:
-    '''Train a classifier on the task with Adam; returns it in eval mode.'''
+    '''Train a classifier on the task with AdamW; returns it in eval mode.'''
     torch.manual_seed(seed)
-    model = build_model(task, quick)
+    model = build_model(task)
     epochs = {'sentiment': 1 if quick else 3, 'digits': 3 if quick else 10, 'needle': 5 if quick else 8}[task.name]
     # sentiment overfits its 5.5k-word vocabulary quickly: a smaller step and weight decay generalise best
     learning_rate, weight_decay = (1e-3, 0.1) if task.name == 'sentiment' else (1e-2, 0.0)
@@ -181,7 +181,7 @@ def train_model(task: Task, quick: bool, seed: int = 0) -> SequenceClassifier:
 def trained_model(task: Task, quick: bool, cache_dir: str) -> SequenceClassifier:
     '''The task's classifier, trained once and cached in ``cache_dir``.'''
     path = os.path.join(cache_dir, f'{task.name}{"-quick" if quick else ""}.pt')
-    model = build_model(task, quick)
+    model = build_model(task)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path))
         return model.eval()

@@ -1,6 +1,6 @@
 '''What every Captum front end needs around the zennit_mamba composite.'''
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 from captum._utils.typing import TargetType
@@ -113,43 +113,26 @@ class ExplainedForward:
         self.forward_func = forward_func
         self.position = position
         self.target = target
-        self.embeddings = embeddings
+        # decided once: both depend only on what forward_func is
+        self.pretrained = hasattr(forward_func, 'config') and hasattr(forward_func, 'get_input_embeddings')
+        self.embeddings_keyword = embeddings and (self.pretrained or _is_mamba_ssm_lm(forward_func))
 
     def __call__(self, *args: Any) -> Tensor:
-        output = self.forward_func(*self._arguments(args), **self._keywords(args))
-        output = _logits(output)
+        keywords = {'use_cache': False} if self.pretrained else {}
+        if self.embeddings_keyword:
+            keywords['inputs_embeds'] = args[0]
+            args = (None,) + tuple(args[1:])
+        output = _logits(self.forward_func(*args, **keywords))
         if output.dim() == 3:
             output = output[:, self.position]
         check_target(output, self.target)
         return output
 
-    def _is_pretrained(self) -> bool:
-        return hasattr(self.forward_func, 'config') and hasattr(self.forward_func, 'get_input_embeddings')
 
-    def _embeds_into(self) -> Optional[str]:
-        '''Keyword under which the model takes embeddings, if the first input is embeddings.'''
-        if not self.embeddings:
-            return None
-        if self._is_pretrained():
-            return 'inputs_embeds'
-        mamba_ssm = mamba_ssm_modules()
-        backbone = getattr(self.forward_func, 'backbone', None)
-        if mamba_ssm is not None and isinstance(backbone, mamba_ssm.MixerModel):
-            return 'inputs_embeds'  # MambaLMHeadModel takes embeddings once canonized
-        return None
-
-    def _arguments(self, args: tuple) -> tuple:
-        if self._embeds_into() is None:
-            return args
-        return (None,) + tuple(args[1:])
-
-    def _keywords(self, args: tuple) -> dict:
-        keywords = {}
-        if self._embeds_into() is not None:
-            keywords['inputs_embeds'] = args[0]
-        if self._is_pretrained():
-            keywords['use_cache'] = False
-        return keywords
+def _is_mamba_ssm_lm(forward_func: Callable) -> bool:
+    '''A mamba-ssm MambaLMHeadModel, which takes ``inputs_embeds`` once canonized.'''
+    mamba_ssm = mamba_ssm_modules()
+    return mamba_ssm is not None and isinstance(getattr(forward_func, 'backbone', None), mamba_ssm.MixerModel)
 
 
 def _logits(output: Any) -> Tensor:
