@@ -1,4 +1,5 @@
 '''What every Captum front end needs around the zennit_mamba composite.'''
+import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -116,9 +117,16 @@ class ExplainedForward:
         # decided once: both depend only on what forward_func is
         self.pretrained = hasattr(forward_func, 'config') and hasattr(forward_func, 'get_input_embeddings')
         self.embeddings_keyword = embeddings and (self.pretrained or _is_mamba_ssm_lm(forward_func))
+        # the last position's logits alone: the LM head over every position of a long input is the largest tensor
+        self.last_logits_only = (
+            self.pretrained and position == -1
+            and 'logits_to_keep' in inspect.signature(forward_func.forward).parameters
+        )
 
     def __call__(self, *args: Any) -> Tensor:
         keywords = {'use_cache': False} if self.pretrained else {}
+        if self.last_logits_only:
+            keywords['logits_to_keep'] = 1
         if self.embeddings_keyword:
             keywords['inputs_embeds'] = args[0]
             args = (None,) + tuple(args[1:])

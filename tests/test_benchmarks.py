@@ -81,3 +81,19 @@ def test_two_processes_give_the_same_table(quick_run):
     run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
          'benchmarks/faithfulness.py', '--quick', '--tasks', 'needle', '--out', str(parallel_out)])
     assert read_rows(parallel_out / 'results.csv', 'needle') == read_rows(out / 'results.csv', 'needle')
+
+
+def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(tmp_path):
+    import speed
+
+    results = speed.main(['--quick', '--out', str(tmp_path), '--long', '64'])
+    assert [(result['length'], result['batch']) for result in results] == [(16, 1), (64, 1), (16, 2), (64, 2)]
+    for result in results:
+        assert set(result['rows']) == set(speed.METHODS)
+        assert all(row['seconds'] > 0 for row in result['rows'].values())
+    table = (tmp_path / 'speed_cpu.md').read_text()
+    assert 'MambaLRP / same-kernel GI' in table and 'Long input: 64 tokens' in table
+    # the long input's relevance sums to its logit (conv biases are zeroed in the benchmark's model)
+    error = float(table.split('relative conservation error ')[1].split()[0])
+    assert error < 1e-4
+    assert len((tmp_path / 'speed_cpu.csv').read_text().splitlines()) == 1 + 4 * len(speed.METHODS)

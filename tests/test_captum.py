@@ -70,6 +70,7 @@ def test_transformers_model_directly(model):
     assert relative_error(layer, expected) <= 1e-6
 
 
+@pytest.mark.unmodified_forward
 def test_convergence_delta_is_tiny_where_input_x_gradient_is_not(model):
     wrapper = Float64Logits(model)
     embeddings = embed(model, 4, 15)
@@ -183,6 +184,7 @@ def language_model():
 PROMPT, CONTINUATION = 'w1 w5 w9 w3 w7', 'w2 w8'
 
 
+@pytest.mark.unmodified_forward
 def test_llm_attribution_of_logits_is_layer_relevance_of_the_prompt(language_model):
     model, tokenizer, layer_lrp = language_model
     result = MambaLLMAttribution(layer_lrp, tokenizer, target_output='logit').attribute(
@@ -201,6 +203,7 @@ def test_llm_attribution_of_logits_is_layer_relevance_of_the_prompt(language_mod
         assert torch.allclose(result.token_attr[step], context[:5], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.unmodified_forward
 def test_llm_attribution_of_log_probabilities_is_gradient_x_input_through_log_softmax(language_model):
     model, tokenizer, layer_lrp = language_model
     result = LLMGradientAttribution(layer_lrp, tokenizer).attribute(

@@ -1,14 +1,16 @@
 '''MambaComposite as a Zennit user meets it: context, attributors, restoration, bad input, traps.'''
+import contextlib
+
 import pytest
 import torch
 import zennit.composites
 from transformers import FalconMambaConfig, FalconMambaForCausalLM, Mamba2Config, Mamba2ForCausalLM
 from zennit.attribution import Gradient
 from zennit.layer import Sum
-from zennit.rules import Epsilon, Gamma, ZPlus
+from zennit.rules import Gamma, ZPlus
 
 from conftest import embed, explain, last_logits, make_mamba, relative_error
-from zennit_mamba import GateProduct, MambaComposite, SelectiveScan, SiLU, UnsupportedModelError
+from zennit_mamba import GateProduct, GradientTimesInput, MambaComposite, SelectiveScan, SiLU, UnsupportedModelError
 
 
 def snapshot(model):
@@ -21,6 +23,8 @@ def snapshot(model):
             for module in model.modules()
         ),
         'instance_forwards': sum('forward' in module.__dict__ for module in model.modules()),
+        # canonizer submodules live in _modules; rule settings (MixerRules, DetachSelection) are plain attributes
+        'rule_settings': sum(key.startswith('lrp_') for module in model.modules() for key in module.__dict__),
     }
 
 
@@ -29,10 +33,22 @@ def assert_restored(model, before, embeddings, logits_before):
     assert after['modules'] == before['modules']
     assert after['hooks'] == before['hooks'] == 0
     assert after['instance_forwards'] == before['instance_forwards'] == 0
+    assert after['rule_settings'] == before['rule_settings'] == 0
     assert after['state'].keys() == before['state'].keys()
     assert all(torch.equal(after['state'][key], before['state'][key]) for key in before['state'])
     with torch.no_grad():
         assert torch.equal(last_logits(model, embeddings), logits_before)
+
+
+@contextlib.contextmanager
+def restored_afterwards(model):
+    '''Check that whatever happens inside leaves ``model`` exactly as it was.'''
+    embeddings = embed(model, 1, 5)
+    with torch.no_grad():
+        logits_before = last_logits(model, embeddings)
+    before = snapshot(model)
+    yield embeddings
+    assert_restored(model, before, embeddings, logits_before)
 
 
 class LastTokenClassifier(torch.nn.Module):
@@ -63,15 +79,10 @@ def test_forward_unchanged_inside_context_and_model_restored_after():
 
 @pytest.mark.unmodified_forward
 def test_model_restored_after_exception_inside_context(model):
-    embeddings = embed(model, 1, 5)
-    with torch.no_grad():
-        logits_before = last_logits(model, embeddings)
-    before = snapshot(model)
-    with pytest.raises(KeyError, match='raised inside'):
+    with restored_afterwards(model) as embeddings, pytest.raises(KeyError, match='raised inside'):
         with MambaComposite().context(model) as modified:
             modified(inputs_embeds=embeddings)
             raise KeyError('raised inside')
-    assert_restored(model, before, embeddings, logits_before)
 
 
 @pytest.mark.unmodified_forward
@@ -116,8 +127,13 @@ def test_default_cache_is_filled_and_continuing_from_it_is_refused(model):
             modified(inputs_embeds=embeddings[:, :1], cache_params=output.cache_params)
 
 
-def test_every_rule_fires_and_every_explicit_module_runs_once(model):
-    composite = MambaComposite()
+@pytest.mark.parametrize('composite, explicit_modules_per_layer', [
+    # one pass per mixer (MixerRules): only the residual sum runs as a module
+    (MambaComposite(), 1),
+    # a rule on a projection: conv SiLU, gate SiLU, gate product, scan, residual sum each carry their own rule
+    (MambaComposite(gamma=0.0), 5),
+], ids=['one-pass', 'module-by-module'])
+def test_every_rule_fires_and_every_explicit_module_runs_once(model, composite, explicit_modules_per_layer):
     calls = {}
     with composite.context(model) as modified:
         handles = [
@@ -132,8 +148,7 @@ def test_every_rule_fires_and_every_explicit_module_runs_once(model):
         fired = ['grad_output' in hook.stored_tensors for hook in composite.hook_refs]
         for handle in handles:
             handle.remove()
-    # per layer: conv SiLU, gate SiLU, gate product, scan, residual sum
-    assert len(calls) == 5 * model.config.num_hidden_layers
+    assert len(calls) == explicit_modules_per_layer * model.config.num_hidden_layers
     assert set(calls.values()) == {1}
     assert len(fired) > 0 and all(fired)
 
@@ -219,6 +234,22 @@ def test_registering_the_same_composite_twice_replaces_its_hooks(model):
     assert snapshot(model)['hooks'] == 0
 
 
+@pytest.mark.unmodified_forward
+@pytest.mark.parametrize('composite', [MambaComposite(), MambaComposite(gamma=0.25)], ids=['one-pass', 'gamma'])
+def test_rule_settings_are_removed_after_the_context(model, composite):
+    with restored_afterwards(model), composite.context(model) as modified:
+        # MixerRules on each mixer, or (gamma) DetachSelection on each scan
+        assert snapshot(modified)['rule_settings'] == model.config.num_hidden_layers
+
+
+@pytest.mark.unmodified_forward
+def test_recompute_with_rules_inside_the_mixer_is_refused_and_model_untouched(model):
+    refusal = r"recompute=True needs LRP-0 on the mixer projections, but \['out_proj'\]"
+    with restored_afterwards(model), pytest.raises(ValueError, match=refusal):
+        with MambaComposite(gamma={'out_proj': 0.25}, recompute=True).context(model):
+            pass
+
+
 def test_unknown_rule_names_are_refused():
     with pytest.raises(ValueError, match=r"Unknown MambaLRP rules \['selu'\]"):
         MambaComposite(rules={'silu', 'selu'})
@@ -266,10 +297,10 @@ def test_gamma_selects_layers_by_name_pattern_and_type():
     linear, conv = torch.nn.Linear(2, 2), torch.nn.Conv1d(2, 2, 3)
     rule = composite.mapping({}, 'backbone.layers.0.mixer.out_proj', linear)
     assert isinstance(rule, Gamma)
-    assert isinstance(composite.mapping({}, 'backbone.layers.0.mixer.in_proj', linear), Epsilon)
+    assert isinstance(composite.mapping({}, 'backbone.layers.0.mixer.in_proj', linear), GradientTimesInput)
     assert isinstance(composite.mapping({}, 'backbone.layers.1.mixer.in_proj', linear), Gamma)
     assert isinstance(composite.mapping({}, 'backbone.layers.0.mixer.conv1d', conv), Gamma)
-    assert isinstance(composite.mapping({}, 'lm_head', linear), Epsilon)
+    assert isinstance(composite.mapping({}, 'lm_head', linear), GradientTimesInput)
 
 
 def test_zennit_rules_combine_through_layer_map(model):

@@ -5,6 +5,12 @@ import torch
 from conftest import embed, explain, gradient_x_input, make_mamba, relative_error
 from reference import ALL_RULES, reference_relevance
 
+from zennit_mamba import MambaComposite
+
+#: the three ways a composite explains a mixer: MixerRules in one pass, the same recomputed in the backward pass,
+#: and one rule per operation (forced by a rule on a projection; gamma=0 is LRP-0)
+PATHS = {'one-pass': {}, 'recomputed': {'recompute': True}, 'module-by-module': {'gamma': 0.0}}
+
 SIZES = [
     # layers, hidden, state, batch, length
     (1, 8, 4, 2, 1),
@@ -94,3 +100,16 @@ def test_each_example_explains_its_own_target():
         single, single_logit, _ = explain(model, embeddings[index:index + 1], targets[index:index + 1])
         assert relative_error(relevance[index:index + 1], single) <= 1e-10
         assert torch.isclose(explained[index], single_logit[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize('path', PATHS)
+@pytest.mark.parametrize('rules', [ALL_RULES, ALL_RULES - {'ssm'}, ALL_RULES - {'gate', 'silu'}, frozenset()],
+                         ids=['all', 'no-ssm', 'no-gate-no-silu', 'none'])
+def test_every_path_agrees_with_reference(path, rules):
+    model = make_mamba(layers=2, seed=5)
+    embeddings = embed(model, 2, 40)
+    composite = MambaComposite(epsilon=1e-12, rules=rules, **PATHS[path])
+    relevance, explained, targets = explain(model, embeddings, composite=composite)
+    expected, expected_logits = reference_relevance(model, embeddings, targets, rules=rules)
+    assert torch.allclose(explained, expected_logits, rtol=1e-10, atol=0)
+    assert relative_error(relevance, expected) <= (1e-8 if 'norm' in rules else 1e-5)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from zennit_mamba import scan
 from zennit_mamba.scan import linear_recurrence, selective_scan
 
 
@@ -40,16 +41,68 @@ def test_matches_sequential_scan(length, dtype, tolerance):
     assert (last_state.double() - expected_state).abs().max() <= tolerance * expected_state.abs().max()
 
 
-@pytest.mark.parametrize('chunk_size', [2, 7, 64])
-def test_chunk_size_does_not_change_the_result(chunk_size):
-    log_a = -torch.rand(3, 200, dtype=torch.float64)
-    b = torch.randn(3, 200, dtype=torch.float64)
-    assert torch.allclose(linear_recurrence(log_a, b, chunk_size), linear_recurrence(log_a, b, 200), rtol=1e-12)
+def sequential_recurrence(log_a, b, reverse=False):
+    steps = range(b.shape[-1] - 1, -1, -1) if reverse else range(b.shape[-1])
+    state, states = torch.zeros_like(b[..., 0]), [None] * b.shape[-1]
+    for t in steps:
+        state = torch.exp(log_a[..., t]) * state + b[..., t]
+        states[t] = state
+    return torch.stack(states, -1)
 
 
-def test_chunk_size_below_two_is_refused():
-    with pytest.raises(ValueError, match='chunk_size must be at least 2'):
-        linear_recurrence(torch.zeros(1, 4), torch.zeros(1, 4), chunk_size=1)
+@pytest.mark.parametrize('reverse', [False, True])
+@pytest.mark.parametrize('decay_scale', [0.01, 1.0, 40.0])
+def test_recurrence_matches_the_loop_in_both_directions(reverse, decay_scale):
+    # decay_scale 40 forces chunks of two steps and several levels of carried chunk states
+    generator = torch.Generator().manual_seed(0)
+    log_a = -decay_scale * torch.rand(3, 700, generator=generator, dtype=torch.float64)
+    b = torch.randn(3, 700, generator=generator, dtype=torch.float64)
+    expected = sequential_recurrence(log_a, b, reverse)
+    assert relative(linear_recurrence(log_a, b, reverse), expected) < 1e-12
+
+
+def relative(actual, expected):
+    # an all-zero expectation (the gradient of A at length 1) is compared in absolute terms
+    scale = expected.abs().max()
+    return ((actual.double() - expected).abs().max() / (scale if scale > 0 else 1)).item()
+
+
+@pytest.mark.parametrize('length', [1, 3, 64, 65, 300])
+@pytest.mark.parametrize('selection_detached', [False, True])
+def test_gradients_match_autograd_through_the_loop(length, selection_detached):
+    inputs = [tensor.requires_grad_() for tensor in random_inputs(length, torch.float64)]
+    grad_output = torch.randn(2, 5, length, dtype=torch.float64)
+    x, delta, A, B, C, D = inputs
+    if selection_detached:
+        delta, A, B, C = (tensor.detach() for tensor in (delta, A, B, C))
+    arguments = (x, delta, A, B, C, D)
+    wanted = [tensor for tensor in arguments if tensor.requires_grad]
+    actual = torch.autograd.grad(selective_scan(*arguments)[0], wanted, grad_output)
+    expected = torch.autograd.grad(sequential_scan(*arguments)[0], wanted, grad_output)
+    assert len(wanted) == (2 if selection_detached else 6)
+    for got, want in zip(actual, expected):
+        assert relative(got, want) < 1e-10
+
+
+def test_channel_blocks_do_not_change_the_result(monkeypatch):
+    inputs = [tensor.requires_grad_() for tensor in random_inputs(50, torch.float64, channels=7)]
+    output, last_state = selective_scan(*inputs)
+    gradients = torch.autograd.grad(output.sum(), inputs)
+    monkeypatch.setitem(scan.BLOCK_ELEMENTS, 'cpu', 1)  # one channel per block
+    blocked_output, blocked_state = selective_scan(*inputs)
+    blocked_gradients = torch.autograd.grad(blocked_output.sum(), inputs)
+    # the chunk length follows the decays of each block, so results agree to rounding, not bit for bit
+    assert torch.allclose(blocked_output, output, rtol=1e-12) and torch.allclose(blocked_state, last_state, rtol=1e-12)
+    for blocked, whole in zip(blocked_gradients, gradients):
+        assert torch.allclose(blocked, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_or_unavailable_implementation_is_refused():
+    inputs = random_inputs(4, torch.float32)
+    with pytest.raises(ValueError, match='implementation must be one of'):
+        selective_scan(*inputs, implementation='triton')
+    with pytest.raises(RuntimeError, match='needs mamba-ssm installed and CUDA tensors'):
+        selective_scan(*inputs, implementation='mamba_ssm')
 
 
 def test_strong_decay_stays_finite():

@@ -2,7 +2,7 @@
 from .canonizers import MambaCanonizer
 from .composites import MAMBA_LRP_RULES, MambaComposite
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
-from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, SiLUIdentity
+from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerRules, SiLUIdentity
 from .scan import selective_scan
 from .support import UnsupportedModelError, check_supported
 
@@ -15,6 +15,7 @@ __all__ = [
     'LNRule',
     'MambaCanonizer',
     'MambaComposite',
+    'MixerRules',
     'SelectiveScan',
     'SiLU',
     'SiLUIdentity',

@@ -1,7 +1,7 @@
 '''Optional imports: mamba-ssm needs its CUDA extension, so on a CPU-only machine it is absent.'''
 import functools
 import types
-from typing import Optional
+from typing import Callable, Optional
 
 
 @functools.lru_cache(maxsize=None)
@@ -15,3 +15,13 @@ def mamba_ssm_modules() -> Optional[types.SimpleNamespace]:
     except (ImportError, OSError, RuntimeError):
         return None
     return types.SimpleNamespace(Mamba=Mamba, Block=Block, MixerModel=MixerModel, RMSNorm=RMSNorm)
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_ssm_selective_scan() -> Optional[Callable]:
+    '''mamba-ssm's ``selective_scan_fn`` (CUDA), or None where mamba-ssm cannot be imported.'''
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError, RuntimeError):
+        return None
+    return selective_scan_fn

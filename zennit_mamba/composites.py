@@ -7,12 +7,12 @@ from zennit.canonizers import Canonizer
 from zennit.composites import register_composite
 from zennit.core import Composite, Hook
 from zennit.layer import Sum
-from zennit.rules import Epsilon, Gamma, Norm, Pass
+from zennit.rules import Gamma, Pass
 from zennit.types import Activation, Convolution, Linear
 
 from .canonizers import MambaCanonizer
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
-from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, SiLUIdentity
+from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerRules, SiLUIdentity
 from .support import check_supported, supported_norm_types
 
 #: the MambaLRP rules that can be switched on and off
@@ -34,7 +34,7 @@ class MambaComposite(Composite):
     Parameters
     ----------
     epsilon : float, optional
-        Stabiliser of every division (Epsilon/LRP-0 on projections, Gamma, residual sums, the selective scan).
+        Stabiliser of every division (LRP-epsilon on projections, Gamma, residual sums, the selective scan).
     gamma : float or mapping, optional
         The generalised gamma rule on projections instead of LRP-0. A float applies it to all projections of the
         mixers (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``). A mapping selects layers by
@@ -49,6 +49,18 @@ class MambaComposite(Composite):
         Rules for further module types, checked before all others (e.g. ``[(torch.nn.Linear, ZPlus())]``).
     canonizers : list of Canonizer, optional
         Further canonizers, applied after :py:class:`~zennit_mamba.canonizers.MambaCanonizer`.
+    recompute : bool, optional
+        Recompute each mixer in the backward pass instead of storing its activations, for long inputs
+        (see :py:class:`~zennit_mamba.rules.MixerRules`). Needs LRP-0 on the mixers' projections.
+
+    Notes
+    -----
+    A mixer whose projections all take LRP-0 (no ``gamma`` and no ``layer_map`` entry applies inside it) is
+    explained in one pass by :py:class:`~zennit_mamba.rules.MixerRules`, at the cost of a gradient. Otherwise each
+    of its operations carries its own rule (:py:class:`~zennit_mamba.rules.SiLUIdentity`,
+    :py:class:`~zennit_mamba.rules.DetachSelection`, :py:class:`~zennit_mamba.rules.HalfRule`, Zennit's
+    :py:class:`~zennit.rules.Gamma` or the ``layer_map`` rule on projections). Both give the same relevance up to
+    the stabilisers.
 
     Examples
     --------
@@ -72,6 +84,7 @@ class MambaComposite(Composite):
         rules: Collection[str] = MAMBA_LRP_RULES,
         layer_map: Optional[LayerMap] = None,
         canonizers: Optional[List[Canonizer]] = None,
+        recompute: bool = False,
     ):
         rules = frozenset(rules)
         if not rules <= MAMBA_LRP_RULES:
@@ -84,6 +97,7 @@ class MambaComposite(Composite):
         self.gamma = dict(gamma or {})
         self.rules = rules
         self.layer_map = list(layer_map or [])
+        self.recompute = recompute
         super().__init__(module_map=self.mapping, canonizers=[MambaCanonizer()] + list(canonizers or []))
 
     def register(self, module: torch.nn.Module) -> None:
@@ -101,6 +115,12 @@ class MambaComposite(Composite):
         for types, hook in self.layer_map:
             if isinstance(module, types):
                 return hook
+        # modules come parent first: inside a mixer that takes MixerRules, nothing else carries a rule
+        one_pass_mixers = ctx.setdefault('one_pass_mixers', [])
+        if any(name.startswith(prefix) for prefix in one_pass_mixers):
+            return None
+        if hasattr(module, 'lrp_scan'):
+            return self._mixer_rule(one_pass_mixers, name, module)
         gradient_x_input = GradientTimesInput(self.epsilon)
         if isinstance(module, SiLU):
             return SiLUIdentity() if 'silu' in self.rules else gradient_x_input
@@ -110,15 +130,32 @@ class MambaComposite(Composite):
             return DetachSelection(self.epsilon) if 'ssm' in self.rules else gradient_x_input
         if isinstance(module, supported_norm_types()):
             return LNRule() if 'norm' in self.rules else gradient_x_input
-        if isinstance(module, Softplus):
+        if isinstance(module, (Softplus, Sum)):
             return gradient_x_input
-        if isinstance(module, Sum):
-            return Norm(stabilizer=self.epsilon)
         if isinstance(module, (Linear, Convolution)):
+            # LRP-0 through the layer's own graph is zennit's Epsilon rule without recomputing the layer
             gamma = self._gamma_for(name, module)
-            return Epsilon(epsilon=self.epsilon) if gamma is None else Gamma(gamma=gamma, stabilizer=self.epsilon)
+            return gradient_x_input if gamma is None else Gamma(gamma=gamma, stabilizer=self.epsilon)
         if isinstance(module, Activation):
             return Pass()
+        return None
+
+    def _mixer_rule(self, one_pass_mixers: List[str], name: str, mixer: torch.nn.Module) -> Optional[Hook]:
+        '''MixerRules for a canonized mixer whose inner modules need no rule of their own, else None.'''
+        own_rules = [
+            sub_name for sub_name, submodule in mixer.named_modules() if sub_name and (
+                any(isinstance(submodule, types) for types, _ in self.layer_map)
+                or self._gamma_for(f'{name}.{sub_name}' if name else sub_name, submodule) is not None
+            )
+        ]
+        if not own_rules:
+            one_pass_mixers.append(f'{name}.' if name else '')
+            return MixerRules(self.rules, self.epsilon, self.recompute)
+        if self.recompute:
+            raise ValueError(
+                f'recompute=True needs LRP-0 on the mixer projections, but {sorted(own_rules)} in mixer '
+                f'\'{name}\' have rules of their own (gamma or layer_map).'
+            )
         return None
 
     def _gamma_for(self, name: str, module: torch.nn.Module) -> Optional[float]:

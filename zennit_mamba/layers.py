@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from .scan import selective_scan
 
+#: the attribute of a :py:class:`SelectiveScan` that holds its registered DetachSelection rule
+DETACH_ATTRIBUTE = 'lrp_detach_selection'
+
 
 def stack_operands(*operands: torch.Tensor) -> torch.Tensor:
     '''Stack operands along a new last dimension in their promoted dtype, as the single input of
@@ -52,27 +55,23 @@ class SelectiveScan(torch.nn.Module):
     state_size : int
         Number of rows of ``B`` and ``C``.
 
-    Attributes
-    ----------
-    detach_selection : bool
-        If True, the input-dependent parameters ``delta``, ``B`` and ``C`` are constants for autograd, so that the
-        output is linear in ``x``. Set by :py:class:`~zennit_mamba.rules.DetachSelection` while it is registered;
-        the forward values do not depend on it.
+    While a :py:class:`~zennit_mamba.rules.DetachSelection` is registered (it sets :py:data:`DETACH_ATTRIBUTE`), the
+    input-dependent parameters ``delta``, ``B`` and ``C`` are constants for autograd, so that the output is linear
+    in ``x``; the forward values do not depend on it.
     '''
 
     def __init__(self, channels: int, state_size: int):
         super().__init__()
         self.channels = channels
         self.state_size = state_size
-        self.detach_selection = False
 
     def forward(
         self, packed: torch.Tensor, A: torch.Tensor, D: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         '''Return the scan output of shape ``(batch, channels, length)`` and the detached last state.'''
         x, delta, B, C = self.unpack(packed)
-        if self.detach_selection:
-            delta, B, C = delta.detach(), B.detach(), C.detach()
+        if getattr(self, DETACH_ATTRIBUTE, None) is not None:
+            delta, A, B, C = delta.detach(), A.detach(), B.detach(), C.detach()
         output, last_state = selective_scan(x, delta, A, B, C, D)
         return output, last_state.detach()
 

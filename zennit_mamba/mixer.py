@@ -1,14 +1,20 @@
 '''The canonical Mamba-1 mixer computation shared by every supported implementation.
 
-Every operation on the relevance path runs through a module: the mixer's own ``in_proj``, ``conv1d``, ``x_proj``,
-``dt_proj`` and ``out_proj``, and the explicit submodules added by the canonizer (``lrp_conv_act``,
-``lrp_softplus``, ``lrp_scan``, ``lrp_gate_act``, ``lrp_gate``).
+Every operation on the relevance path runs through the mixer's own ``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``
+and ``out_proj``, and either through the explicit submodules added by the canonizer (``lrp_conv_act``,
+``lrp_softplus``, ``lrp_scan``, ``lrp_gate_act``, ``lrp_gate``), which carry one rule each, or, while
+:py:class:`~zennit_mamba.rules.MixerRules` is registered on the mixer, through the same operations with the rules
+written as detaches.
 '''
-from typing import NamedTuple, Optional
+from typing import FrozenSet, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .layers import SelectiveScan, stack_operands
+from .rules import RULE_ATTRIBUTE, half_rule, silu
+from .scan import selective_scan
 
 
 class MixerOutput(NamedTuple):
@@ -25,6 +31,58 @@ def _mask_padding(hidden_states: torch.Tensor, attention_mask: Optional[torch.Te
     return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
 
 
+class ModuleOps:
+    '''The mixer's operations through the canonizer's explicit submodules, which carry one rule each.'''
+
+    def __init__(self, mixer: torch.nn.Module):
+        self.mixer = mixer
+
+    def conv_act(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixer.lrp_conv_act(x)
+
+    def gate_act(self, gate: torch.Tensor) -> torch.Tensor:
+        return self.mixer.lrp_gate_act(gate)
+
+    def softplus(self, time_step: torch.Tensor) -> torch.Tensor:
+        return self.mixer.lrp_softplus(time_step)
+
+    def scan(self, x, delta, B, C, A, D) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.mixer.lrp_scan(SelectiveScan.pack(x, delta, B, C), A=A, D=D)
+
+    def gate(self, scanned: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.mixer.lrp_gate(stack_operands(scanned, gate))
+
+
+class DetachedOps:
+    '''The mixer's operations with the MambaLRP rules in ``rules`` written as detaches.
+
+    Gradient x input through the whole mixer computed this way equals the rules applied module by module (LRP-0 on
+    the projections), at the cost of one gradient.
+    '''
+
+    def __init__(self, rules: FrozenSet[str]):
+        self.rules = rules
+
+    def conv_act(self, x: torch.Tensor) -> torch.Tensor:
+        return silu(x, identity_rule='silu' in self.rules)
+
+    def gate_act(self, gate: torch.Tensor) -> torch.Tensor:
+        return silu(gate, identity_rule='silu' in self.rules)
+
+    def softplus(self, time_step: torch.Tensor) -> torch.Tensor:
+        return F.softplus(time_step)
+
+    def scan(self, x, delta, B, C, A, D) -> Tuple[torch.Tensor, torch.Tensor]:
+        if 'ssm' in self.rules:
+            # A enters only through A_bar = exp(delta A), which the rule holds constant with delta, B and C
+            delta, A, B, C = delta.detach(), A.detach(), B.detach(), C.detach()
+        return selective_scan(x, delta, A, B, C, D)
+
+    def gate(self, scanned: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        gated = scanned.to(torch.promote_types(scanned.dtype, gate.dtype)) * gate
+        return half_rule(gated) if 'gate' in self.rules else gated
+
+
 def canonical_mixer(
     mixer: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -33,6 +91,10 @@ def canonical_mixer(
     attention_mask: Optional[torch.Tensor] = None,
 ) -> MixerOutput:
     '''Run a canonized Mamba-1 mixer on ``(batch, length, hidden)`` hidden states.
+
+    The operations run through the canonizer's submodules, or, while a
+    :py:class:`~zennit_mamba.rules.MixerRules` is registered on the mixer, as the detached operations it selects
+    (recomputed in the backward pass if it asks for that).
 
     Parameters
     ----------
@@ -50,6 +112,15 @@ def canonical_mixer(
     MixerOutput
         The mixer output, the (detached) input of the convolution and the last scan state, for caches.
     '''
+    rule = getattr(mixer, RULE_ATTRIBUTE, None)
+    ops = ModuleOps(mixer) if rule is None else DetachedOps(rule.rules)
+    arguments = (mixer, ops, hidden_states, time_step_rank, state_size, attention_mask)
+    if rule is not None and rule.recompute and torch.is_grad_enabled():
+        return checkpoint(_mixer, *arguments, use_reentrant=False)
+    return _mixer(*arguments)
+
+
+def _mixer(mixer, ops, hidden_states, time_step_rank, state_size, attention_mask) -> MixerOutput:
     length = hidden_states.shape[1]
     dtype = hidden_states.dtype
 
@@ -57,16 +128,16 @@ def canonical_mixer(
     x, gate = projected.chunk(2, dim=1)
     conv_input = x.detach()
 
-    x = mixer.lrp_conv_act(mixer.conv1d(x.to(mixer.conv1d.weight.dtype))[..., :length]).to(dtype)
+    x = ops.conv_act(mixer.conv1d(x.to(mixer.conv1d.weight.dtype))[..., :length]).to(dtype)
     x = _mask_padding(x.transpose(1, 2), attention_mask)
     time_step, B, C = torch.split(mixer.x_proj(x), [time_step_rank, state_size, state_size], dim=-1)
-    delta = mixer.lrp_softplus(mixer.dt_proj(time_step))
+    delta = ops.softplus(mixer.dt_proj(time_step))
 
-    packed = SelectiveScan.pack(x.transpose(1, 2), delta.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2))
-    scanned, last_state = mixer.lrp_scan(packed, A=-torch.exp(mixer.A_log.float()), D=mixer.D.float())
+    A, D = -torch.exp(mixer.A_log.float()), mixer.D.float()
+    scanned, last_state = ops.scan(x.transpose(1, 2), delta.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), A, D)
 
-    gated = mixer.lrp_gate(stack_operands(scanned, mixer.lrp_gate_act(gate)))
-    return MixerOutput(mixer.out_proj(gated.transpose(1, 2).to(dtype)), conv_input, last_state)
+    gated = ops.gate(scanned, ops.gate_act(gate))
+    return MixerOutput(mixer.out_proj(gated.transpose(1, 2).to(dtype)), conv_input, last_state.detach())
 
 
 def refuse_continuation() -> RuntimeError:

@@ -8,19 +8,23 @@ relevance of a module's output to the relevance of its input:
 * :py:class:`DetachSelection` -- the selective scan with ``delta, B, C`` held constant: LRP-0 through the scan,
   which is then linear in ``x``.
 * :py:class:`LNRule` -- RMSNorm with its denominator held constant: relevance passes unchanged.
+* :py:class:`MixerRules` -- the SiLU, SSM and gate rules of a whole mixer in one pass, written as detaches.
 * :py:class:`GradientTimesInput` -- LRP-0 through any module, ``R_in = x * J^T (R_out / y)``; on a module that is not
   linear in its input this is plain gradient x input, which is how the ablations switch a MambaLRP rule off.
 '''
 import weakref
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Collection, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from zennit.core import Hook, Stabilizer
 from zennit.rules import Pass
 
-from .layers import SelectiveScan
+from .layers import DETACH_ATTRIBUTE, SelectiveScan
 
 StabilizerLike = Union[float, Callable[[torch.Tensor], torch.Tensor]]
+#: the attribute of a canonized mixer that holds its registered :py:class:`MixerRules`
+RULE_ATTRIBUTE = 'lrp_mixer_rules'
 
 
 class _DivideGradient(torch.autograd.Function):
@@ -90,7 +94,34 @@ class GradientTimesInput(Hook):
         return self.__class__(self.stabilizer)
 
 
-class DetachSelection(GradientTimesInput):
+class _ModuleSetting(GradientTimesInput):
+    '''A :py:class:`GradientTimesInput` that also sets an attribute of its module while registered.'''
+
+    attribute = ''
+
+    def __init__(self, stabilizer: StabilizerLike = 1e-6):
+        super().__init__(stabilizer)
+        self._module: Optional[weakref.ref] = None
+
+    def check(self, module: torch.nn.Module) -> None:
+        '''Raise a TypeError for a module this rule does not apply to.'''
+
+    def register(self, module: torch.nn.Module):
+        self.check(module)
+        handles = super().register(module)
+        setattr(module, self.attribute, self)
+        self._module = weakref.ref(module)
+        return handles
+
+    def remove(self):
+        super().remove()
+        module = self._module() if self._module is not None else None
+        if module is not None and getattr(module, self.attribute, None) is self:
+            delattr(module, self.attribute)
+        self._module = None
+
+
+class DetachSelection(_ModuleSetting):
     '''MambaLRP rule for the selective SSM: ``delta``, ``A_bar``, ``B_bar`` and ``C`` are constants.
 
     While registered, the :py:class:`~zennit_mamba.layers.SelectiveScan` computes its autograd graph with the
@@ -103,24 +134,80 @@ class DetachSelection(GradientTimesInput):
         Stabiliser of the division, as in :py:class:`zennit.rules.Epsilon`.
     '''
 
-    def __init__(self, stabilizer: StabilizerLike = 1e-6):
-        super().__init__(stabilizer)
-        self._module: Optional[weakref.ref] = None
+    attribute = DETACH_ATTRIBUTE
 
-    def register(self, module: torch.nn.Module):
+    def check(self, module: torch.nn.Module) -> None:
         if not isinstance(module, SelectiveScan):
             raise TypeError(f'DetachSelection applies to SelectiveScan modules, not {type(module).__name__}')
-        handles = super().register(module)
-        module.detach_selection = True
-        self._module = weakref.ref(module)
-        return handles
 
-    def remove(self):
-        super().remove()
-        module = self._module() if self._module is not None else None
-        if module is not None:
-            module.detach_selection = False
-        self._module = None
+
+class MixerRules(_ModuleSetting):
+    '''All MambaLRP rules of a canonized Mamba mixer, applied in one pass over the whole mixer.
+
+    While registered, the mixer computes its forward with the rules written as detaches (:py:func:`silu`,
+    :py:func:`half_rule`, the selection detached in the scan), and relevance passes through it as gradient x input:
+    ``R_in = x * J^T (R_out / stabilize(y))``. This equals the rules applied module by module with LRP-0 on the
+    projections, but the mixer's submodules carry no hooks, so it costs one gradient.
+
+    Parameters
+    ----------
+    rules : collection of str, optional
+        The mixer's MambaLRP rules that are on, a subset of ``{'silu', 'ssm', 'gate'}``; an operation whose rule is
+        off is differentiated as it is.
+    stabilizer : float or callable, optional
+        Stabiliser of the division at the mixer output, as in :py:class:`zennit.rules.Epsilon`.
+    recompute : bool, optional
+        Keep only the mixer's input for the backward pass and recompute the rest there
+        (:py:func:`torch.utils.checkpoint.checkpoint`): memory per layer no longer grows with the mixer's width.
+
+    Examples
+    --------
+    >>> from transformers import MambaConfig, MambaModel
+    >>> from zennit_mamba import MambaCanonizer
+    >>> model = MambaModel(MambaConfig(vocab_size=10, hidden_size=8, state_size=4, num_hidden_layers=1))
+    >>> canonizers = MambaCanonizer().apply(model)
+    >>> mixer = model.layers[0].mixer
+    >>> handles = MixerRules().register(mixer)
+    >>> u = torch.randn(1, 5, 8, requires_grad=True)
+    >>> y = mixer(u)
+    >>> relevance, = torch.autograd.grad(y, u, y)
+    >>> handles.remove()
+    >>> for canonizer in canonizers:
+    ...     canonizer.remove()
+    >>> bool(torch.isclose(relevance.sum(), y.sum(), rtol=1e-3))
+    True
+    '''
+
+    attribute = RULE_ATTRIBUTE
+
+    def __init__(
+        self,
+        rules: Collection[str] = frozenset({'silu', 'ssm', 'gate'}),
+        stabilizer: StabilizerLike = 1e-6,
+        recompute: bool = False,
+    ):
+        super().__init__(stabilizer)
+        self.rules = frozenset(rules)
+        self.recompute = recompute
+
+    def check(self, module: torch.nn.Module) -> None:
+        if not hasattr(module, 'lrp_scan'):
+            raise TypeError(f'MixerRules applies to canonized Mamba mixers, not {type(module).__name__}')
+
+    def copy(self) -> 'MixerRules':
+        return self.__class__(self.rules, self.stabilizer, self.recompute)
+
+
+def silu(x: torch.Tensor, identity_rule: bool = True) -> torch.Tensor:
+    '''SiLU; with ``identity_rule`` the sigmoid factor is a constant for autograd (``x * sigmoid(x).detach()``).'''
+    if identity_rule:
+        return x * torch.sigmoid(x).detach()
+    return F.silu(x)
+
+
+def half_rule(product: torch.Tensor) -> torch.Tensor:
+    '''The product of two factors with half its gradient: gradient x input gives each factor half the relevance.'''
+    return 0.5 * product + 0.5 * product.detach()
 
 
 class SiLUIdentity(Pass):

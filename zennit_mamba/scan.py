@@ -1,45 +1,85 @@
-'''Vectorised selective scan in plain PyTorch.
+'''Vectorised selective scan in plain PyTorch, and the dispatch to mamba-ssm's CUDA kernel.
 
-The recurrence ``s_t = exp(log_a_t) * s_{t-1} + b_t`` is solved in chunks: inside a chunk with a Hillis-Steele scan
-(``log2(chunk)`` vectorised steps), across chunks with the same scan over the chunk summaries. Every decay factor
-that is ever formed is ``exp`` of a sum of non-positive log-decays, so nothing overflows, and no Python loop runs
-over time steps.
+The recurrence ``s_t = a_t * s_{t-1} + b_t`` runs on time laid out as ``(chunk_length, num_chunks)``: position ``j``
+of chunk ``m`` is time ``m * chunk_length + j``. One vectorised step advances every chunk at once, so a chunk of
+at most ``MAX_CHUNK`` positions takes at most ``MAX_CHUNK`` steps whatever the sequence length; the states at the
+chunk ends are carried across chunks by the same recurrence on the ``num_chunks`` chunk summaries, and added back
+with the decay from each chunk's start. Only products and sums of decays ``<= 1`` are formed, so nothing
+overflows, and every element is touched a few times (no ``log(length)`` factor of a parallel prefix scan).
+
+:py:func:`selective_scan` is an autograd function that keeps no ``(batch, channels, state, length)`` tensor between
+forward and backward: it works through channel blocks of bounded size, and its backward runs the transposed
+(reverse-time) recurrence. When only ``x`` needs a gradient (the selection detached, as MambaLRP does), the states
+are not recomputed in the backward pass.
 '''
-from typing import Optional, Tuple
+import math
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_SIZE = 32
+from ._optional import mamba_ssm_selective_scan
+
+#: longest chunk; a chunk takes one vectorised step per position
+MAX_CHUNK = 64
+#: elements of one ``(batch, channels, state, length)`` block, per device type; bounds the scan's working memory
+BLOCK_ELEMENTS = {'cpu': 2 ** 22, 'cuda': 2 ** 26}
+
+IMPLEMENTATIONS = ('auto', 'torch', 'mamba_ssm')
 
 
-def _shift(tensor: torch.Tensor, steps: int) -> torch.Tensor:
-    '''Shift ``tensor`` by ``steps`` towards later positions along the last dim, filling with zeros.'''
-    return F.pad(tensor[..., :-steps], (steps, 0))
+def chunk_length(length: int) -> int:
+    '''The chunk length for a sequence: about ``sqrt(length)`` (a power of two from 8 to MAX_CHUNK), at most
+    ``length``.'''
+    preferred = 2 ** round(math.log2(max(length, 1)) / 2)
+    return min(length, max(8, min(MAX_CHUNK, preferred)))
 
 
-def _inclusive_scan(log_a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    '''Scan ``s_t = exp(log_a_t) s_{t-1} + b_t`` along the last dim with ``s_{-1} = 0``.
+def to_chunks(tensor: torch.Tensor, chunk: int, fill: float = 0.0) -> torch.Tensor:
+    '''``(..., length)`` to the contiguous layout ``(..., chunk, num_chunks)``, the tail filled with ``fill``.'''
+    length = tensor.shape[-1]
+    num_chunks = -(-length // chunk)
+    padded = F.pad(tensor, (0, num_chunks * chunk - length), value=fill)
+    return padded.unflatten(-1, (num_chunks, chunk)).transpose(-1, -2).contiguous()
 
-    Returns the states and the inclusive cumulative log-decay ``sum_{k <= t} log_a_k``.
+
+def from_chunks(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    '''Inverse of :py:func:`to_chunks`.'''
+    return tensor.transpose(-1, -2).flatten(-2)[..., :length]
+
+
+def _recurrence_in_chunks_(decay: torch.Tensor, drive: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    '''Overwrite ``drive`` (chunk layout) with the states of ``s = decay * s_previous + drive``.
+
+    ``decay`` is left unchanged. Padded tail positions must have decay 1 and drive 0.
     '''
-    length = log_a.shape[-1]
-    cum_log_a = log_a.cumsum(-1)
-    states = b
-    step = 1
-    while step < length:
-        # s_t covers (t - step, t]; adding the decayed window ending at t - step doubles its reach
-        decay = torch.exp(cum_log_a - _shift(cum_log_a, step))
-        states = states + decay * _shift(states, step)
-        step *= 2
-    return states, cum_log_a
+    chunk, num_chunks = drive.shape[-2], drive.shape[-1]
+    positions = range(chunk - 1, -1, -1) if reverse else range(chunk)
+    previous = None
+    if num_chunks > 1:
+        # each chunk's own contribution to the state at its far end, and its total decay: small tensors only
+        local = torch.zeros_like(drive[..., 0, :])
+        for position in positions:
+            torch.addcmul(drive[..., position, :], local, decay[..., position, :], out=local)
+        carried = _recurrence(decay.prod(-2), local, reverse)
+        # the state entering each chunk is the one leaving its neighbour
+        previous = F.pad(carried[..., 1:], (0, 1)) if reverse else F.pad(carried[..., :-1], (1, 0))
+    for position in positions:
+        if previous is not None:
+            drive[..., position, :].addcmul_(decay[..., position, :], previous)
+        previous = drive[..., position, :]
+    return drive
 
 
-def linear_recurrence(
-    log_a: torch.Tensor,
-    b: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> torch.Tensor:
+def _recurrence(decay: torch.Tensor, drive: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    '''States of ``s = decay * s_previous + drive`` along the last dimension.'''
+    length = drive.shape[-1]
+    chunk = chunk_length(length)
+    states = _recurrence_in_chunks_(to_chunks(decay, chunk, fill=1.0), to_chunks(drive, chunk), reverse)
+    return from_chunks(states, length)
+
+
+def linear_recurrence(log_a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
     '''Solve ``s_t = exp(log_a_t) * s_{t-1} + b_t`` with ``s_{-1} = 0`` along the last dimension.
 
     Parameters
@@ -48,32 +88,99 @@ def linear_recurrence(
         Log-decays, non-positive, of shape ``(..., length)``.
     b : :py:obj:`torch.Tensor`
         Inputs of the same shape.
-    chunk_size : int, optional
-        Length of the chunks scanned in parallel, at least 2.
+    reverse : bool, optional
+        Run backwards in time: ``s_t = exp(log_a_t) * s_{t+1} + b_t`` with ``s_length = 0``.
 
     Returns
     -------
     :py:obj:`torch.Tensor`
         The states ``s`` of shape ``(..., length)``.
+
+    Examples
+    --------
+    >>> log_a, b = torch.log(torch.tensor([0.5, 0.5, 0.5])), torch.tensor([1.0, 1.0, 1.0])
+    >>> linear_recurrence(log_a, b)
+    tensor([1.0000, 1.5000, 1.7500])
     '''
-    if chunk_size < 2:
-        raise ValueError(f'chunk_size must be at least 2, got {chunk_size}')
-    length = log_a.shape[-1]
-    if length <= chunk_size:
-        return _inclusive_scan(log_a, b)[0]
+    return _recurrence(torch.exp(log_a), b, reverse)
 
-    num_chunks = -(-length // chunk_size)
-    padding = num_chunks * chunk_size - length
-    # padded steps have decay 1 and input 0, so they leave the states unchanged
-    log_a = F.pad(log_a, (0, padding)).unflatten(-1, (num_chunks, chunk_size))
-    b = F.pad(b, (0, padding)).unflatten(-1, (num_chunks, chunk_size))
 
-    local_states, local_cum = _inclusive_scan(log_a, b)
-    # states at the end of every chunk, carried across chunks by the same recurrence
-    carried = linear_recurrence(local_cum[..., -1], local_states[..., -1], chunk_size)
-    incoming = _shift(carried, 1)
-    states = local_states + torch.exp(local_cum) * incoming.unsqueeze(-1)
-    return states.flatten(-2)[..., :length]
+def _channel_blocks(batch: int, channels: int, state_size: int, length: int, device: torch.device) -> List[slice]:
+    per_channel = max(1, batch * state_size * length)
+    size = max(1, BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS['cuda']) // per_channel)
+    return [slice(start, min(start + size, channels)) for start in range(0, channels, size)]
+
+
+class _SelectiveScan(torch.autograd.Function):
+    '''``y_t = C_t . s_t + D x_t`` with ``s_t = exp(delta_t A) s_{t-1} + delta_t B_t x_t``, in channel blocks.
+
+    Takes and returns time-contiguous ``(batch, channels | state, length)`` tensors; works in the chunk layout.
+    '''
+
+    @staticmethod
+    def forward(ctx, x, delta, A, B, C, D):
+        batch, channels, length = x.shape
+        chunk = chunk_length(length)
+        x_, delta_, B_, C_ = (to_chunks(tensor, chunk) for tensor in (x, delta, B, C))
+        output = torch.empty_like(x_)
+        last_state = x.new_empty(batch, channels, A.shape[1])
+        last = (length - 1) % chunk, (length - 1) // chunk
+        for block in _channel_blocks(batch, channels, A.shape[1], length, x.device):
+            states = _states(x_[:, block], delta_[:, block], A[block], B_)
+            output[:, block] = (states * C_[:, None]).sum(2)
+            last_state[:, block] = states[..., last[0], last[1]]
+        output = from_chunks(output, length)
+        if D is not None:
+            output = output.addcmul(D[None, :, None], x)
+        ctx.save_for_backward(x, delta, A, B, C, D)
+        ctx.mark_non_differentiable(last_state)
+        return output, last_state
+
+    @staticmethod
+    def backward(ctx, grad_output, _):
+        x, delta, A, B, C, D = ctx.saved_tensors
+        needs_x, needs_delta, needs_A, needs_B, needs_C, needs_D = ctx.needs_input_grad
+        selection = needs_delta or needs_A or needs_B or needs_C
+        batch, channels, length = x.shape
+        chunk = chunk_length(length)
+        x_, delta_, B_, C_, grad_output_ = (to_chunks(tensor, chunk) for tensor in (x, delta, B, C, grad_output))
+        # the transposed recurrence runs backwards in time and decays by the *next* step's factor
+        next_delta_ = to_chunks(F.pad(delta[..., 1:], (0, 1)), chunk)
+        grad_x = torch.empty_like(x_)
+        grad_delta = torch.empty_like(delta_) if selection else None
+        grad_A = torch.empty_like(A) if selection else None
+        grad_B = torch.zeros_like(B_) if selection else None
+        grad_C = torch.zeros_like(C_) if selection else None
+        for block in _channel_blocks(batch, channels, A.shape[1], length, x.device):
+            x_block, delta_block, A_block = x_[:, block], delta_[:, block], A[block]
+            decay = torch.exp(next_delta_[:, block, None] * A_block[None, :, :, None, None])
+            grad_states = _recurrence_in_chunks_(decay, grad_output_[:, block, None] * C_[:, None], reverse=True)
+            grad_drive = (grad_states * B_[:, None]).sum(2)
+            grad_x[:, block] = delta_block * grad_drive
+            if selection:
+                drive = (delta_block * x_block)[:, :, None] * B_[:, None]
+                states = _states(x_block, delta_block, A_block, B_)
+                grad_C.add_((states * grad_output_[:, block, None]).sum(1))
+                grad_B.add_((grad_states * (delta_block * x_block)[:, :, None]).sum(1))
+                # d s_t / d log_a_t = exp(log_a_t) s_{t-1} = s_t - drive_t
+                grad_log_a = grad_states.mul_(states.sub_(drive))
+                grad_delta[:, block] = (grad_log_a * A_block[None, :, :, None, None]).sum(2) + grad_drive * x_block
+                grad_A[block] = (grad_log_a * delta_block[:, :, None]).sum((0, 3, 4))
+        grad_x = from_chunks(grad_x, length)
+        grad_D = None
+        if D is not None:
+            grad_x = grad_x.addcmul(D[None, :, None], grad_output)
+            grad_D = (grad_output * x).sum((0, 2)) if needs_D else None
+        if selection:
+            grad_delta, grad_B, grad_C = (from_chunks(tensor, length) for tensor in (grad_delta, grad_B, grad_C))
+        return grad_x if needs_x else None, grad_delta, grad_A, grad_B, grad_C, grad_D
+
+
+def _states(x, delta, A, B) -> torch.Tensor:
+    '''Scan states ``(batch, channels, state, chunk, num_chunks)`` from inputs in the chunk layout.'''
+    decay = torch.exp(delta[:, :, None] * A[None, :, :, None, None])
+    drive = (delta * x)[:, :, None] * B[:, None]
+    return _recurrence_in_chunks_(decay, drive)
 
 
 def selective_scan(
@@ -83,11 +190,12 @@ def selective_scan(
     B: torch.Tensor,
     C: torch.Tensor,
     D: Optional[torch.Tensor] = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    implementation: str = 'auto',
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     '''Mamba-1 selective scan ``y_t = C_t . s_t + D x_t``, ``s_t = exp(delta_t A) s_{t-1} + delta_t B_t x_t``.
 
-    Computed in float32 or wider, whatever the input precision, and returned in the dtype of ``x``.
+    Computed in float32 or wider, whatever the input precision, and returned in the dtype of ``x``. Differentiable
+    in every input; gradients are computed only for the inputs that need them.
 
     Parameters
     ----------
@@ -103,13 +211,15 @@ def selective_scan(
         Output matrices of shape ``(batch, state_size, length)``.
     D : :py:obj:`torch.Tensor`, optional
         Skip weights of shape ``(channels,)``.
-    chunk_size : int, optional
-        Chunk length of the parallel scan.
+    implementation : str, optional
+        ``'torch'`` for the chunked scan above, ``'mamba_ssm'`` for mamba-ssm's CUDA kernel (``selective_scan_fn``),
+        ``'auto'`` for the kernel where it applies (mamba-ssm installed, CUDA tensors, not float64), else torch.
 
     Returns
     -------
     tuple[:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`]
-        Outputs ``y`` shaped like ``x``, and the last state of shape ``(batch, channels, state_size)``.
+        Outputs ``y`` shaped like ``x``, and the last state of shape ``(batch, channels, state_size)`` in float32 or
+        wider, which carries no gradient.
 
     Examples
     --------
@@ -119,13 +229,19 @@ def selective_scan(
     >>> y.shape, last_state.shape
     (torch.Size([1, 4, 10]), torch.Size([1, 4, 3]))
     '''
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
+    kernel = mamba_ssm_selective_scan()
+    kernel_applies = kernel is not None and x.is_cuda and x.dtype != torch.float64
+    if implementation == 'mamba_ssm' and not kernel_applies:
+        raise RuntimeError('The mamba_ssm scan needs mamba-ssm installed and CUDA tensors in float32/16.')
+    if implementation != 'torch' and kernel_applies:
+        output, last_state = kernel(x, delta, A.float(), B, C, None if D is None else D.float(), return_last_state=True)
+        return output.to(x.dtype), last_state.detach().float()
+
     dtype = torch.promote_types(x.dtype, torch.float32)
-    x_, delta_, A_, B_, C_ = (tensor.to(dtype) for tensor in (x, delta, A, B, C))
-    # layout (batch, channels, state, length): time last, where the scan runs
-    log_a = delta_[:, :, None, :] * A_[None, :, :, None]
-    b = (delta_ * x_)[:, :, None, :] * B_[:, None, :, :]
-    states = linear_recurrence(log_a, b, chunk_size)
-    y = torch.einsum('bcnl,bnl->bcl', states, C_)
-    if D is not None:
-        y = y + D.to(dtype)[None, :, None] * x_
-    return y.to(x.dtype), states[..., -1]
+    # time contiguous: every operation of the scan runs along the last dimension
+    output, last_state = _SelectiveScan.apply(
+        *(tensor.to(dtype).contiguous() for tensor in (x, delta, A, B, C)), None if D is None else D.to(dtype)
+    )
+    return output.to(x.dtype), last_state

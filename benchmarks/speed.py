@@ -1,0 +1,364 @@
+'''Speed and memory of MambaLRP against gradient x input and Integrated Gradients, side by side in one run.
+
+Methods, on the same model and inputs (float32, random weights, conv biases zeroed so that relevance is conserved):
+
+* ``gi``: gradient x input on the unmodified model, through transformers' own forward (on the GPU with mamba-ssm
+  installed, its CUDA scan; on the CPU, transformers' per-step loop).
+* ``gi_same_kernels``: gradient x input through the canonized model with every MambaLRP rule off (the same kernels
+  as MambaLRP).
+* ``lrp_zennit``: MambaLRP through ``MambaComposite``; ``lrp_captum``: through ``captum_mamba.MambaLRP``.
+* ``ig50``: Captum's IntegratedGradients with 50 steps (one example per internal batch).
+* ``sequential``: the per-timestep sequential reference of the same rules (tests/reference.py).
+
+Times are medians over ``--repeats`` runs, each run measuring every method once in turn, after one warm-up.
+Peak memory is what the call adds to what was allocated before it: the CUDA allocator's peak, or on the CPU
+(Linux, glibc) the process's peak resident memory in the warm-up call, made with freed memory returned to the OS at
+once (timed calls run with the usual allocator; a method run only once has no CPU memory figure). A method whose
+estimated time exceeds ``--budget`` seconds is skipped and marked so, as is one that ran out of memory.
+``--long N`` also explains one N-token input with ``recompute=True`` and reports time, memory and conservation.
+
+Run: ``python benchmarks/speed.py`` (CPU: 4 layers, d_model 256) or ``python benchmarks/speed.py --device cuda``
+(24 layers, d_model 768, the 130M size); ``--quick`` for a small smoke run. Writes ``speed_<device>.md`` and
+``speed_<device>.csv`` to ``--out``.
+'''
+import argparse
+import csv
+import ctypes
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from captum.attr import IntegratedGradients
+from transformers import MambaConfig, MambaForCausalLM
+from transformers.utils import logging as transformers_logging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
+
+from captum_mamba import MambaLRP  # noqa: E402
+from reference import reference_relevance  # noqa: E402
+from zennit_mamba import MambaComposite  # noqa: E402
+
+METHODS = ('gi', 'gi_same_kernels', 'lrp_zennit', 'lrp_captum', 'ig50', 'sequential')
+#: how each method's time grows with length, to skip what would exceed the budget (the per-step paths grow faster)
+GROWTH = {'gi': 2.5, 'sequential': 1.2}
+SIZES = {'cpu': dict(hidden_size=256, num_hidden_layers=4), 'cuda': dict(hidden_size=768, num_hidden_layers=24)}
+TARGET = 7
+
+
+def build_model(device: str, quick: bool) -> MambaForCausalLM:
+    torch.manual_seed(0)
+    size = dict(hidden_size=64, num_hidden_layers=2) if quick else SIZES[device]
+    config = MambaConfig(vocab_size=50280 if device == 'cuda' else 1000, state_size=16, **size)
+    model = MambaForCausalLM(config).to(device).eval()
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.conv1d.bias.zero_()
+    return model
+
+
+def explained_logit(model, embeddings: torch.Tensor, **kwargs) -> torch.Tensor:
+    logits = model(inputs_embeds=embeddings, use_cache=False, logits_to_keep=1, **kwargs).logits
+    return logits[:, -1, TARGET]
+
+
+def gradient_x_input(model, embeddings: torch.Tensor) -> torch.Tensor:
+    embeddings = embeddings.detach().requires_grad_()
+    gradient, = torch.autograd.grad(explained_logit(model, embeddings).sum(), embeddings)
+    return gradient * embeddings
+
+
+def with_composite(composite: MambaComposite) -> Callable:
+    def explain(model, embeddings: torch.Tensor) -> torch.Tensor:
+        embeddings = embeddings.detach().requires_grad_()
+        with composite.context(model) as modified:
+            logit = explained_logit(modified, embeddings)
+            relevance, = torch.autograd.grad(logit, embeddings, logit.detach())
+        return relevance
+    return explain
+
+
+def lrp_captum(model, embeddings: torch.Tensor) -> torch.Tensor:
+    return MambaLRP(model).attribute(embeddings, target=TARGET)
+
+
+def integrated_gradients(model, embeddings: torch.Tensor) -> torch.Tensor:
+    forward = lambda inputs: explained_logit(model, inputs)  # noqa: E731
+    return IntegratedGradients(forward).attribute(embeddings, n_steps=50, internal_batch_size=len(embeddings))
+
+
+def sequential(model, embeddings: torch.Tensor) -> torch.Tensor:
+    return reference_relevance(model, embeddings, torch.full((len(embeddings),), TARGET))[0]
+
+
+def method_table() -> Dict[str, Callable]:
+    return {
+        'gi': gradient_x_input,
+        'gi_same_kernels': with_composite(MambaComposite(rules=())),
+        'lrp_zennit': with_composite(MambaComposite()),
+        'lrp_captum': lrp_captum,
+        'ig50': integrated_gradients,
+        'sequential': sequential,
+    }
+
+
+def _synchronize(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _libc():
+    try:
+        return ctypes.CDLL('libc.so.6')
+    except OSError:
+        return None
+
+
+def cpu_allocations_returned(returned: bool) -> None:
+    '''With ``returned``, freed tensors go back to the OS at once (glibc), so that a call's resident peak is its
+    own; without, blocks below 32 MiB are reused from the heap, as usual, which is what timings should see.'''
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 17 if returned else 1 << 25)  # M_MMAP_THRESHOLD
+
+
+def _resident_kib(field: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def measure(function: Callable, device: str, memory: bool = True) -> Dict[str, float]:
+    '''Seconds and peak added memory (MiB) of one call; on the CPU, ``memory`` makes freed memory go back to the
+    OS at once, which slows the call down, so times and memory come from separate calls there.'''
+    if device == 'cpu':
+        cpu_allocations_returned(memory)
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
+        try:
+            with open('/proc/self/clear_refs', 'w') as clear_refs:
+                clear_refs.write('5')  # reset the peak resident set size
+        except OSError:
+            pass
+        before = _resident_kib('VmRSS:')
+    start = time.perf_counter()
+    function()
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    if device == 'cuda':
+        peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    else:
+        high_water = _resident_kib('VmHWM:')
+        peak = float('nan') if not memory or before is None or high_water is None else (high_water - before) / 2 ** 10
+    return {'seconds': seconds, 'memory': peak}
+
+
+def run_size(model, methods: Dict[str, Callable], device: str, length: int, batch: int, repeats: int,
+             estimates: Dict[str, float], budget: float) -> Dict[str, dict]:
+    '''Medians over repeats of every method that fits the budget, measured in turn.'''
+    generator = torch.Generator().manual_seed(length + batch)
+    embeddings = (torch.randn(batch, length, model.config.hidden_size, generator=generator) * 0.5).to(device)
+    chosen = {name: method for name, method in methods.items() if estimates.get(name, 0.0) <= budget}
+    # a method too slow for warm-up and repeats within the budget runs once
+    once = {name for name in chosen if estimates.get(name, 0.0) * (repeats + 1) > budget}
+    samples = {name: [] for name in chosen}
+    failed, peaks = set(), {}
+    for repeat in range(repeats + 1):
+        for name, method in chosen.items():
+            if name in once and repeat > 0:
+                continue
+            if name in failed:
+                continue
+            try:
+                # the warm-up round measures memory; a method run once is timed and its CPU memory not measured
+                result = measure(lambda: method(model, embeddings), device, memory=repeat == 0 and name not in once)
+            except torch.OutOfMemoryError:
+                failed.add(name)
+            if name in failed:
+                # outside the except block: the exception no longer holds the failed call's tensors
+                torch.cuda.empty_cache()
+                continue
+            if repeat == 0:
+                peaks[name] = result['memory']
+            if repeat > 0 or name in once:  # the first round warms up
+                samples[name].append(result)
+    rows = {}
+    for name in methods:
+        if name not in chosen:
+            estimate = estimates[name]
+            rows[name] = {'skipped': 'out of memory before' if estimate == float('inf') else f'est. {estimate:.0f} s'}
+            continue
+        if name in failed:
+            rows[name] = {'skipped': 'out of memory'}
+            continue
+        seconds = statistics.median(sample['seconds'] for sample in samples[name])
+        memory = peaks[name] if device == 'cpu' else statistics.median(sample['memory'] for sample in samples[name])
+        rows[name] = {'seconds': seconds, 'memory': memory, 'once': name in once}
+    return rows
+
+
+def next_estimates(rows: Dict[str, dict], estimates: Dict[str, float], factor: float) -> Dict[str, float]:
+    '''Estimated seconds at a size ``factor`` times larger (work), from the last measurement.'''
+    updated = {}
+    for name, row in rows.items():
+        if row.get('skipped') == 'out of memory':
+            updated[name] = float('inf')
+            continue
+        last = row.get('seconds', estimates.get(name, 0.0))
+        updated[name] = last * factor ** GROWTH.get(name, 1.0)
+    return updated
+
+
+def ratio(rows: Dict[str, dict], name: str, base: str, key: str = 'seconds') -> Optional[float]:
+    if key not in rows[name] or key not in rows[base] or not rows[base][key] > 0:
+        return None
+    return rows[name][key] / rows[base][key]
+
+
+def long_input(model, device: str, length: int) -> dict:
+    '''MambaLRP with recomputation on one long input: seconds, peak memory and conservation error.'''
+    generator = torch.Generator().manual_seed(length)
+    embeddings = (torch.randn(1, length, model.config.hidden_size, generator=generator) * 0.5).to(device)
+    outcome = {}
+
+    def explain():
+        inputs = embeddings.detach().requires_grad_()
+        with MambaComposite(recompute=True).context(model) as modified:
+            logit = explained_logit(modified, inputs)
+            relevance, = torch.autograd.grad(logit, inputs, logit.detach())
+        outcome['error'] = ((relevance.sum() - logit.sum()).abs() / logit.abs().sum()).item()
+
+    outcome.update(measure(explain, device))
+    return outcome
+
+
+def fmt(value: Optional[float], digits: int = 2) -> str:
+    return '-' if value is None or value != value else f'{value:.{digits}f}'
+
+
+def report(results: List[dict], device: str, long_result: Optional[dict], description: str) -> str:
+    lines = [f'# MambaLRP speed, {description}', '',
+             'Seconds per call (median; "1 run": too slow for repeats, measured once without warm-up), and ratios '
+             'of time and peak memory to gradient x input on the unmodified model (a) and on the canonized model '
+             'with the same kernels (b).', '',
+             '| L | batch | method | seconds | time / (a) | time / (b) | peak MiB | memory / (b) |',
+             '|---|---|---|---|---|---|---|---|']
+    for result in results:
+        rows = result['rows']
+        for name in METHODS:
+            row = rows[name]
+            if 'skipped' in row:
+                lines.append(f"| {result['length']} | {result['batch']} | {name} | skipped ({row['skipped']}) "
+                             '| | | | |')
+                continue
+            runs = ' (1 run)' if row['once'] else ''
+            lines.append(
+                f"| {result['length']} | {result['batch']} | {name} | {row['seconds']:.4f}{runs} "
+                f"| {fmt(ratio(rows, name, 'gi'))} | {fmt(ratio(rows, name, 'gi_same_kernels'))} "
+                f"| {fmt(row['memory'], 1)} | {fmt(ratio(rows, name, 'gi_same_kernels', 'memory'))} |"
+            )
+    lines += ['', '## Checks', '']
+    lines += checks(results)
+    if long_result is not None:
+        lines += ['', f"Long input: {long_result['length']} tokens, batch 1, recompute=True: "
+                      f"{long_result['seconds']:.2f} s, peak {long_result['memory'] / 1024:.2f} GiB added, "
+                      f"relative conservation error {long_result['error']:.1e}"]
+    return '\n'.join(lines) + '\n'
+
+
+def checks(results: List[dict]) -> List[str]:
+    lines = []
+    for result in results:
+        rows, size = result['rows'], f"L={result['length']}, batch {result['batch']}"
+        lines.append(
+            f"- {size}: MambaLRP / same-kernel GI = {fmt(ratio(rows, 'lrp_zennit', 'gi_same_kernels'))} time, "
+            f"{fmt(ratio(rows, 'lrp_zennit', 'gi_same_kernels', 'memory'))} memory; "
+            f"MambaLRP / unmodified GI = {fmt(ratio(rows, 'lrp_zennit', 'gi'))}; "
+            f"IG-50 / MambaLRP = {fmt(ratio(rows, 'ig50', 'lrp_zennit'))}; "
+            f"sequential reference / MambaLRP = {fmt(ratio(rows, 'sequential', 'lrp_zennit'))}"
+        )
+    by_size = {(result['length'], result['batch']): result['rows'] for result in results}
+    for batch in sorted({result['batch'] for result in results}):
+        if (1024, batch) in by_size and (8192, batch) in by_size:
+            pair = {'long': by_size[(8192, batch)]['lrp_zennit'], 'short': by_size[(1024, batch)]['lrp_zennit']}
+            scaling = ratio(pair, 'long', 'short')
+            lines.append(f'- scaling, batch {batch}: MambaLRP time(8192) / time(1024) = {fmt(scaling)}')
+    return lines
+
+
+def write_csv(results: List[dict], path: str) -> None:
+    with open(path, 'w', newline='') as handle:
+        writer = csv.writer(handle)
+        writer.writerow(['length', 'batch', 'method', 'seconds', 'peak_mib', 'time_vs_gi', 'time_vs_same_kernels',
+                         'memory_vs_same_kernels', 'skipped'])
+        for result in results:
+            rows = result['rows']
+            for name in METHODS:
+                row = rows[name]
+                writer.writerow([result['length'], result['batch'], name, row.get('seconds', ''),
+                                 row.get('memory', ''), ratio(rows, name, 'gi') or '',
+                                 ratio(rows, name, 'gi_same_kernels') or '',
+                                 ratio(rows, name, 'gi_same_kernels', 'memory') or '', row.get('skipped', '')])
+
+
+def main(argv: Optional[List[str]] = None) -> List[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
+    parser.add_argument('--lengths', type=int, nargs='+', default=[128, 1024, 8192])
+    parser.add_argument('--batches', type=int, nargs='+', default=[1, 8])
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--budget', type=float, default=60.0, help='skip a method estimated to take longer (s)')
+    parser.add_argument('--long', type=int, default=0, help='also explain one input of this many tokens')
+    parser.add_argument('--quick', action='store_true', help='tiny model, short inputs, one repeat')
+    parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'output'))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.lengths, args.batches, args.repeats = [16, 64], [1, 2], 1
+    transformers_logging.set_verbosity_error()
+    os.makedirs(args.out, exist_ok=True)
+
+    model = build_model(args.device, args.quick)
+    methods = method_table()
+    description = (f'{args.device}, {model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, '
+                   f'float32, {torch.get_num_threads()} threads'
+                   + (f', {torch.cuda.get_device_name()}' if args.device == 'cuda' else ''))
+    results = []
+    for batch in args.batches:
+        estimates, previous = {}, None
+        for length in sorted(args.lengths):
+            if previous is not None:
+                estimates = next_estimates(results[-1]['rows'], estimates, length / previous)
+            rows = run_size(model, methods, args.device, length, batch, args.repeats, estimates, args.budget)
+            results.append({'length': length, 'batch': batch, 'rows': rows})
+            previous = length
+            timings = (f"{name} {row['seconds']:.3f}s" if 'seconds' in row else f'{name} skipped'
+                       for name, row in rows.items())
+            print(f'L={length} batch={batch}: ' + ', '.join(timings), flush=True)
+    long_result = None
+    if args.long:
+        long_result = dict(length=args.long, **long_input(model, args.device, args.long))
+        print(f'long input: {long_result}', flush=True)
+    text = report(results, args.device, long_result, description)
+    print(text)
+    with open(os.path.join(args.out, f'speed_{args.device}.md'), 'w') as handle:
+        handle.write(text)
+    write_csv(results, os.path.join(args.out, f'speed_{args.device}.csv'))
+    return results
+
+
+if __name__ == '__main__':
+    main()
