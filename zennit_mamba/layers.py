@@ -68,12 +68,11 @@ class SelectiveScan(torch.nn.Module):
     def forward(
         self, packed: torch.Tensor, A: torch.Tensor, D: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        '''Return the scan output of shape ``(batch, channels, length)`` and the detached last state.'''
+        '''Return the scan output of shape ``(batch, channels, length)`` and the last state (no gradient).'''
         x, delta, B, C = self.unpack(packed)
         if getattr(self, DETACH_ATTRIBUTE, None) is not None:
             delta, A, B, C = delta.detach(), A.detach(), B.detach(), C.detach()
-        output, last_state = selective_scan(x, delta, A, B, C, D)
-        return output, last_state.detach()
+        return selective_scan(x, delta, A, B, C, D)
 
     def unpack(self, packed: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         '''Split the packed input into ``x, delta, B, C``.'''

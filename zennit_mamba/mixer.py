@@ -137,7 +137,7 @@ def _mixer(mixer, ops, hidden_states, time_step_rank, state_size, attention_mask
     scanned, last_state = ops.scan(x.transpose(1, 2), delta.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2), A, D)
 
     gated = ops.gate(scanned, ops.gate_act(gate))
-    return MixerOutput(mixer.out_proj(gated.transpose(1, 2).to(dtype)), conv_input, last_state.detach())
+    return MixerOutput(mixer.out_proj(gated.transpose(1, 2).to(dtype)), conv_input, last_state)
 
 
 def refuse_continuation() -> RuntimeError:

@@ -57,7 +57,7 @@ def _recurrence_in_chunks_(decay: torch.Tensor, drive: torch.Tensor, reverse: bo
     positions = range(chunk - 1, -1, -1) if reverse else range(chunk)
     previous = None
     if num_chunks > 1:
-        # each chunk's own contribution to the state at its far end, and its total decay: small tensors only
+        # each chunk's own contribution to the state at its far end (a small running tensor), and its total decay
         local = torch.zeros_like(drive[..., 0, :])
         for position in positions:
             torch.addcmul(drive[..., position, :], local, decay[..., position, :], out=local)
@@ -153,15 +153,17 @@ class _SelectiveScan(torch.autograd.Function):
         grad_C = torch.zeros_like(C_) if selection else None
         for block in _channel_blocks(batch, channels, A.shape[1], length, x.device):
             x_block, delta_block, A_block = x_[:, block], delta_[:, block], A[block]
-            decay = torch.exp(next_delta_[:, block, None] * A_block[None, :, :, None, None])
-            grad_states = _recurrence_in_chunks_(decay, grad_output_[:, block, None] * C_[:, None], reverse=True)
+            grad_states = _recurrence_in_chunks_(
+                _decay(next_delta_[:, block], A_block), grad_output_[:, block, None] * C_[:, None], reverse=True
+            )
             grad_drive = (grad_states * B_[:, None]).sum(2)
             grad_x[:, block] = delta_block * grad_drive
             if selection:
-                drive = (delta_block * x_block)[:, :, None] * B_[:, None]
-                states = _states(x_block, delta_block, A_block, B_)
+                delta_x = delta_block * x_block
+                drive = delta_x[:, :, None] * B_[:, None]
+                states = _recurrence_in_chunks_(_decay(delta_block, A_block), drive.clone())
                 grad_C.add_((states * grad_output_[:, block, None]).sum(1))
-                grad_B.add_((grad_states * (delta_block * x_block)[:, :, None]).sum(1))
+                grad_B.add_((grad_states * delta_x[:, :, None]).sum(1))
                 # d s_t / d log_a_t = exp(log_a_t) s_{t-1} = s_t - drive_t
                 grad_log_a = grad_states.mul_(states.sub_(drive))
                 grad_delta[:, block] = (grad_log_a * A_block[None, :, :, None, None]).sum(2) + grad_drive * x_block
@@ -176,11 +178,15 @@ class _SelectiveScan(torch.autograd.Function):
         return grad_x if needs_x else None, grad_delta, grad_A, grad_B, grad_C, grad_D
 
 
+def _decay(delta: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    '''Decays ``exp(delta A)`` of shape ``(batch, channels, state, chunk, num_chunks)`` from ``delta`` in the chunk
+    layout.'''
+    return torch.exp(delta[:, :, None] * A[None, :, :, None, None])
+
+
 def _states(x, delta, A, B) -> torch.Tensor:
     '''Scan states ``(batch, channels, state, chunk, num_chunks)`` from inputs in the chunk layout.'''
-    decay = torch.exp(delta[:, :, None] * A[None, :, :, None, None])
-    drive = (delta * x)[:, :, None] * B[:, None]
-    return _recurrence_in_chunks_(decay, drive)
+    return _recurrence_in_chunks_(_decay(delta, A), (delta * x)[:, :, None] * B[:, None])
 
 
 def selective_scan(
