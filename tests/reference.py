@@ -1,7 +1,8 @@
 '''An independent, slow MambaLRP reference: gradient x input on a Mamba forward written out by hand.
 
 Every MambaLRP rule is a ``detach`` in this forward (see shared/method.md); the scan is a per-timestep loop. Nothing
-here uses zennit or zennit_mamba. It reads the weights of a transformers ``MambaForCausalLM``.
+here uses zennit or zennit_mamba. It reads the weights of a transformers ``MambaForCausalLM``,
+``FalconMambaForCausalLM`` (Mamba-1 with normalised selection) or ``Mamba2ForCausalLM``.
 '''
 from typing import Collection, Tuple
 
@@ -36,19 +37,23 @@ def _sequential_scan(x, delta, A, B, C, D):
     return torch.stack(outputs, dim=1)
 
 
+def _causal_depthwise_conv(x: torch.Tensor, conv: torch.nn.Conv1d) -> torch.Tensor:
+    # kernel: (channels, taps), tap k - 1 is the current position
+    length, kernel = x.shape[1], conv.weight[:, 0, :]
+    padded = F.pad(x, (0, 0, kernel.shape[1] - 1, 0))
+    output = sum(padded[:, k:k + length] * kernel[:, k] for k in range(kernel.shape[1]))
+    return output if conv.bias is None else output + conv.bias
+
+
 def _mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str]) -> torch.Tensor:
-    length = u.shape[1]
     x, z = (u @ mixer.in_proj.weight.T).chunk(2, dim=-1)
-    kernel = mixer.conv1d.weight[:, 0, :]  # (channels, taps), tap k - 1 is the current position
-    taps = kernel.shape[1]
-    padded = F.pad(x, (0, 0, taps - 1, 0))
-    conv = sum(padded[:, k:k + length] * kernel[:, k] for k in range(taps))
-    if mixer.conv1d.bias is not None:
-        conv = conv + mixer.conv1d.bias
-    x = _silu(conv, 'silu' in rules)
+    x = _silu(_causal_depthwise_conv(x, mixer.conv1d), 'silu' in rules)
 
     rank, state_size = mixer.time_step_rank, mixer.ssm_state_size
     dt, B, C = torch.split(x @ mixer.x_proj.weight.T, [rank, state_size, state_size], dim=-1)
+    if hasattr(mixer, 'dt_layernorm'):
+        # FalconMamba: weightless RMS norms on the selection, which the SSM rule detaches anyway
+        dt, B, C = (value * torch.rsqrt(value.pow(2).mean(-1, keepdim=True) + mixer.rms_eps) for value in (dt, B, C))
     delta = F.softplus(dt @ mixer.dt_proj.weight.T + mixer.dt_proj.bias)
     if 'ssm' in rules:
         delta, B, C = delta.detach(), B.detach(), C.detach()
@@ -59,6 +64,41 @@ def _mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str]) -> t
     if 'gate' in rules:
         gated = 0.5 * gated + 0.5 * gated.detach()
     return gated @ mixer.out_proj.weight.T
+
+
+def _mamba2_mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str]) -> torch.Tensor:
+    '''Mamba-2: per-head scalar decay, grouped B and C, gated RMS norm norm(y * silu(z)); per-timestep loop.'''
+    batch, length, _ = u.shape
+    heads, head_dim, groups, state = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
+    inner = heads * head_dim
+    z, xBC, dt = torch.split(u @ mixer.in_proj.weight.T, [inner, inner + 2 * groups * state, heads], dim=-1)
+    xBC = _silu(_causal_depthwise_conv(xBC, mixer.conv1d), 'silu' in rules)
+    x, B, C = torch.split(xBC, [inner, groups * state, groups * state], dim=-1)
+    delta = F.softplus(dt + mixer.dt_bias)
+    A = -torch.exp(mixer.A_log)
+    if 'ssm' in rules:
+        delta, A, B, C = delta.detach(), A.detach(), B.detach(), C.detach()
+    x = x.reshape(batch, length, heads, head_dim)
+    # head h reads group h // (heads / groups)
+    B = B.reshape(batch, length, groups, state).repeat_interleave(heads // groups, dim=2)
+    C = C.reshape(batch, length, groups, state).repeat_interleave(heads // groups, dim=2)
+    hidden = torch.zeros(batch, heads, head_dim, state, dtype=u.dtype)
+    outputs = []
+    for t in range(length):
+        decay = torch.exp(delta[:, t] * A)[:, :, None, None]
+        hidden = decay * hidden + (delta[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        outputs.append((hidden * C[:, t, :, None, :]).sum(-1) + mixer.D[:, None] * x[:, t])
+    y = torch.stack(outputs, dim=1).reshape(batch, length, inner)
+
+    gated = y * _silu(z, 'silu' in rules)
+    if 'gate' in rules:
+        gated = 0.5 * gated + 0.5 * gated.detach()
+    grouped = gated.reshape(batch, length, groups, inner // groups)
+    scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + mixer.norm.variance_epsilon)
+    if 'norm' in rules:
+        scale = scale.detach()
+    normed = mixer.norm.weight * (grouped * scale).reshape(batch, length, inner)
+    return normed @ mixer.out_proj.weight.T
 
 
 def reference_relevance(
@@ -74,7 +114,8 @@ def reference_relevance(
     embeddings = embeddings.detach().clone().requires_grad_()
     hidden = embeddings
     for block in model.backbone.layers:
-        hidden = hidden + _mixer(block.mixer, _rms_norm(block.norm, hidden, 'norm' in rules), rules)
+        mixer = _mixer if hasattr(block.mixer, 'x_proj') else _mamba2_mixer
+        hidden = hidden + mixer(block.mixer, _rms_norm(block.norm, hidden, 'norm' in rules), rules)
     hidden = _rms_norm(model.backbone.norm_f, hidden, 'norm' in rules)
     logits = hidden[:, -1] @ model.lm_head.weight.T
     explained = logits[torch.arange(len(targets)), targets]

@@ -1,9 +1,12 @@
 '''MambaLRP for Zennit: rules, canonizers and the composite that explain Mamba models with conserved relevance.'''
 from .canonizers import MambaCanonizer
 from .composites import MAMBA_LRP_RULES, MambaComposite
+from .hybrid import ModelRules
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
+from .mamba2 import Mamba2Core
 from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerRules, SiLUIdentity
 from .scan import selective_scan
+from .ssd import ssd_scan
 from .support import UnsupportedModelError, check_supported
 
 __all__ = [
@@ -14,8 +17,10 @@ __all__ = [
     'HalfRule',
     'LNRule',
     'MambaCanonizer',
+    'Mamba2Core',
     'MambaComposite',
     'MixerRules',
+    'ModelRules',
     'SelectiveScan',
     'SiLU',
     'SiLUIdentity',
@@ -23,4 +28,5 @@ __all__ = [
     'UnsupportedModelError',
     'check_supported',
     'selective_scan',
+    'ssd_scan',
 ]

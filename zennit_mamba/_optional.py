@@ -25,3 +25,13 @@ def mamba_ssm_selective_scan() -> Optional[Callable]:
     except (ImportError, OSError, RuntimeError):
         return None
     return selective_scan_fn
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_ssm_chunk_scan() -> Optional[Callable]:
+    '''mamba-ssm's ``mamba_chunk_scan_combined`` (Mamba-2, CUDA/Triton), or None where it cannot be imported.'''
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except (ImportError, OSError, RuntimeError):
+        return None
+    return mamba_chunk_scan_combined

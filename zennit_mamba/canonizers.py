@@ -4,6 +4,7 @@ Each canonizer replaces the ``forward`` of matching module instances by one that
 relevance path through an explicit submodule (:py:mod:`zennit_mamba.layers`), so that rules can attach to it.
 Forward values are unchanged. Removing the canonizer restores the instances exactly.
 '''
+import importlib
 import types
 from typing import Callable, Dict, List, Optional, Tuple, Type
 
@@ -14,6 +15,7 @@ from zennit.layer import Sum
 from . import mamba_ssm_mamba, transformers_mamba
 from ._optional import mamba_ssm_modules
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
+from .mamba2 import Mamba2Core
 
 _MISSING = object()
 
@@ -103,6 +105,10 @@ def _transformers_mixer_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn
     return _mixer_submodules(mixer.intermediate_size, mixer.ssm_state_size)
 
 
+def _mamba2_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    return {'core': Mamba2Core(mixer)}
+
+
 def _mamba_ssm_mixer_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     return _mixer_submodules(mixer.d_inner, mixer.d_state)
 
@@ -111,14 +117,44 @@ def _residual_submodules(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     return {'residual': Sum(dim=-1)}
 
 
+_MIXER = (transformers_mamba.mixer_forward, _transformers_mixer_submodules)
+_MAMBA2_MIXER = (transformers_mamba.mixer_forward, _mamba2_submodules)
+_BLOCK = (transformers_mamba.block_forward, _residual_submodules)
+
+#: (transformers model package, class name) -> (canonized forward, submodules)
+TRANSFORMERS_MODULES = {
+    ('mamba', 'MambaMixer'): _MIXER,
+    ('mamba', 'MambaBlock'): _BLOCK,
+    ('falcon_mamba', 'FalconMambaMixer'): _MIXER,
+    ('falcon_mamba', 'FalconMambaBlock'): _BLOCK,
+    ('jamba', 'JambaMambaMixer'): _MIXER,
+    ('mamba2', 'Mamba2Mixer'): _MAMBA2_MIXER,
+    ('mamba2', 'Mamba2Block'): _BLOCK,
+    ('bamba', 'BambaMixer'): _MAMBA2_MIXER,
+    ('nemotron_h', 'NemotronHMamba2Mixer'): _MAMBA2_MIXER,
+    ('granitemoehybrid', 'GraniteMoeHybridMambaLayer'): _MAMBA2_MIXER,
+    ('falcon_h1', 'FalconH1Mixer'): _MAMBA2_MIXER,
+    ('zamba2', 'Zamba2MambaMixer'): _MAMBA2_MIXER,
+}
+
+
+def transformers_class(package: str, name: str) -> Optional[type]:
+    '''``transformers.models.<package>.modeling_<package>.<name>``, or None where this transformers lacks it.'''
+    try:
+        module = importlib.import_module(f'transformers.models.{package}.modeling_{package}')
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
 def transformers_canonizers() -> List[ForwardCanonizer]:
     '''Canonizers for the Mamba modules of :py:mod:`transformers`.'''
-    from transformers.models.mamba import modeling_mamba
-
-    return [
-        ForwardCanonizer(modeling_mamba.MambaMixer, transformers_mamba.mixer_forward, _transformers_mixer_submodules),
-        ForwardCanonizer(modeling_mamba.MambaBlock, transformers_mamba.block_forward, _residual_submodules),
-    ]
+    canonizers = []
+    for (package, name), (forward, submodules) in TRANSFORMERS_MODULES.items():
+        module_type = transformers_class(package, name)
+        if module_type is not None:
+            canonizers.append(ForwardCanonizer(module_type, forward, submodules))
+    return canonizers
 
 
 def mamba_ssm_canonizers() -> List[ForwardCanonizer]:

@@ -12,13 +12,17 @@ from zennit.types import Activation, Convolution, Linear
 
 from .canonizers import MambaCanonizer
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
+from .mamba2 import Mamba2Core
 from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerRules, SiLUIdentity
-from .support import check_supported, supported_norm_types
+from .hybrid import ModelRules
+from .support import check_supported, is_hybrid, supported_norm_types
 
 #: the MambaLRP rules that can be switched on and off
-MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm'})
+MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm', 'attention'})
 #: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
 PROJECTIONS = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj')
+#: FalconMamba's and Jamba's norms on the selection (dt, B, C) inside the mixer
+SELECTION_NORMS = ('dt_layernorm', 'b_layernorm', 'c_layernorm')
 
 GammaSpec = Union[None, float, Mapping[Union[str, type], float]]
 LayerMap = List[Tuple[Tuple[type, ...], Hook]]
@@ -112,6 +116,15 @@ class MambaComposite(Composite):
 
     def mapping(self, ctx: dict, name: str, module: torch.nn.Module) -> Optional[Hook]:
         '''The rule for one module, or None to leave its gradient unmodified.'''
+        if not name:
+            ctx['hybrid'] = is_hybrid(module)
+            if ctx['hybrid'] and (self.gamma or self.layer_map):
+                raise ValueError(
+                    'gamma and layer_map apply to Mamba-only models; a hybrid model is explained in one pass '
+                    '(ModelRules), where every projection takes LRP-0.'
+                )
+        if ctx.get('hybrid', False):
+            return None if name else ModelRules(self.rules, self.epsilon, self.recompute)
         for types, hook in self.layer_map:
             if isinstance(module, types):
                 return hook
@@ -119,8 +132,11 @@ class MambaComposite(Composite):
         one_pass_mixers = ctx.setdefault('one_pass_mixers', [])
         if any(name.startswith(prefix) for prefix in one_pass_mixers):
             return None
-        if hasattr(module, 'lrp_scan'):
+        if hasattr(module, 'lrp_scan') or hasattr(module, 'lrp_core'):
             return self._mixer_rule(one_pass_mixers, name, module)
+        if isinstance(module, Mamba2Core):
+            # the nonlinear middle of a Mamba-2 mixer whose projections carry rules of their own
+            return MixerRules(self.rules, self.epsilon)
         gradient_x_input = GradientTimesInput(self.epsilon)
         if isinstance(module, SiLU):
             return SiLUIdentity() if 'silu' in self.rules else gradient_x_input
@@ -130,7 +146,8 @@ class MambaComposite(Composite):
             return DetachSelection(self.epsilon) if 'ssm' in self.rules else gradient_x_input
         if isinstance(module, supported_norm_types()):
             return LNRule() if 'norm' in self.rules else gradient_x_input
-        if isinstance(module, (Softplus, Sum)):
+        if isinstance(module, (Softplus, Sum)) or name.rsplit('.', 1)[-1] in SELECTION_NORMS:
+            # the selection norms take relevance only where the SSM rule is off (an ablation): as gradient x input
             return gradient_x_input
         if isinstance(module, (Linear, Convolution)):
             # LRP-0 through the layer's own graph is zennit's Epsilon rule without recomputing the layer

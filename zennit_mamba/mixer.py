@@ -6,7 +6,7 @@ and ``out_proj``, and either through the explicit submodules added by the canoni
 :py:class:`~zennit_mamba.rules.MixerRules` is registered on the mixer, through the same operations with the rules
 written as detaches.
 '''
-from typing import FrozenSet, NamedTuple, Optional, Tuple
+from typing import Callable, FrozenSet, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ class MixerOutput(NamedTuple):
     last_state: torch.Tensor
 
 
-def _mask_padding(hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def mask_padding(hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
     '''Zero the padded positions of ``(batch, length, channels)`` hidden states.'''
     if attention_mask is None:
         return hidden_states
@@ -92,10 +92,6 @@ def canonical_mixer(
 ) -> MixerOutput:
     '''Run a canonized Mamba-1 mixer on ``(batch, length, hidden)`` hidden states.
 
-    The operations run through the canonizer's submodules, or, while a
-    :py:class:`~zennit_mamba.rules.MixerRules` is registered on the mixer, as the detached operations it selects
-    (recomputed in the backward pass if it asks for that).
-
     Parameters
     ----------
     mixer : :py:obj:`torch.nn.Module`
@@ -112,25 +108,44 @@ def canonical_mixer(
     MixerOutput
         The mixer output, the (detached) input of the convolution and the last scan state, for caches.
     '''
+    return run_mixer(mixer, _mixer, hidden_states, attention_mask, time_step_rank, state_size)
+
+
+def run_mixer(mixer: torch.nn.Module, function: Callable, hidden_states, attention_mask, *arguments) -> MixerOutput:
+    '''Call ``function(mixer, rules, hidden_states, attention_mask, *arguments)``.
+
+    ``rules`` are those of the :py:class:`~zennit_mamba.rules.MixerRules` registered on the mixer, which ``function``
+    writes as detaches, or None, where it runs the canonizer's submodules with their own rules. A MixerRules that
+    asks for it has the mixer recomputed in the backward pass.
+    '''
     rule = getattr(mixer, RULE_ATTRIBUTE, None)
-    ops = ModuleOps(mixer) if rule is None else DetachedOps(rule.rules)
-    arguments = (mixer, ops, hidden_states, time_step_rank, state_size, attention_mask)
+    rules = None if rule is None else rule.rules
     if rule is not None and rule.recompute and torch.is_grad_enabled():
-        return checkpoint(_mixer, *arguments, use_reentrant=False)
-    return _mixer(*arguments)
+        return checkpoint(function, mixer, rules, hidden_states, attention_mask, *arguments, use_reentrant=False)
+    return function(mixer, rules, hidden_states, attention_mask, *arguments)
 
 
-def _mixer(mixer, ops, hidden_states, time_step_rank, state_size, attention_mask) -> MixerOutput:
+def _normalise_selection(mixer: torch.nn.Module, time_step, B, C):
+    '''FalconMamba and Jamba normalise the selection (``dt``, ``B``, ``C``) before use; behind the SSM rule's
+    detach this takes no relevance.'''
+    if not hasattr(mixer, 'dt_layernorm'):
+        return time_step, B, C
+    return mixer.dt_layernorm(time_step), mixer.b_layernorm(B), mixer.c_layernorm(C)
+
+
+def _mixer(mixer, rules, hidden_states, attention_mask, time_step_rank, state_size) -> MixerOutput:
+    ops = ModuleOps(mixer) if rules is None else DetachedOps(rules)
     length = hidden_states.shape[1]
     dtype = hidden_states.dtype
 
-    projected = mixer.in_proj(_mask_padding(hidden_states, attention_mask)).transpose(1, 2)
+    projected = mixer.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
     x, gate = projected.chunk(2, dim=1)
     conv_input = x.detach()
 
     x = ops.conv_act(mixer.conv1d(x.to(mixer.conv1d.weight.dtype))[..., :length]).to(dtype)
-    x = _mask_padding(x.transpose(1, 2), attention_mask)
+    x = mask_padding(x.transpose(1, 2), attention_mask)
     time_step, B, C = torch.split(mixer.x_proj(x), [time_step_rank, state_size, state_size], dim=-1)
+    time_step, B, C = _normalise_selection(mixer, time_step, B, C)
     delta = ops.softplus(mixer.dt_proj(time_step))
 
     A, D = -torch.exp(mixer.A_log.float()), mixer.D.float()

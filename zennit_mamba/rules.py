@@ -191,11 +191,17 @@ class MixerRules(_ModuleSetting):
         self.recompute = recompute
 
     def check(self, module: torch.nn.Module) -> None:
-        if not hasattr(module, 'lrp_scan'):
+        if not reads_mixer_rules(module):
             raise TypeError(f'MixerRules applies to canonized Mamba mixers, not {type(module).__name__}')
 
     def copy(self) -> 'MixerRules':
         return self.__class__(self.rules, self.stabilizer, self.recompute)
+
+
+def reads_mixer_rules(module: torch.nn.Module) -> bool:
+    '''Whether ``module`` computes with the rules of a :py:class:`MixerRules` registered on it: a canonized mixer,
+    or the core of a canonized Mamba-2 mixer.'''
+    return getattr(module, 'reads_mixer_rules', False) or hasattr(module, 'lrp_scan') or hasattr(module, 'lrp_core')
 
 
 def silu(x: torch.Tensor, identity_rule: bool = True) -> torch.Tensor:
@@ -203,6 +209,16 @@ def silu(x: torch.Tensor, identity_rule: bool = True) -> torch.Tensor:
     if identity_rule:
         return x * torch.sigmoid(x).detach()
     return F.silu(x)
+
+
+def identity_rule(input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    '''``output`` of an element-wise map of ``input`` with the factor ``output / input`` held constant.
+
+    Gradient x input through the result passes each element's relevance unchanged: the identity rule of SiLU for
+    any activation with ``f(0) = 0``, and the LN-rule for a norm whose denominator is held constant.
+    '''
+    ratio = torch.where(input == 0, 0.0, output / torch.where(input == 0, 1.0, input))
+    return output.detach() + (input - input.detach()) * ratio.detach()
 
 
 def half_rule(product: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,21 @@
 '''Which Mamba implementations MambaLRP supports, and the errors for models it cannot explain.'''
 import re
 from collections import Counter
-from typing import List, Tuple
+from typing import Collection, List, Optional, Tuple
 
 import torch
 
 from ._optional import mamba_ssm_modules
-from .canonizers import canonized_modules
+from . import hybrid, transformers_mamba
+from .canonizers import TRANSFORMERS_MODULES, canonized_modules, transformers_class
 
 SUPPORTED_MIXERS = (
-    'transformers MambaMixer (MambaModel, MambaForCausalLM and models embedding them), and mamba-ssm Mamba '
+    'transformers MambaMixer, FalconMambaMixer and Mamba2Mixer (Mamba, FalconMamba and Mamba-2 models), the Mamba '
+    'layers of the hybrids Jamba, Bamba, NemotronH, GraniteMoeHybrid, FalconH1 and Zamba2, and mamba-ssm Mamba '
     '(mamba_simple, in blocks without MLP and with RMSNorm) where mamba-ssm is installed'
 )
+#: transformers model packages whose Mamba mixers sit between attention and MLP layers
+HYBRID_PACKAGES = frozenset({'jamba', 'bamba', 'nemotron_h', 'granitemoehybrid', 'falcon_h1', 'zamba2'})
 
 # Mamba-like mixers whose forward the canonizers do not know: explaining through them would be silently wrong
 _MAMBA_LIKE = re.compile(r'.*(Mamba|SSM|Bamba|H1).*Mixer|Mamba\d*|.*MambaLayer|Mamba\d*Simple', re.IGNORECASE)
@@ -21,19 +25,36 @@ class UnsupportedModelError(ValueError):
     '''The model holds no Mamba mixer MambaLRP supports, or a Mamba-like mixer it does not support.'''
 
 
-def _supported_mixer_types() -> Tuple[type, ...]:
-    from transformers.models.mamba.modeling_mamba import MambaMixer
+def _transformers_mixer_types(packages: Optional[Collection[str]] = None) -> Tuple[type, ...]:
+    found = []
+    for (package, name), (forward, _) in TRANSFORMERS_MODULES.items():
+        if forward is not transformers_mamba.block_forward and (packages is None or package in packages):
+            module_type = transformers_class(package, name)
+            if module_type is not None:
+                found.append(module_type)
+    return tuple(found)
 
+
+def _supported_mixer_types() -> Tuple[type, ...]:
     mamba_ssm = mamba_ssm_modules()
-    return (MambaMixer,) + ((mamba_ssm.Mamba,) if mamba_ssm is not None else ())
+    return _transformers_mixer_types() + ((mamba_ssm.Mamba,) if mamba_ssm is not None else ())
+
+
+def is_hybrid(model: torch.nn.Module) -> bool:
+    '''Whether ``model`` holds the Mamba mixer of a hybrid (attention or MLP layers beside the Mamba layers).'''
+    hybrid_types = _transformers_mixer_types(HYBRID_PACKAGES)
+    return any(type(module) in hybrid_types for module in model.modules())
 
 
 def supported_norm_types() -> Tuple[type, ...]:
-    '''RMSNorm classes that the LN-rule applies to.'''
-    from transformers.models.mamba.modeling_mamba import MambaRMSNorm
-
+    '''RMSNorm classes of the Mamba-only models that the LN-rule applies to.'''
+    norms = tuple(filter(None, (
+        transformers_class('mamba', 'MambaRMSNorm'),
+        transformers_class('falcon_mamba', 'FalconMambaRMSNorm'),
+        transformers_class('mamba2', 'Mamba2RMSNorm'),
+    )))
     mamba_ssm = mamba_ssm_modules()
-    return (MambaRMSNorm,) + ((mamba_ssm.RMSNorm,) if mamba_ssm is not None else ())
+    return norms + ((mamba_ssm.RMSNorm,) if mamba_ssm is not None else ())
 
 
 def _unsupported_mamba_ssm_parts(model: torch.nn.Module) -> List[str]:
@@ -88,6 +109,8 @@ def check_supported(model: torch.nn.Module) -> List[str]:
         )
     supported_types = _supported_mixer_types()
     supported, unsupported = [], _unsupported_mamba_ssm_parts(model)
+    if is_hybrid(model):
+        unsupported += hybrid.unsupported_parts(model, supported_types)
     for name, module in model.named_modules():
         if type(module) in supported_types:
             supported.append(name)

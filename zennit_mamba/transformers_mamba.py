@@ -1,13 +1,16 @@
-'''Canonized forwards for the Mamba-1 modules of :py:mod:`transformers` (``MambaMixer``, ``MambaBlock``).
+'''Canonized forwards for the Mamba modules of :py:mod:`transformers`.
 
-They compute what the originals compute on the full-sequence path. transformers' own mixer forward calls functional
-kernels and ``dt_proj.weight`` directly, so rules on ``conv1d``, ``act`` or ``dt_proj`` would never fire there.
+Mamba-1 mixers (``MambaMixer``, ``FalconMambaMixer``, Jamba's ``JambaMambaMixer``), Mamba-2 mixers (``Mamba2Mixer``
+and its copies in Bamba, NemotronH, GraniteMoeHybrid, FalconH1 and Zamba2) and the Mamba-only blocks. They compute
+what the originals compute on the full-sequence path. transformers' own mixer forwards call functional kernels and
+``dt_proj.weight`` directly, so rules on ``conv1d``, ``act`` or ``dt_proj`` would never fire there.
 '''
 from typing import Optional
 
 import torch
 
 from .layers import stack_operands
+from .mamba2 import canonical_mamba2
 from .mixer import canonical_mixer, refuse_continuation
 
 
@@ -18,13 +21,19 @@ def mixer_forward(
     attention_mask: Optional[torch.Tensor] = None,
     **kwargs,
 ) -> torch.Tensor:
-    '''Forward of a canonized ``MambaMixer``; fills a fresh cache as the original does.'''
+    '''Forward of a canonized Mamba-1 or Mamba-2 mixer; fills a fresh cache as the original does.'''
     if cache_params is not None and cache_params.get_conv_state(self.layer_idx) is not None:
         raise refuse_continuation()
-    result = canonical_mixer(self, hidden_states, self.time_step_rank, self.ssm_state_size, attention_mask)
+    if hasattr(self, 'lrp_core'):
+        result = canonical_mamba2(self, hidden_states, attention_mask)
+        state_dtype = result.last_state.dtype
+    else:
+        result = canonical_mixer(self, hidden_states, self.time_step_rank, self.ssm_state_size, attention_mask)
+        state_dtype = hidden_states.dtype
     if cache_params is not None:
+        # so that generation can continue from the cache
         cache_params.update_conv_state(result.conv_input, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-        cache_params.update_recurrent_state(result.last_state.to(hidden_states.dtype), self.layer_idx)
+        cache_params.update_recurrent_state(result.last_state.to(state_dtype), self.layer_idx)
     return result.output
 
 
@@ -35,7 +44,8 @@ def block_forward(
     attention_mask: Optional[torch.Tensor] = None,
     **kwargs,
 ) -> torch.Tensor:
-    '''Forward of a canonized ``MambaBlock``: the residual sum becomes an explicit :py:class:`zennit.layer.Sum`.'''
+    '''Forward of a canonized ``MambaBlock``, ``FalconMambaBlock`` or ``Mamba2Block``: the residual sum becomes an
+    explicit :py:class:`zennit.layer.Sum`.'''
     residual = hidden_states
     hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
     if self.residual_in_fp32:

@@ -1,0 +1,241 @@
+'''Mamba-2, FalconMamba and the hybrids (Jamba, Bamba, NemotronH, GraniteMoeHybrid, FalconH1, Zamba2).
+
+Tiny float64 configs with fixed seeds and biases zeroed (the step-size bias stays: it is part of the selection,
+which takes no relevance).
+'''
+from typing import Callable, Dict
+
+import pytest
+import torch
+import transformers as tf
+
+from conftest import relative_error
+from reference import ALL_RULES, reference_relevance
+from test_composite import snapshot
+
+from zennit_mamba import MambaComposite, UnsupportedModelError
+
+MAMBA2_HEADS = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8,
+                    mamba_expand=2)
+ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2)
+
+BUILDERS: Dict[str, Callable[[], torch.nn.Module]] = {
+    'Mamba2': lambda: tf.Mamba2ForCausalLM(tf.Mamba2Config(
+        vocab_size=40, hidden_size=32, state_size=8, num_hidden_layers=2, num_heads=4, head_dim=16, n_groups=2,
+        chunk_size=8, expand=2, residual_in_fp32=False)),
+    'FalconMamba': lambda: tf.FalconMambaForCausalLM(tf.FalconMambaConfig(
+        vocab_size=40, hidden_size=16, state_size=8, num_hidden_layers=2, residual_in_fp32=False)),
+    'Jamba': lambda: tf.JambaForCausalLM(tf.JambaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, attn_layer_period=2,
+        attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+        mamba_d_state=8, mamba_expand=2, **ATTENTION)),
+    'Bamba': lambda: tf.BambaForCausalLM(tf.BambaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, attn_layer_indices=[1],
+        **ATTENTION, **MAMBA2_HEADS)),
+    'NemotronH': lambda: tf.NemotronHForCausalLM(tf.NemotronHConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        layers_block_type=['mamba', 'attention', 'mlp', 'moe'], head_dim=8, mamba_num_heads=4, mamba_head_dim=16,
+        n_groups=2, ssm_state_size=8, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, **ATTENTION)),
+    'GraniteMoeHybrid': lambda: tf.GraniteMoeHybridForCausalLM(tf.GraniteMoeHybridConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=16, shared_intermediate_size=24, num_hidden_layers=2,
+        layer_types=['mamba', 'attention'], num_local_experts=4, num_experts_per_tok=2, **ATTENTION,
+        **MAMBA2_HEADS)),
+    'FalconH1': lambda: tf.FalconH1ForCausalLM(tf.FalconH1Config(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8, mamba_d_ssm=64,
+        **ATTENTION, **MAMBA2_HEADS)),
+    'Zamba2': lambda: tf.Zamba2ForCausalLM(tf.Zamba2Config(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        layers_block_type=['mamba', 'hybrid', 'mamba', 'hybrid'], num_attention_heads=4, num_key_value_heads=4,
+        n_mamba_heads=4, mamba_headdim=16, mamba_ngroups=2, mamba_d_state=8, chunk_size=8, mamba_expand=2,
+        adapter_rank=4, num_mem_blocks=1)),
+}
+MAMBA_ONLY = ['Mamba2', 'FalconMamba']
+HYBRIDS = [name for name in BUILDERS if name not in MAMBA_ONLY]
+
+
+def build(name: str, dtype: torch.dtype = torch.float64, zero_biases: bool = True) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = BUILDERS[name]()
+    # transformers' default mixture-of-experts kernels (grouped_mm) take no float64
+    for module in model.modules():
+        config = getattr(module, 'config', None)
+        if config is not None and hasattr(config, '_experts_implementation'):
+            config._experts_implementation = 'eager'
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith('.bias') and not name.endswith('dt_proj.bias') and zero_biases:
+                parameter.zero_()
+            elif name.endswith(('A_log', '.D')):
+                parameter.add_(0.3 * torch.randn_like(parameter))
+            elif name.endswith('dt_proj.bias') or name.endswith('dt_bias'):
+                # trained models select strongly; the initial step sizes are tiny
+                parameter.add_(2.0)
+    return model
+
+
+def logits_of(model: torch.nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+    '''All logits in the model's dtype. transformers casts ``.logits`` of Mamba-only models to float32, so those are
+    read through the backbone; a hybrid is called whole, since its rules hook the model that is called.'''
+    if type(model).__name__.removesuffix('ForCausalLM') in MAMBA_ONLY:
+        hidden = model.base_model(inputs_embeds=embeddings, use_cache=False).last_hidden_state
+        return model.get_output_embeddings()(hidden)
+    return model(inputs_embeds=embeddings, use_cache=False).logits
+
+
+def last_position_logits(model: torch.nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+    return logits_of(model, embeddings)[:, -1]
+
+
+def explain(model: torch.nn.Module, embeddings: torch.Tensor, composite=None, targets=None):
+    '''Relevance of ``embeddings`` for the target logits at the last position, and the explained logits.'''
+    composite = composite or MambaComposite(epsilon=1e-12)
+    embeddings = embeddings.detach().clone().requires_grad_()
+    with composite.context(model) as modified:
+        logits = logits_of(modified, embeddings)
+        last = logits[:, -1]
+        targets = last.argmax(-1) if targets is None else targets
+        rows = torch.arange(len(targets))
+        output_relevance = torch.zeros_like(logits)
+        output_relevance[rows, -1, targets] = last[rows, targets]
+        relevance, = torch.autograd.grad(logits, embeddings, output_relevance)
+    return relevance, last[rows, targets].detach(), targets
+
+
+def embeddings_for(model: torch.nn.Module, batch: int = 2, length: int = 13) -> torch.Tensor:
+    ids = torch.randint(0, 40, (batch, length), generator=torch.Generator().manual_seed(1))
+    return model.get_input_embeddings()(ids).detach()
+
+
+def conservation_error(relevance: torch.Tensor, explained: torch.Tensor) -> torch.Tensor:
+    return (relevance.sum((1, 2)) - explained).abs() / explained.abs()
+
+
+@pytest.mark.parametrize('name', list(BUILDERS))
+def test_conservation(name):
+    model = build(name)
+    relevance, explained, targets = explain(model, embeddings_for(model))
+    assert (conservation_error(relevance, explained) <= 1e-6).all(), conservation_error(relevance, explained)
+
+    # plain gradient x input breaks it by orders of magnitude more
+    embeddings = embeddings_for(model).requires_grad_()
+    logits = last_position_logits(model, embeddings)
+    gradient, = torch.autograd.grad(logits[torch.arange(len(targets)), targets].sum(), embeddings)
+    assert (conservation_error(embeddings * gradient, explained) > 1e-3).all()
+
+
+@pytest.mark.parametrize('name', list(BUILDERS))
+def test_forward_unchanged_and_model_restored(name):
+    model = build(name, dtype=torch.float32, zero_biases=False)
+    embeddings = embeddings_for(model)
+    with torch.no_grad():
+        expected = last_position_logits(model, embeddings)
+    before = snapshot(model)
+    with MambaComposite().context(model) as modified:
+        with torch.no_grad():
+            inside = last_position_logits(modified, embeddings)
+        assert snapshot(model)['hooks'] > 0
+    assert relative_error(inside, expected) <= 1e-5
+    after = snapshot(model)
+    for key in ('modules', 'hooks', 'instance_forwards', 'rule_settings'):
+        assert after[key] == before[key], key
+    assert after['hooks'] == after['instance_forwards'] == after['rule_settings'] == 0
+    assert all(torch.equal(after['state'][key], value) for key, value in before['state'].items())
+    configs = [module.config for module in model.modules() if hasattr(module, 'config')]
+    assert all(config is model.config or config._attn_implementation != 'mamba_lrp' for config in configs)
+    with torch.no_grad():
+        assert torch.equal(last_position_logits(model, embeddings), expected)
+
+
+@pytest.mark.parametrize('name', MAMBA_ONLY)
+@pytest.mark.parametrize('rules', [ALL_RULES, ALL_RULES - {'ssm'}, ALL_RULES - {'gate', 'silu'}],
+                         ids=['all', 'without-ssm', 'without-gate-silu'])
+@pytest.mark.parametrize('options', [{}, {'recompute': True}, {'gamma': 0.0}],
+                         ids=['one-pass', 'recomputed', 'module-by-module'])
+def test_agrees_with_sequential_reference(name, rules, options):
+    model = build(name)
+    embeddings = embeddings_for(model, length=19)
+    composite = MambaComposite(epsilon=1e-12, rules=rules | {'attention'}, **options)
+    relevance, explained, targets = explain(model, embeddings, composite)
+    expected, expected_logits = reference_relevance(model, embeddings, targets, rules)
+    assert relative_error(explained, expected_logits) <= 1e-8
+    # FalconMamba normalises the selection in float32 whatever the model's dtype; without the SSM rule relevance
+    # flows through those norms
+    bound = 1e-8 if 'ssm' in rules or name != 'FalconMamba' else 1e-6
+    assert relative_error(relevance, expected) <= bound
+
+
+@pytest.mark.parametrize('name', ['Bamba', 'Jamba'])
+def test_without_the_attention_rule_conservation_breaks(name):
+    model = build(name)
+    embeddings = embeddings_for(model)
+    composite = MambaComposite(epsilon=1e-12, rules={'silu', 'ssm', 'gate', 'norm'})
+    relevance, explained, _ = explain(model, embeddings, composite)
+    assert (conservation_error(relevance, explained) > 1e-4).all()
+
+
+def test_hybrid_refuses_gamma_and_stays_untouched():
+    model = build('Bamba')
+    before = snapshot(model)
+    with pytest.raises(ValueError, match='gamma and layer_map apply to Mamba-only models'):
+        MambaComposite(gamma=0.25).register(model)
+    assert snapshot(model)['hooks'] == before['hooks'] == 0
+    assert snapshot(model)['modules'] == before['modules']
+
+
+class UnknownGatedMLP(torch.nn.Module):
+    '''A gated MLP in a layout the hybrid rules do not know.'''
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.w1, self.w2, self.w3 = (torch.nn.Linear(width, width, bias=False) for _ in range(3))
+        self.act = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.w3(self.act(self.w1(x)) * self.w2(x))
+
+
+def test_unsupported_layers_are_listed_in_one_error():
+    model = build('Bamba')
+    for layer in model.model.layers:
+        layer.feed_forward = UnknownGatedMLP(32).double()
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError) as error:
+        MambaComposite().register(model)
+    message = str(error.value)
+    assert message.count('UnknownGatedMLP') == 2 and 'model.layers.1.feed_forward' in message
+    assert snapshot(model)['hooks'] == before['hooks'] == 0
+
+
+def test_captum_on_a_hybrid():
+    from captum_mamba import MambaLRP
+
+    model = build('Bamba')
+    embeddings = embeddings_for(model)
+    expected, explained, targets = explain(model, embeddings)
+    attributions = MambaLRP(model, epsilon=1e-12).attribute(embeddings, target=targets)
+    assert relative_error(attributions, expected) <= 1e-8
+    assert (conservation_error(attributions, explained) <= 1e-6).all()
+
+
+def test_token_ids_give_the_relevance_of_their_embeddings():
+    model = build('Jamba')
+    embeddings = embeddings_for(model)
+    expected, _, targets = explain(model, embeddings)
+    ids = torch.randint(0, 40, (2, 13), generator=torch.Generator().manual_seed(1))
+    captured = {}
+    # registered before the composite's own hook, so it sees the embedding output before relevance leaves there
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, input, output: captured.setdefault('embeddings', output)
+    )
+    try:
+        with MambaComposite(epsilon=1e-12).context(model) as modified:
+            logits = modified(input_ids=ids, use_cache=False).logits
+            rows = torch.arange(2)
+            output_relevance = torch.zeros_like(logits)
+            output_relevance[rows, -1, targets] = logits[rows, -1, targets]
+            relevance, = torch.autograd.grad(logits, captured['embeddings'], output_relevance)
+    finally:
+        handle.remove()
+    assert relative_error(relevance, expected) <= 1e-10
