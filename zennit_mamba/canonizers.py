@@ -4,6 +4,7 @@ Each canonizer replaces the ``forward`` of matching module instances by one that
 relevance path through an explicit submodule (:py:mod:`zennit_mamba.layers`), so that rules can attach to it.
 Forward values are unchanged. Removing the canonizer restores the instances exactly.
 '''
+import functools
 import importlib
 import types
 from typing import Callable, Dict, List, Optional, Tuple, Type
@@ -17,10 +18,30 @@ from ._optional import mamba_ssm_modules
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
 from .mamba2 import Mamba2Core
 
-_MISSING = object()
-
 #: prefix of every attribute a canonizer adds, so that a canonized model can be recognised
 ATTRIBUTE_PREFIX = 'lrp_'
+
+
+class InstanceAttributes:
+    '''Set instance attributes of a module; :py:meth:`remove` restores exactly what was there before.
+
+    An instance attribute set by someone else (e.g. accelerate's hooks on ``forward``) comes back on removal.
+    '''
+
+    _missing = object()
+
+    def __init__(self, module: torch.nn.Module, attributes: Dict[str, object]):
+        self.module = module
+        self.originals = {key: module.__dict__.get(key, self._missing) for key in attributes}
+        for key, value in attributes.items():
+            setattr(module, key, value)
+
+    def remove(self) -> None:
+        for key, original in self.originals.items():
+            delattr(self.module, key)
+            if original is not self._missing:
+                setattr(self.module, key, original)
+        self.originals = {}
 
 
 class ForwardCanonizer(Canonizer):
@@ -46,8 +67,7 @@ class ForwardCanonizer(Canonizer):
         self.module_type = module_type
         self.forward = forward
         self.submodules = submodules
-        self.module: Optional[torch.nn.Module] = None
-        self.originals: Dict[str, object] = {}
+        self.attributes: Optional[InstanceAttributes] = None
 
     def matches(self, module: torch.nn.Module) -> bool:
         '''Whether this canonizer applies to ``module``.'''
@@ -71,21 +91,12 @@ class ForwardCanonizer(Canonizer):
     def register(self, module: torch.nn.Module) -> None:
         attributes = {'forward': types.MethodType(self.forward, module)}
         attributes.update({ATTRIBUTE_PREFIX + key: value for key, value in self.submodules(module).items()})
-        self.module = module
-        for key, value in attributes.items():
-            # an instance attribute set by someone else (e.g. accelerate's hooks) must come back on removal
-            self.originals[key] = module.__dict__.get(key, _MISSING)
-            setattr(module, key, value)
+        self.attributes = InstanceAttributes(module, attributes)
 
     def remove(self) -> None:
-        if self.module is None:
-            return
-        for key, original in self.originals.items():
-            delattr(self.module, key)
-            if original is not _MISSING:
-                setattr(self.module, key, original)
-        self.module = None
-        self.originals = {}
+        if self.attributes is not None:
+            self.attributes.remove()
+            self.attributes = None
 
     def copy(self) -> 'ForwardCanonizer':
         return self.__class__(self.module_type, self.forward, self.submodules)
@@ -138,6 +149,7 @@ TRANSFORMERS_MODULES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def transformers_class(package: str, name: str) -> Optional[type]:
     '''``transformers.models.<package>.modeling_<package>.<name>``, or None where this transformers lacks it.'''
     try:

@@ -13,12 +13,13 @@ from zennit.types import Activation, Convolution, Linear
 from .canonizers import MambaCanonizer
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
 from .mamba2 import Mamba2Core
-from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerRules, SiLUIdentity
+from .rules import (
+    MAMBA_LRP_RULES, DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerRules, SiLUIdentity,
+    is_canonized_mixer,
+)
 from .hybrid import ModelRules
 from .support import check_supported, is_hybrid, supported_norm_types
 
-#: the MambaLRP rules that can be switched on and off
-MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm', 'attention'})
 #: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
 PROJECTIONS = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj')
 #: FalconMamba's and Jamba's norms on the selection (dt, B, C) inside the mixer
@@ -132,7 +133,7 @@ class MambaComposite(Composite):
         one_pass_mixers = ctx.setdefault('one_pass_mixers', [])
         if any(name.startswith(prefix) for prefix in one_pass_mixers):
             return None
-        if hasattr(module, 'lrp_scan') or hasattr(module, 'lrp_core'):
+        if is_canonized_mixer(module):
             return self._mixer_rule(one_pass_mixers, name, module)
         if isinstance(module, Mamba2Core):
             # the nonlinear middle of a Mamba-2 mixer whose projections carry rules of their own

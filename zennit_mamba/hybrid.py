@@ -15,7 +15,7 @@ the layers are wired (residual sums, parallel branches, scalar multipliers, tied
 '''
 import copy
 import weakref
-from typing import Callable, Dict, FrozenSet, List, Optional
+from typing import Callable, FrozenSet, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
-from .rules import RULE_ATTRIBUTE, StabilizerLike, _DivideGradient, half_rule, identity_rule, reads_mixer_rules
+from .canonizers import InstanceAttributes
+from .rules import (
+    MAMBA_LRP_RULES, RULE_ATTRIBUTE, StabilizerLike, _DivideGradient, half_rule, identity_rule, is_canonized_mixer,
+)
 
 #: the attention and experts implementation registered with transformers for explained models
 IMPLEMENTATION = 'mamba_lrp'
@@ -145,11 +148,30 @@ class ModelRules(Hook):
         Stabiliser of the division at the output.
     recompute : bool, optional
         Recompute each Mamba mixer in the backward pass (see :py:class:`~zennit_mamba.rules.MixerRules`).
+
+    Examples
+    --------
+    :py:class:`~zennit_mamba.MambaComposite` registers it on hybrids by itself:
+
+    >>> from transformers import BambaConfig, BambaForCausalLM
+    >>> from zennit_mamba import MambaComposite
+    >>> model = BambaForCausalLM(BambaConfig(
+    ...     vocab_size=16, hidden_size=16, intermediate_size=16, num_hidden_layers=2, attn_layer_indices=[1],
+    ...     num_attention_heads=2, num_key_value_heads=1, mamba_n_heads=2, mamba_d_head=16, mamba_d_state=4,
+    ...     mamba_chunk_size=4, mamba_conv_bias=False)).eval()
+    >>> embeddings = model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach().requires_grad_()
+    >>> with MambaComposite().context(model) as modified:
+    ...     logits = modified(inputs_embeds=embeddings, use_cache=False).logits
+    ...     output_relevance = torch.zeros_like(logits)
+    ...     output_relevance[0, -1, 5] = logits[0, -1, 5]
+    ...     relevance, = torch.autograd.grad(logits, embeddings, output_relevance)
+    >>> bool(torch.isclose(relevance.sum(), logits[0, -1, 5], rtol=1e-3))
+    True
     '''
 
     def __init__(
         self,
-        rules: FrozenSet[str] = frozenset({'silu', 'ssm', 'gate', 'norm', 'attention'}),
+        rules: FrozenSet[str] = MAMBA_LRP_RULES,
         stabilizer: StabilizerLike = 1e-6,
         recompute: bool = False,
     ):
@@ -213,17 +235,14 @@ class ModelRules(Hook):
         handles = []
         activations = activation_types()
         for name, submodule in model.named_modules():
-            if reads_mixer_rules(submodule) and hasattr(submodule, 'in_proj'):
-                handles.append(_set_attributes(submodule, {RULE_ATTRIBUTE: self}))
-            elif hasattr(getattr(submodule, 'config', None), '_attn_implementation') and hasattr(submodule, 'o_proj'):
+            if is_canonized_mixer(submodule):
+                handles.append(InstanceAttributes(submodule, {RULE_ATTRIBUTE: self}))
+            elif _is_attention(submodule) or _is_experts(submodule):
+                # a copy of the module's config that selects the implementation registered above
                 config = copy.copy(submodule.config)
-                config._attn_implementation_internal = IMPLEMENTATION
-                handles.append(_set_attributes(submodule, {'config': config, HYBRID_RULE_ATTRIBUTE: self.rules}))
-            elif hasattr(submodule, 'has_gate') and hasattr(getattr(submodule, 'config', None),
-                                                            '_experts_implementation'):
-                config = copy.copy(submodule.config)
-                config._experts_implementation_internal = IMPLEMENTATION
-                handles.append(_set_attributes(submodule, {'config': config, HYBRID_RULE_ATTRIBUTE: self.rules}))
+                implementation = '_attn_implementation' if _is_attention(submodule) else '_experts_implementation'
+                setattr(config, f'{implementation}_internal', IMPLEMENTATION)
+                handles.append(InstanceAttributes(submodule, {'config': config, HYBRID_RULE_ATTRIBUTE: self.rules}))
             elif is_rms_norm(submodule) and 'norm' in self.rules:
                 handles.append(submodule.register_forward_hook(_identity_rule_hook))
             elif isinstance(submodule, activations) and 'silu' in self.rules:
@@ -246,29 +265,6 @@ def _half_rule_hook(module, input):
 
 def _detach_hook(module, input, output):
     return tuple(value.detach() if torch.is_tensor(value) else value for value in output)
-
-
-class _AttributeHandle:
-    '''Restores instance attributes of a module when removed.'''
-
-    _missing = object()
-
-    def __init__(self, module: torch.nn.Module, attributes: Dict[str, object]):
-        self.module = module
-        self.originals = {key: module.__dict__.get(key, self._missing) for key in attributes}
-        for key, value in attributes.items():
-            setattr(module, key, value)
-
-    def remove(self) -> None:
-        for key, original in self.originals.items():
-            delattr(self.module, key)
-            if original is not self._missing:
-                setattr(self.module, key, original)
-        self.originals = {}
-
-
-def _set_attributes(module: torch.nn.Module, attributes: Dict[str, object]) -> _AttributeHandle:
-    return _AttributeHandle(module, attributes)
 
 
 def _is_attention(module: torch.nn.Module) -> bool:

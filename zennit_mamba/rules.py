@@ -23,6 +23,8 @@ from zennit.rules import Pass
 from .layers import DETACH_ATTRIBUTE, SelectiveScan
 
 StabilizerLike = Union[float, Callable[[torch.Tensor], torch.Tensor]]
+#: the MambaLRP rules that can be switched on and off (``'attention'`` acts in hybrid models only)
+MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm', 'attention'})
 #: the attribute of a canonized mixer that holds its registered :py:class:`MixerRules`
 RULE_ATTRIBUTE = 'lrp_mixer_rules'
 
@@ -198,10 +200,15 @@ class MixerRules(_ModuleSetting):
         return self.__class__(self.rules, self.stabilizer, self.recompute)
 
 
+def is_canonized_mixer(module: torch.nn.Module) -> bool:
+    '''Whether ``module`` is a Mamba-1 or Mamba-2 mixer carrying a canonizer's submodules.'''
+    return hasattr(module, 'lrp_scan') or hasattr(module, 'lrp_core')
+
+
 def reads_mixer_rules(module: torch.nn.Module) -> bool:
     '''Whether ``module`` computes with the rules of a :py:class:`MixerRules` registered on it: a canonized mixer,
     or the core of a canonized Mamba-2 mixer.'''
-    return getattr(module, 'reads_mixer_rules', False) or hasattr(module, 'lrp_scan') or hasattr(module, 'lrp_core')
+    return getattr(module, 'reads_mixer_rules', False) or is_canonized_mixer(module)
 
 
 def silu(x: torch.Tensor, identity_rule: bool = True) -> torch.Tensor:

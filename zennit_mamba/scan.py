@@ -13,7 +13,7 @@ forward and backward: it works through channel blocks of bounded size, and its b
 are not recomputed in the backward pass.
 '''
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +189,19 @@ def _states(x, delta, A, B) -> torch.Tensor:
     return _recurrence_in_chunks_(_decay(delta, A), (delta * x)[:, :, None] * B[:, None])
 
 
+def uses_kernel(kernel: Optional[Callable], x: torch.Tensor, implementation: str) -> bool:
+    '''Whether a scan runs mamba-ssm's ``kernel`` (None where not installed) on ``x`` for ``implementation``.
+
+    ``'auto'`` uses it for CUDA tensors that are not float64; ``'mamba_ssm'`` requires it; ``'torch'`` never uses it.
+    '''
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
+    applies = kernel is not None and x.is_cuda and x.dtype != torch.float64
+    if implementation == 'mamba_ssm' and not applies:
+        raise RuntimeError('The mamba_ssm scan needs mamba-ssm installed and CUDA tensors in float32/16.')
+    return implementation != 'torch' and applies
+
+
 def selective_scan(
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -235,13 +248,8 @@ def selective_scan(
     >>> y.shape, last_state.shape
     (torch.Size([1, 4, 10]), torch.Size([1, 4, 3]))
     '''
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
     kernel = mamba_ssm_selective_scan()
-    kernel_applies = kernel is not None and x.is_cuda and x.dtype != torch.float64
-    if implementation == 'mamba_ssm' and not kernel_applies:
-        raise RuntimeError('The mamba_ssm scan needs mamba-ssm installed and CUDA tensors in float32/16.')
-    if implementation != 'torch' and kernel_applies:
+    if uses_kernel(kernel, x, implementation):
         output, last_state = kernel(x, delta, A.float(), B, C, None if D is None else D.float(), return_last_state=True)
         return output.to(x.dtype), last_state.detach().float()
 

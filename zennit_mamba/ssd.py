@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._optional import mamba_ssm_chunk_scan
-from .scan import IMPLEMENTATIONS
+from .scan import uses_kernel
 
 
 def _chunked(tensor: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -104,15 +104,8 @@ def ssd_scan(
     >>> y.flatten()
     tensor([1.0000, 1.5000, 1.7500])
     '''
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f'Unknown implementation {implementation!r}; choose from {IMPLEMENTATIONS}.')
     kernel = mamba_ssm_chunk_scan()
-    on_kernel_device = x.is_cuda and x.dtype != torch.float64
-    if implementation == 'mamba_ssm' and (kernel is None or not on_kernel_device):
-        raise RuntimeError(
-            'implementation=\'mamba_ssm\' needs mamba-ssm installed and CUDA tensors in float32, float16 or bfloat16.'
-        )
-    if implementation != 'torch' and kernel is not None and on_kernel_device:
+    if uses_kernel(kernel, x, implementation):
         return _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size)
     return _torch_ssd(x, dt, A, B, C, D, chunk_size)
 
