@@ -43,8 +43,9 @@ from reference import reference_relevance  # noqa: E402
 from zennit_mamba import MambaComposite  # noqa: E402
 
 METHODS = ('gi', 'gi_same_kernels', 'lrp_zennit', 'lrp_captum', 'ig50', 'sequential')
-#: how each method's time grows with length, to skip what would exceed the budget (the per-step paths grow faster)
-GROWTH = {'gi': 2.5, 'sequential': 1.2}
+#: how each method's time grows with length per device, to skip what would exceed the budget (the per-step paths
+#: grow faster: transformers' CPU loop for ``gi``, the reference's loop for ``sequential``)
+GROWTH = {'cpu': {'gi': 2.5, 'sequential': 1.2}, 'cuda': {'sequential': 1.2}}
 SIZES = {'cpu': dict(hidden_size=256, num_hidden_layers=4), 'cuda': dict(hidden_size=768, num_hidden_layers=24)}
 TARGET = 7
 
@@ -211,7 +212,7 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
     return rows
 
 
-def next_estimates(rows: Dict[str, dict], estimates: Dict[str, float], factor: float) -> Dict[str, float]:
+def next_estimates(rows: Dict[str, dict], estimates: Dict[str, float], factor: float, device: str) -> Dict[str, float]:
     '''Estimated seconds at a size ``factor`` times larger (work), from the last measurement.'''
     updated = {}
     for name, row in rows.items():
@@ -219,7 +220,7 @@ def next_estimates(rows: Dict[str, dict], estimates: Dict[str, float], factor: f
             updated[name] = float('inf')
             continue
         last = row.get('seconds', estimates.get(name, 0.0))
-        updated[name] = last * factor ** GROWTH.get(name, 1.0)
+        updated[name] = last * factor ** GROWTH[device].get(name, 1.0)
     return updated
 
 
@@ -341,7 +342,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         estimates, previous = {}, None
         for length in sorted(args.lengths):
             if previous is not None:
-                estimates = next_estimates(results[-1]['rows'], estimates, length / previous)
+                estimates = next_estimates(results[-1]['rows'], estimates, length / previous, args.device)
             rows = run_size(model, methods, args.device, length, batch, args.repeats, estimates, args.budget)
             results.append({'length': length, 'batch': batch, 'rows': rows})
             previous = length

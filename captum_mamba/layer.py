@@ -86,7 +86,7 @@ class LayerMambaLRP(LayerGradientXActivation):
         refuse_extra_arguments('LayerMambaLRP', kwargs)
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=False)
         with explaining(self.model, self.composite), torch.enable_grad():
-            relevance, _ = compute_layer_gradients_and_eval(
+            relevance, activations = compute_layer_gradients_and_eval(
                 forward,
                 self.layer,
                 inputs,
@@ -95,6 +95,9 @@ class LayerMambaLRP(LayerGradientXActivation):
                 device_ids=self.device_ids,
                 attribute_to_layer_input=attribute_to_layer_input,
             )
+        if self.composite.explains_whole_model(self.model):
+            # the composite's ModelRules runs before Captum's layer hook, so these are gradients at the layer
+            relevance = tuple(gradient * activation for gradient, activation in zip(relevance, activations))
         return _format_output(len(relevance) > 1, relevance)
 
     @classmethod

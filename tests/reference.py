@@ -82,7 +82,7 @@ def _mamba2_mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str
     # head h reads group h // (heads / groups)
     B = B.reshape(batch, length, groups, state).repeat_interleave(heads // groups, dim=2)
     C = C.reshape(batch, length, groups, state).repeat_interleave(heads // groups, dim=2)
-    hidden = torch.zeros(batch, heads, head_dim, state, dtype=u.dtype)
+    hidden = torch.zeros(batch, heads, head_dim, state, dtype=u.dtype, device=u.device)
     outputs = []
     for t in range(length):
         decay = torch.exp(delta[:, t] * A)[:, :, None, None]

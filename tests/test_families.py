@@ -219,6 +219,24 @@ def test_captum_on_a_hybrid():
     assert (conservation_error(attributions, explained) <= 1e-6).all()
 
 
+@pytest.mark.parametrize('name', ['Jamba', 'Bamba', 'NemotronH', 'GraniteMoeHybrid', 'FalconH1', 'Mamba2'])
+def test_layer_relevance_on_hybrids_is_conserved_and_matches_the_input_relevance(name):
+    # ModelRules leaves gradients (not relevances) inside a hybrid; LayerMambaLRP must turn them into relevance
+    from captum_mamba import LayerMambaLRP, MambaLRP
+
+    model = build(name)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        explained = model(ids).logits[:, -1, 3]
+    at_embeddings = LayerMambaLRP(model, model.get_input_embeddings(), epsilon=1e-12).attribute(ids, target=3)
+    expected = MambaLRP(model, epsilon=1e-12).attribute(model.get_input_embeddings()(ids).detach(), target=3)
+    assert relative_error(at_embeddings, expected) <= 1e-8
+    layers = model.model.layers if hasattr(model, 'model') else model.backbone.layers
+    inside = LayerMambaLRP(model, layers[1], epsilon=1e-12).attribute(ids, target=3, attribute_to_layer_input=True)
+    for relevance in (at_embeddings, inside):
+        assert (conservation_error(relevance, explained) <= 1e-6).all()
+
+
 def test_token_ids_give_the_relevance_of_their_embeddings():
     model = build('Jamba')
     embeddings = embeddings_for(model)

@@ -6,15 +6,16 @@ from typing import Callable, Optional
 
 @functools.lru_cache(maxsize=None)
 def mamba_ssm_modules() -> Optional[types.SimpleNamespace]:
-    '''mamba-ssm's Mamba-1 classes, or None where mamba-ssm cannot be imported.'''
+    '''mamba-ssm's module classes, or None where mamba-ssm cannot be imported.'''
     try:
         from mamba_ssm.models.mixer_seq_simple import MixerModel
         from mamba_ssm.modules.block import Block
+        from mamba_ssm.modules.mamba2 import Mamba2
         from mamba_ssm.modules.mamba_simple import Mamba
         from mamba_ssm.ops.triton.layer_norm import RMSNorm
     except (ImportError, OSError, RuntimeError):
         return None
-    return types.SimpleNamespace(Mamba=Mamba, Block=Block, MixerModel=MixerModel, RMSNorm=RMSNorm)
+    return types.SimpleNamespace(Mamba=Mamba, Mamba2=Mamba2, Block=Block, MixerModel=MixerModel, RMSNorm=RMSNorm)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,7 +16,7 @@ from zennit.layer import Sum
 from . import mamba_ssm_mamba, transformers_mamba
 from ._optional import mamba_ssm_modules
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
-from .mamba2 import Mamba2Core
+from .mamba2 import Mamba2Core, mamba_ssm_layout, transformers_layout
 
 #: prefix of every attribute a canonizer adds, so that a canonized model can be recognised
 ATTRIBUTE_PREFIX = 'lrp_'
@@ -74,19 +74,12 @@ class ForwardCanonizer(Canonizer):
         return type(module) is self.module_type
 
     def apply(self, root_module: torch.nn.Module) -> List['ForwardCanonizer']:
-        # collect first: registering adds submodules, which must not happen while named_modules() iterates
-        targets = [module for module in root_module.modules() if self.matches(module)]
-        instances = []
-        try:
-            for module in targets:
-                instance = self.copy()
-                instance.register(module)
-                instances.append(instance)
-        except BaseException:
-            for instance in instances:
-                instance.remove()
-            raise
-        return instances
+        return _register_copies(self._targets(root_module, {self.module_type: self}))
+
+    @staticmethod
+    def _targets(root_module: torch.nn.Module, by_type: Dict[type, 'ForwardCanonizer']) -> List[Tuple]:
+        # collected first: registering adds submodules, which must not happen while modules() iterates
+        return [(by_type[type(module)], module) for module in root_module.modules() if type(module) in by_type]
 
     def register(self, module: torch.nn.Module) -> None:
         attributes = {'forward': types.MethodType(self.forward, module)}
@@ -100,6 +93,21 @@ class ForwardCanonizer(Canonizer):
 
     def copy(self) -> 'ForwardCanonizer':
         return self.__class__(self.module_type, self.forward, self.submodules)
+
+
+def _register_copies(targets: List[Tuple[ForwardCanonizer, torch.nn.Module]]) -> List[ForwardCanonizer]:
+    '''Register a copy of each canonizer on its module; on any error, remove those registered and re-raise.'''
+    instances = []
+    try:
+        for canonizer, module in targets:
+            instance = canonizer.copy()
+            instance.register(module)
+            instances.append(instance)
+    except BaseException:
+        for instance in instances:
+            instance.remove()
+        raise
+    return instances
 
 
 def _mixer_submodules(channels: int, state_size: int) -> Dict[str, torch.nn.Module]:
@@ -117,11 +125,15 @@ def _transformers_mixer_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn
 
 
 def _mamba2_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
-    return {'core': Mamba2Core(mixer)}
+    return {'core': Mamba2Core(mixer, transformers_layout(mixer))}
 
 
 def _mamba_ssm_mixer_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     return _mixer_submodules(mixer.d_inner, mixer.d_state)
+
+
+def _mamba_ssm_mamba2_submodules(mixer: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    return {'core': Mamba2Core(mixer, mamba_ssm_layout(mixer))}
 
 
 def _residual_submodules(module: torch.nn.Module) -> Dict[str, torch.nn.Module]:
@@ -170,12 +182,13 @@ def transformers_canonizers() -> List[ForwardCanonizer]:
 
 
 def mamba_ssm_canonizers() -> List[ForwardCanonizer]:
-    '''Canonizers for mamba-ssm's Mamba-1 modules; empty where mamba-ssm is not importable.'''
+    '''Canonizers for mamba-ssm's modules; empty where mamba-ssm is not importable.'''
     modules = mamba_ssm_modules()
     if modules is None:
         return []
     return [
         ForwardCanonizer(modules.Mamba, mamba_ssm_mamba.mixer_forward, _mamba_ssm_mixer_submodules),
+        ForwardCanonizer(modules.Mamba2, mamba_ssm_mamba.mamba2_forward, _mamba_ssm_mamba2_submodules),
         ForwardCanonizer(modules.Block, mamba_ssm_mamba.block_forward, _residual_submodules),
         ForwardCanonizer(modules.MixerModel, mamba_ssm_mamba.backbone_forward, _residual_submodules),
     ]
@@ -199,6 +212,11 @@ class MambaCanonizer(CompositeCanonizer):
 
     def __init__(self):
         super().__init__(transformers_canonizers() + mamba_ssm_canonizers())
+
+    def apply(self, root_module: torch.nn.Module) -> List[ForwardCanonizer]:
+        # one walk over the model for all module types (a model is canonized on every explanation)
+        by_type = {canonizer.module_type: canonizer for canonizer in self.canonizers}
+        return _register_copies(ForwardCanonizer._targets(root_module, by_type))
 
     def copy(self) -> 'MambaCanonizer':
         return MambaCanonizer()

@@ -115,23 +115,40 @@ class MambaComposite(Composite):
             self.remove()
             raise
 
+    @staticmethod
+    def explains_whole_model(model: torch.nn.Module) -> bool:
+        '''Whether ``model`` is explained by one :py:class:`~zennit_mamba.hybrid.ModelRules` on the whole model
+        (hybrids), rather than by rules layer by layer.
+
+        Relevance reaches the model input either way. Inside the model, the gradient of a tensor ``h`` is its
+        relevance layer by layer, but the gradient of the rule-modified forward with ``ModelRules``, where the
+        relevance is ``h * gradient``.
+
+        Examples
+        --------
+        >>> from transformers import MambaConfig, MambaForCausalLM
+        >>> MambaComposite.explains_whole_model(MambaForCausalLM(MambaConfig(vocab_size=8, hidden_size=8)))
+        False
+        '''
+        return is_hybrid(model)
+
     def mapping(self, ctx: dict, name: str, module: torch.nn.Module) -> Optional[Hook]:
         '''The rule for one module, or None to leave its gradient unmodified.'''
         if not name:
-            ctx['hybrid'] = is_hybrid(module)
-            if ctx['hybrid'] and (self.gamma or self.layer_map):
+            ctx['whole_model'] = self.explains_whole_model(module)
+            if ctx['whole_model'] and (self.gamma or self.layer_map):
                 raise ValueError(
                     'gamma and layer_map apply to Mamba-only models; a hybrid model is explained in one pass '
                     '(ModelRules), where every projection takes LRP-0.'
                 )
-        if ctx.get('hybrid', False):
+        if ctx.get('whole_model', False):
             return None if name else ModelRules(self.rules, self.epsilon, self.recompute)
         for types, hook in self.layer_map:
             if isinstance(module, types):
                 return hook
         # modules come parent first: inside a mixer that takes MixerRules, nothing else carries a rule
         one_pass_mixers = ctx.setdefault('one_pass_mixers', [])
-        if any(name.startswith(prefix) for prefix in one_pass_mixers):
+        if name.startswith(tuple(one_pass_mixers)):
             return None
         if is_canonized_mixer(module):
             return self._mixer_rule(one_pass_mixers, name, module)
@@ -160,7 +177,7 @@ class MambaComposite(Composite):
 
     def _mixer_rule(self, one_pass_mixers: List[str], name: str, mixer: torch.nn.Module) -> Optional[Hook]:
         '''MixerRules for a canonized mixer whose inner modules need no rule of their own, else None.'''
-        own_rules = [
+        own_rules = [] if not (self.gamma or self.layer_map) else [
             sub_name for sub_name, submodule in mixer.named_modules() if sub_name and (
                 any(isinstance(submodule, types) for types, _ in self.layer_map)
                 or self._gamma_for(f'{name}.{sub_name}' if name else sub_name, submodule) is not None

@@ -1,32 +1,62 @@
-'''Canonized forwards for mamba-ssm's Mamba-1 modules (``Mamba``, ``Block``, ``MixerModel``).
+'''Canonized forwards for mamba-ssm's modules (``Mamba``, ``Mamba2``, ``Block``, ``MixerModel``).
 
 mamba-ssm fuses the residual add into its RMSNorm kernel and passes the residual stream between blocks as a second
 tensor; the canonized forwards add it through an explicit :py:class:`zennit.layer.Sum` and call the norm on the sum.
 The canonized ``MixerModel`` also accepts ``inputs_embeds``, so relevance can be read at the embeddings:
 ``model(None, inputs_embeds=embeddings)`` on a ``MambaLMHeadModel``.
 '''
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .layers import stack_operands
-from .mixer import canonical_mixer, refuse_continuation
+from .mamba2 import canonical_mamba2
+from .mixer import MixerOutput, canonical_mixer, refuse_continuation
 
 
-def mixer_forward(self, hidden_states: torch.Tensor, inference_params=None, **kwargs) -> torch.Tensor:
-    '''Forward of a canonized ``mamba_ssm.modules.mamba_simple.Mamba``; fills a fresh cache as the original does.'''
+def _run_filling_cache(mixer: torch.nn.Module, run: Callable[[], MixerOutput], batch: int, inference_params):
+    '''``run()``, with the states of a fresh cache filled as the original forward fills them.'''
     states = None
     if inference_params is not None:
         if inference_params.seqlen_offset > 0:
             raise refuse_continuation()
-        states = self._get_states_from_cache(inference_params, hidden_states.shape[0])
-    result = canonical_mixer(self, hidden_states, self.dt_rank, self.d_state)
+        states = mixer._get_states_from_cache(inference_params, batch)
+    result = run()
     if states is not None:
         conv_state, ssm_state = states
-        conv_state.copy_(F.pad(result.conv_input, (self.d_conv - result.conv_input.shape[-1], 0)))
+        conv_state.copy_(F.pad(result.conv_input, (mixer.d_conv - result.conv_input.shape[-1], 0)))
         ssm_state.copy_(result.last_state)
     return result.output
+
+
+def mixer_forward(self, hidden_states: torch.Tensor, inference_params=None, **kwargs) -> torch.Tensor:
+    '''Forward of a canonized ``mamba_ssm.modules.mamba_simple.Mamba``; fills a fresh cache as the original does.'''
+    def run() -> MixerOutput:
+        return canonical_mixer(self, hidden_states, self.dt_rank, self.d_state)
+
+    return _run_filling_cache(self, run, hidden_states.shape[0], inference_params)
+
+
+def mamba2_forward(
+    self, u: torch.Tensor, seqlen: Optional[int] = None, seq_idx=None, cu_seqlens=None, inference_params=None
+) -> torch.Tensor:
+    '''Forward of a canonized ``mamba_ssm.modules.mamba2.Mamba2``; fills a fresh cache as the original does.
+
+    ``u`` is ``(batch, length, hidden)``, or ``(batch * length, hidden)`` with ``seqlen`` given.
+    '''
+    if seq_idx is not None or cu_seqlens is not None:
+        raise ValueError(
+            'MambaLRP explains one sequence per batch row; packed sequences (seq_idx, cu_seqlens) are not supported. '
+            'Pass the sequences as separate (padded) rows of the batch.'
+        )
+    hidden_states = u if seqlen is None else u.unflatten(0, (-1, seqlen))
+
+    def run() -> MixerOutput:
+        return canonical_mamba2(self, hidden_states)
+
+    output = _run_filling_cache(self, run, hidden_states.shape[0], inference_params)
+    return output if seqlen is None else output.flatten(0, 1)
 
 
 def _add_residual(module: torch.nn.Module, hidden_states: torch.Tensor, residual: Optional[torch.Tensor]):

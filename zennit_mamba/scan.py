@@ -189,17 +189,23 @@ def _states(x, delta, A, B) -> torch.Tensor:
     return _recurrence_in_chunks_(_decay(delta, A), (delta * x)[:, :, None] * B[:, None])
 
 
-def uses_kernel(kernel: Optional[Callable], x: torch.Tensor, implementation: str) -> bool:
+def uses_kernel(
+    kernel: Optional[Callable],
+    x: torch.Tensor,
+    implementation: str,
+    auto_dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16),
+) -> bool:
     '''Whether a scan runs mamba-ssm's ``kernel`` (None where not installed) on ``x`` for ``implementation``.
 
-    ``'auto'`` uses it for CUDA tensors that are not float64; ``'mamba_ssm'`` requires it; ``'torch'`` never uses it.
+    ``'auto'`` uses it for CUDA tensors of ``auto_dtypes``; ``'mamba_ssm'`` requires it (any dtype but float64);
+    ``'torch'`` never uses it.
     '''
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f'implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}')
     applies = kernel is not None and x.is_cuda and x.dtype != torch.float64
     if implementation == 'mamba_ssm' and not applies:
         raise RuntimeError('The mamba_ssm scan needs mamba-ssm installed and CUDA tensors in float32/16.')
-    return implementation != 'torch' and applies
+    return applies and (implementation == 'mamba_ssm' or (implementation == 'auto' and x.dtype in auto_dtypes))
 
 
 def selective_scan(

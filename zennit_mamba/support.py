@@ -12,7 +12,7 @@ from .canonizers import TRANSFORMERS_MODULES, canonized_modules, transformers_cl
 SUPPORTED_MIXERS = (
     'transformers MambaMixer, FalconMambaMixer and Mamba2Mixer (Mamba, FalconMamba and Mamba-2 models), the Mamba '
     'layers of the hybrids Jamba, Bamba, NemotronH, GraniteMoeHybrid, FalconH1 and Zamba2, and mamba-ssm Mamba '
-    '(mamba_simple, in blocks without MLP and with RMSNorm) where mamba-ssm is installed'
+    '(mamba_simple) and Mamba2 (in blocks without MLP or attention and with RMSNorm) where mamba-ssm is installed'
 )
 #: transformers model packages whose Mamba mixers sit between attention and MLP layers
 HYBRID_PACKAGES = frozenset({'jamba', 'bamba', 'nemotron_h', 'granitemoehybrid', 'falcon_h1', 'zamba2'})
@@ -37,7 +37,7 @@ def _transformers_mixer_types(packages: Optional[Collection[str]] = None) -> Tup
 
 def _supported_mixer_types() -> Tuple[type, ...]:
     mamba_ssm = mamba_ssm_modules()
-    return _transformers_mixer_types() + ((mamba_ssm.Mamba,) if mamba_ssm is not None else ())
+    return _transformers_mixer_types() + ((mamba_ssm.Mamba, mamba_ssm.Mamba2) if mamba_ssm is not None else ())
 
 
 def is_hybrid(model: torch.nn.Module) -> bool:
@@ -65,10 +65,14 @@ def _unsupported_mamba_ssm_parts(model: torch.nn.Module) -> List[str]:
     found = []
     for name, module in model.named_modules():
         if isinstance(module, modules.Block):
+            if type(module.mixer) not in (modules.Mamba, modules.Mamba2):
+                found.append(f'Block with mixer {type(module.mixer).__name__} at \'{name}\'')
             if module.mlp is not None:
                 found.append(f'Block with an MLP at \'{name}\'')
             if not isinstance(module.norm, modules.RMSNorm):
                 found.append(f'Block with {type(module.norm).__name__} at \'{name}\'')
+        if isinstance(module, modules.Mamba2) and module.process_group is not None:
+            found.append(f'tensor-parallel Mamba2 at \'{name}\'')
         if isinstance(module, modules.MixerModel) and not isinstance(module.norm_f, modules.RMSNorm):
             found.append(f'MixerModel with {type(module.norm_f).__name__} at \'{name}\'')
     return found
