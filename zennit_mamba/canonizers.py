@@ -69,17 +69,8 @@ class ForwardCanonizer(Canonizer):
         self.submodules = submodules
         self.attributes: Optional[InstanceAttributes] = None
 
-    def matches(self, module: torch.nn.Module) -> bool:
-        '''Whether this canonizer applies to ``module``.'''
-        return type(module) is self.module_type
-
     def apply(self, root_module: torch.nn.Module) -> List['ForwardCanonizer']:
-        return _register_copies(self._targets(root_module, {self.module_type: self}))
-
-    @staticmethod
-    def _targets(root_module: torch.nn.Module, by_type: Dict[type, 'ForwardCanonizer']) -> List[Tuple]:
-        # collected first: registering adds submodules, which must not happen while modules() iterates
-        return [(by_type[type(module)], module) for module in root_module.modules() if type(module) in by_type]
+        return _canonize_by_type(root_module, [self])
 
     def register(self, module: torch.nn.Module) -> None:
         attributes = {'forward': types.MethodType(self.forward, module)}
@@ -95,8 +86,12 @@ class ForwardCanonizer(Canonizer):
         return self.__class__(self.module_type, self.forward, self.submodules)
 
 
-def _register_copies(targets: List[Tuple[ForwardCanonizer, torch.nn.Module]]) -> List[ForwardCanonizer]:
-    '''Register a copy of each canonizer on its module; on any error, remove those registered and re-raise.'''
+def _canonize_by_type(root_module: torch.nn.Module, canonizers: List[ForwardCanonizer]) -> List[ForwardCanonizer]:
+    '''In one walk over ``root_module``, register a copy of the canonizer of each module's exact type on it; on any
+    error, remove those registered and re-raise.'''
+    by_type = {canonizer.module_type: canonizer for canonizer in canonizers}
+    # collected first: registering adds submodules, which must not happen while modules() iterates
+    targets = [(by_type[type(module)], module) for module in root_module.modules() if type(module) in by_type]
     instances = []
     try:
         for canonizer, module in targets:
@@ -215,8 +210,7 @@ class MambaCanonizer(CompositeCanonizer):
 
     def apply(self, root_module: torch.nn.Module) -> List[ForwardCanonizer]:
         # one walk over the model for all module types (a model is canonized on every explanation)
-        by_type = {canonizer.module_type: canonizer for canonizer in self.canonizers}
-        return _register_copies(ForwardCanonizer._targets(root_module, by_type))
+        return _canonize_by_type(root_module, self.canonizers)
 
     def copy(self) -> 'MambaCanonizer':
         return MambaCanonizer()

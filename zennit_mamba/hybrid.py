@@ -27,7 +27,8 @@ from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
 from .canonizers import InstanceAttributes
 from .rules import (
-    MAMBA_LRP_RULES, RULE_ATTRIBUTE, StabilizerLike, _DivideGradient, half_rule, identity_rule, is_canonized_mixer,
+    MAMBA_LRP_RULES, RULE_ATTRIBUTE, StabilizerLike, _DivideGradient, gate_product, half_rule, identity_rule,
+    is_canonized_mixer,
 )
 
 #: the attention and experts implementation registered with transformers for explained models
@@ -85,8 +86,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     for expert in top_k_index.unique().tolist():
         token, slot = torch.where(top_k_index == expert)
         gate, up = F.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-        product = self.act_fn(gate) * up
-        expert_output = F.linear(half_rule(product) if 'gate' in rules else product, self.down_proj[expert])
+        expert_output = F.linear(gate_product(self.act_fn(gate), up, 'gate' in rules), self.down_proj[expert])
         output = output.index_add(0, token, (expert_output * top_k_weights[token, slot, None]).to(output.dtype))
     return output.to(hidden_states.dtype)
 

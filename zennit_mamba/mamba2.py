@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from .mixer import MixerOutput, mask_padding, run_mixer
-from .rules import RULE_ATTRIBUTE, half_rule, identity_rule, silu
+from .rules import RULE_ATTRIBUTE, gate_product, identity_rule, silu
 from .ssd import ssd_scan
 
 
@@ -92,11 +92,6 @@ def _activation(name: str, x: torch.Tensor, identity: bool) -> torch.Tensor:
     return identity_rule(x, output) if identity else output
 
 
-def _gated(value: torch.Tensor, activated_gate: torch.Tensor, rules: FrozenSet[str]) -> torch.Tensor:
-    product = value * activated_gate
-    return half_rule(product) if 'gate' in rules else product
-
-
 def _gated_norm(mixer: torch.nn.Module, y: torch.Tensor, gate: torch.Tensor, rules: FrozenSet[str]) -> torch.Tensor:
     '''``norm(y * silu(gate))`` (or ``norm(y) * silu(gate)``) with the gate, SiLU and LN rules as detaches.'''
     norm = getattr(mixer, 'norm', None)
@@ -105,9 +100,9 @@ def _gated_norm(mixer: torch.nn.Module, y: torch.Tensor, gate: torch.Tensor, rul
     activated = silu(gate.to(compute), identity_rule='silu' in rules)
     if not hasattr(norm, 'weight'):
         # without a gated norm (FalconH1's mamba_rms_norm=False, mamba-ssm's rmsnorm=False) the gate acts directly
-        return _gated(y.to(compute), activated, rules).to(dtype)
+        return gate_product(y.to(compute), activated, 'gate' in rules).to(dtype)
     before_gate = getattr(norm, 'norm_before_gate', False)
-    hidden = y.to(compute) if before_gate else _gated(y.to(compute), activated, rules)
+    hidden = y.to(compute) if before_gate else gate_product(y.to(compute), activated, 'gate' in rules)
     width = hidden.shape[-1]
     group_size = getattr(norm, 'group_size', None) or width // norm.n_groups
     # transformers' name, then mamba-ssm's
@@ -117,7 +112,7 @@ def _gated_norm(mixer: torch.nn.Module, y: torch.Tensor, gate: torch.Tensor, rul
     if 'norm' in rules:
         scale = scale.detach()
     hidden = norm.weight.to(compute) * (grouped * scale).flatten(-2)
-    return (_gated(hidden, activated, rules) if before_gate else hidden).to(dtype)
+    return (gate_product(hidden, activated, 'gate' in rules) if before_gate else hidden).to(dtype)
 
 
 def mamba2_core(
@@ -156,7 +151,7 @@ def mamba2_core(
     if layout.mlp_width:
         compute = output.dtype
         activated = silu(mlp_gate.to(compute), identity_rule='silu' in rules)
-        output = torch.cat([_gated(mlp_input.to(compute), activated, rules), output], dim=-1)
+        output = torch.cat([gate_product(mlp_input.to(compute), activated, 'gate' in rules), output], dim=-1)
     return output, last_state
 
 

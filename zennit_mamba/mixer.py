@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .layers import SelectiveScan, stack_operands
-from .rules import RULE_ATTRIBUTE, half_rule, silu
+from .rules import RULE_ATTRIBUTE, gate_product, silu
 from .scan import selective_scan
 
 
@@ -79,8 +79,7 @@ class DetachedOps:
         return selective_scan(x, delta, A, B, C, D)
 
     def gate(self, scanned: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        gated = scanned.to(torch.promote_types(scanned.dtype, gate.dtype)) * gate
-        return half_rule(gated) if 'gate' in self.rules else gated
+        return gate_product(scanned.to(torch.promote_types(scanned.dtype, gate.dtype)), gate, 'gate' in self.rules)
 
 
 def canonical_mixer(

@@ -233,6 +233,12 @@ def half_rule(product: torch.Tensor) -> torch.Tensor:
     return 0.5 * product + 0.5 * product.detach()
 
 
+def gate_product(value: torch.Tensor, gate: torch.Tensor, half: bool = True) -> torch.Tensor:
+    '''``value * gate``; with ``half``, under the half rule (the MambaLRP gate rule, see :py:func:`half_rule`).'''
+    product = value * gate
+    return half_rule(product) if half else product
+
+
 class SiLUIdentity(Pass):
     '''MambaLRP rule for SiLU: ``y = x * sigmoid(x)`` with the sigmoid held constant, so ``R(x) = R(y)``.
 
