@@ -14,7 +14,8 @@ Times are medians over ``--repeats`` runs, each run measuring every method once 
 Peak memory is what the call adds to what was allocated before it: the CUDA allocator's peak, or on the CPU
 (Linux, glibc) the process's peak resident memory in the warm-up call, made with freed memory returned to the OS at
 once (timed calls run with the usual allocator; a method run only once has no CPU memory figure). A method whose
-estimated time exceeds ``--budget`` seconds is skipped and marked so, as is one that ran out of memory.
+estimated time exceeds ``--budget`` seconds is skipped and marked so, as is one that ran out of memory; one whose
+estimated or first-measured time is too long to repeat within the budget is measured once ("1 run").
 ``--long N`` also explains one N-token input with ``recompute=True`` and reports time, memory and conservation.
 
 Run: ``python benchmarks/speed.py`` (CPU: 4 layers, d_model 256) or ``python benchmarks/speed.py --device cuda``
@@ -178,9 +179,20 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
     once = {name for name in chosen if estimates.get(name, 0.0) * (repeats + 1) > budget}
     samples = {name: [] for name in chosen}
     failed, peaks = set(), {}
+    for name, method in chosen.items():
+        if name not in estimates:
+            # no estimate yet (the first size): one timed call tells whether repeats fit the budget
+            try:
+                probe = measure(lambda: method(model, embeddings), device, memory=False)
+            except torch.OutOfMemoryError:
+                failed.add(name)
+                continue
+            if probe['seconds'] * (repeats + 1) > budget:
+                once.add(name)
+                samples[name].append(probe)
     for repeat in range(repeats + 1):
         for name, method in chosen.items():
-            if name in once and repeat > 0:
+            if name in once and (repeat > 0 or samples[name]):
                 continue
             if name in failed:
                 continue
@@ -207,7 +219,8 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
             rows[name] = {'skipped': 'out of memory'}
             continue
         seconds = statistics.median(sample['seconds'] for sample in samples[name])
-        memory = peaks[name] if device == 'cpu' else statistics.median(sample['memory'] for sample in samples[name])
+        memory = peaks.get(name, float('nan')) if device == 'cpu' else statistics.median(
+            sample['memory'] for sample in samples[name])
         rows[name] = {'seconds': seconds, 'memory': memory, 'once': name in once}
     return rows
 
@@ -253,7 +266,7 @@ def fmt(value: Optional[float], digits: int = 2) -> str:
 
 def report(results: List[dict], device: str, long_result: Optional[dict], description: str) -> str:
     lines = [f'# MambaLRP speed, {description}', '',
-             'Seconds per call (median; "1 run": too slow for repeats, measured once without warm-up), and ratios '
+             'Seconds per call (median; "1 run": too slow for repeats, measured once, its first call), and ratios '
              'of time and peak memory to gradient x input on the unmodified model (a) and on the canonized model '
              'with the same kernels (b).', '',
              '| L | batch | method | seconds | time / (a) | time / (b) | peak MiB | memory / (b) |',

@@ -102,11 +102,17 @@ def explain(
         logits = last_logits(modified, embeddings, **kwargs)
         if targets is None:
             targets = logits.argmax(-1)
-        rows = torch.arange(len(targets))
-        output_relevance = torch.zeros_like(logits)
-        output_relevance[rows, targets] = logits[rows, targets]
-        relevance, = torch.autograd.grad(logits, embeddings, output_relevance)
-    return relevance, logits[rows, targets].detach(), targets
+        relevance = target_relevance(logits, embeddings, targets)
+    return relevance, logits[torch.arange(len(targets)), targets].detach(), targets
+
+
+def target_relevance(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    '''The gradient at ``inputs`` of ``(batch, classes)`` logits, given each example's target logit (and zero
+    elsewhere) as the output gradient: inside a composite, the relevance of ``inputs``.'''
+    rows = torch.arange(len(targets))
+    output_relevance = torch.zeros_like(logits)
+    output_relevance[rows, targets] = logits[rows, targets]
+    return torch.autograd.grad(logits, inputs, output_relevance)[0]
 
 
 def gradient_x_input(

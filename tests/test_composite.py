@@ -1,4 +1,5 @@
 '''MambaComposite as a Zennit user meets it: context, attributors, restoration, bad input, traps.'''
+import collections
 import contextlib
 
 import pytest
@@ -9,8 +10,10 @@ from zennit.attribution import Gradient
 from zennit.layer import Sum
 from zennit.rules import Gamma, ZPlus
 
-from conftest import embed, explain, last_logits, make_mamba, relative_error
-from zennit_mamba import GateProduct, GradientTimesInput, MambaComposite, SelectiveScan, SiLU, UnsupportedModelError
+from conftest import embed, explain, last_logits, make_mamba, relative_error, target_relevance
+from zennit_mamba import (
+    GateProduct, GradientTimesInput, MambaComposite, ModelRules, SelectiveScan, SiLU, UnsupportedModelError,
+)
 
 
 def snapshot(model):
@@ -127,13 +130,15 @@ def test_default_cache_is_filled_and_continuing_from_it_is_refused(model):
             modified(inputs_embeds=embeddings[:, :1], cache_params=output.cache_params)
 
 
-@pytest.mark.parametrize('composite, explicit_modules_per_layer', [
-    # one pass per mixer (MixerRules): only the residual sum runs as a module
-    (MambaComposite(), 1),
+@pytest.mark.parametrize('composite, explicit_modules_per_layer, one_pass', [
+    # the whole model in one pass (ModelRules): no explicit module runs (the residual sum is a plain addition)
+    (MambaComposite(), 0, True),
+    # layer by layer with one pass per mixer (a rule on the head only): mixer, norms, sums, head carry rules
+    (MambaComposite(gamma={'lm_head': 0.0}), 1, False),
     # a rule on a projection: conv SiLU, gate SiLU, gate product, scan, residual sum each carry their own rule
-    (MambaComposite(gamma=0.0), 5),
-], ids=['one-pass', 'module-by-module'])
-def test_every_rule_fires_and_every_explicit_module_runs_once(model, composite, explicit_modules_per_layer):
+    (MambaComposite(gamma=0.0), 5, False),
+], ids=['one-pass', 'mixer-by-mixer', 'module-by-module'])
+def test_every_rule_fires_and_every_explicit_module_runs_once(model, composite, explicit_modules_per_layer, one_pass):
     calls = {}
     with composite.context(model) as modified:
         handles = [
@@ -143,14 +148,36 @@ def test_every_rule_fires_and_every_explicit_module_runs_once(model, composite, 
             if isinstance(module, (SiLU, GateProduct, SelectiveScan, Sum))
         ]
         embeddings = embed(model, 1, 4).requires_grad_()
-        logits = last_logits(modified, embeddings)
-        logits[0, 0].backward()
+        logits = model(inputs_embeds=embeddings, use_cache=False).logits
+        logits[0, -1, 0].backward()
+        # zennit's hooks keep the output gradient they saw; ModelRules sees only its two ends, no stored tensors
         fired = ['grad_output' in hook.stored_tensors for hook in composite.hook_refs]
+        hook_types = [type(hook) for hook in composite.hook_refs]
         for handle in handles:
             handle.remove()
     assert len(calls) == explicit_modules_per_layer * model.config.num_hidden_layers
-    assert set(calls.values()) == {1}
-    assert len(fired) > 0 and all(fired)
+    assert set(calls.values()) <= {1}
+    if not one_pass:
+        assert len(fired) > model.config.num_hidden_layers and all(fired)
+    else:
+        assert hook_types == [ModelRules]
+
+
+def test_one_pass_relevance_flows_through_the_parts_the_user_calls(model):
+    # the outermost call of any module converts relevance at its ends: backbone then head (as last_logits does),
+    # the whole model, and one block called on its own all give relevance, not gradients
+    embeddings = embed(model, 2, 9)
+    parts, explained, targets = explain(model, embeddings)
+    leaf = embeddings.detach().clone().requires_grad_()
+    with MambaComposite(epsilon=1e-12).context(model) as modified:
+        whole = target_relevance(modified(inputs_embeds=leaf, use_cache=False).logits[:, -1], leaf, targets)
+
+        block = modified.backbone.layers[1]
+        hidden = leaf.detach().clone().requires_grad_()
+        output = block(hidden)
+        block_relevance, = torch.autograd.grad(output, hidden, output)
+    assert relative_error(whole, parts) <= 1e-10
+    assert torch.allclose(block_relevance.sum((1, 2)), output.detach().sum((1, 2)), rtol=1e-10)
 
 
 @pytest.mark.unmodified_forward
@@ -238,11 +265,12 @@ def test_registering_the_same_composite_twice_replaces_its_hooks(model):
 
 
 @pytest.mark.unmodified_forward
-@pytest.mark.parametrize('composite', [MambaComposite(), MambaComposite(gamma=0.25)], ids=['one-pass', 'gamma'])
-def test_rule_settings_are_removed_after_the_context(model, composite):
+@pytest.mark.parametrize('composite, settings_per_layer', [(MambaComposite(), 2), (MambaComposite(gamma=0.25), 1)],
+                         ids=['one-pass', 'gamma'])
+def test_rule_settings_are_removed_after_the_context(model, composite, settings_per_layer):
     with restored_afterwards(model), composite.context(model) as modified:
-        # MixerRules on each mixer, or (gamma) DetachSelection on each scan
-        assert snapshot(modified)['rule_settings'] == model.config.num_hidden_layers
+        # one pass: the rules on each mixer and a plain residual sum on each block; gamma: DetachSelection on scans
+        assert snapshot(modified)['rule_settings'] == settings_per_layer * model.config.num_hidden_layers
 
 
 @pytest.mark.unmodified_forward
@@ -313,3 +341,35 @@ def test_zennit_rules_combine_through_layer_map(model):
     relevance, _, _ = explain(model, embeddings, targets, composite=composite)
     assert torch.isfinite(relevance).all()
     assert relative_error(relevance, default) > 1e-3
+
+
+def test_a_forward_that_raises_inside_the_context_leaves_the_one_pass_rules_intact(model):
+    embeddings = embed(model, 2, 6)
+    expected, explained, targets = explain(model, embeddings)
+    leaf = embeddings.detach().clone().requires_grad_()
+    with MambaComposite(epsilon=1e-12).context(model) as modified:
+        with pytest.raises(RuntimeError):
+            # one channel short: raises inside the first block's norm, several calls deep
+            modified.backbone(inputs_embeds=leaf[..., :-1], use_cache=False)
+        relevance = target_relevance(last_logits(modified, leaf), leaf, targets)
+    assert relative_error(relevance, expected) <= 1e-12
+
+
+def test_one_pass_keeps_a_named_tuple_output(model):
+    # mamba-ssm's language model returns a namedtuple; relevance enters at its first field, which stays named
+    class NamedLogits(torch.nn.Module):
+        Output = collections.namedtuple('Output', ['logits'])
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, embeddings):
+            return self.Output(last_logits(self.model, embeddings))
+
+    embeddings = embed(model, 2, 7)
+    expected, explained, targets = explain(model, embeddings)
+    leaf = embeddings.detach().clone().requires_grad_()
+    with MambaComposite(epsilon=1e-12).context(NamedLogits()) as modified:
+        relevance = target_relevance(modified(leaf).logits, leaf, targets)
+    assert relative_error(relevance, expected) <= 1e-10

@@ -7,9 +7,15 @@ from reference import ALL_RULES, reference_relevance
 
 from zennit_mamba import MambaComposite
 
-#: the three ways a composite explains a mixer: MixerRules in one pass, the same recomputed in the backward pass,
-#: and one rule per operation (forced by a rule on a projection; gamma=0 is LRP-0)
-PATHS = {'one-pass': {}, 'recomputed': {'recompute': True}, 'module-by-module': {'gamma': 0.0}}
+#: the ways a composite explains a model: the whole model in one pass (ModelRules), the same with each mixer
+#: recomputed in the backward pass, layer by layer with one pass per mixer (MixerRules; a rule on the head forces
+#: layer by layer), and one rule per operation (a rule on every projection; gamma=0 is LRP-0)
+PATHS = {
+    'one-pass': {},
+    'recomputed': {'recompute': True},
+    'mixer-by-mixer': {'gamma': {'lm_head': 0.0}},
+    'module-by-module': {'gamma': 0.0},
+}
 
 SIZES = [
     # layers, hidden, state, batch, length

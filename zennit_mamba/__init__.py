@@ -1,9 +1,9 @@
 '''MambaLRP for Zennit: rules, canonizers and the composite that explain Mamba models with conserved relevance.'''
 from .canonizers import MambaCanonizer
 from .composites import MAMBA_LRP_RULES, MambaComposite
-from .hybrid import ModelRules
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
 from .mamba2 import Mamba2Core
+from .model_rules import ModelRules
 from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerRules, SiLUIdentity
 from .scan import selective_scan
 from .ssd import ssd_scan

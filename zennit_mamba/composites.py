@@ -13,11 +13,11 @@ from zennit.types import Activation, Convolution, Linear
 from .canonizers import MambaCanonizer
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
 from .mamba2 import Mamba2Core
+from .model_rules import ModelRules
 from .rules import (
     MAMBA_LRP_RULES, DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerRules, SiLUIdentity,
     is_canonized_mixer,
 )
-from .hybrid import ModelRules
 from .support import check_supported, is_hybrid, supported_norm_types
 
 #: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
@@ -39,7 +39,8 @@ class MambaComposite(Composite):
     Parameters
     ----------
     epsilon : float, optional
-        Stabiliser of every division (LRP-epsilon on projections, Gamma, residual sums, the selective scan).
+        Stabiliser of the divisions by outputs: at the called model's output in one pass, at every rule's output
+        layer by layer (LRP-epsilon on projections, Gamma, residual sums, the selective scan).
     gamma : float or mapping, optional
         The generalised gamma rule on projections instead of LRP-0. A float applies it to all projections of the
         mixers (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``). A mapping selects layers by
@@ -60,12 +61,17 @@ class MambaComposite(Composite):
 
     Notes
     -----
-    A mixer whose projections all take LRP-0 (no ``gamma`` and no ``layer_map`` entry applies inside it) is
-    explained in one pass by :py:class:`~zennit_mamba.rules.MixerRules`, at the cost of a gradient. Otherwise each
+    Without ``gamma`` and ``layer_map``, the whole model is explained in one pass by
+    :py:class:`~zennit_mamba.model_rules.ModelRules`: every rule is written as a detach in the forward and relevance
+    is gradient x input of the called model, at the cost of one gradient, with no hook in the backward pass but at
+    its ends. Tensors inside the model then carry gradients of that forward; the relevance of an inner tensor ``h`` is
+    ``h * gradient`` (:py:meth:`explains_whole_model` tells which case applies; ``captum_mamba.LayerMambaLRP`` reads
+    it). With ``gamma`` or ``layer_map`` (Mamba-only models), relevance flows layer by layer: a mixer whose
+    projections all take LRP-0 is explained in one pass by :py:class:`~zennit_mamba.rules.MixerRules`, otherwise each
     of its operations carries its own rule (:py:class:`~zennit_mamba.rules.SiLUIdentity`,
     :py:class:`~zennit_mamba.rules.DetachSelection`, :py:class:`~zennit_mamba.rules.HalfRule`, Zennit's
-    :py:class:`~zennit.rules.Gamma` or the ``layer_map`` rule on projections). Both give the same relevance up to
-    the stabilisers.
+    :py:class:`~zennit.rules.Gamma` or the ``layer_map`` rule on projections), and the residual sums and norms carry
+    rules too. All give the same relevance at the input up to the stabilisers.
 
     Examples
     --------
@@ -115,28 +121,31 @@ class MambaComposite(Composite):
             self.remove()
             raise
 
-    @staticmethod
-    def explains_whole_model(model: torch.nn.Module) -> bool:
-        '''Whether ``model`` is explained by one :py:class:`~zennit_mamba.hybrid.ModelRules` on the whole model
-        (hybrids), rather than by rules layer by layer.
+    def explains_whole_model(self, model: torch.nn.Module) -> bool:
+        '''Whether this composite explains ``model`` in one pass by :py:class:`~zennit_mamba.model_rules.ModelRules`
+        (no ``gamma`` or ``layer_map``, and every hybrid), rather than with rules layer by layer.
 
-        Relevance reaches the model input either way. Inside the model, the gradient of a tensor ``h`` is its
-        relevance layer by layer, but the gradient of the rule-modified forward with ``ModelRules``, where the
-        relevance is ``h * gradient``.
+        Relevance reaches the input either way. Inside the model, the gradient of a tensor ``h`` is its relevance
+        layer by layer, but the gradient of the rule-modified forward in one pass, where the relevance is
+        ``h * gradient``.
 
         Examples
         --------
         >>> from transformers import MambaConfig, MambaForCausalLM
-        >>> MambaComposite.explains_whole_model(MambaForCausalLM(MambaConfig(vocab_size=8, hidden_size=8)))
-        False
+        >>> model = MambaForCausalLM(MambaConfig(vocab_size=8, hidden_size=8))
+        >>> MambaComposite().explains_whole_model(model), MambaComposite(gamma=0.25).explains_whole_model(model)
+        (True, False)
         '''
-        return is_hybrid(model)
+        return not self._has_layer_rules() or is_hybrid(model)
+
+    def _has_layer_rules(self) -> bool:
+        return bool(self.gamma or self.layer_map)
 
     def mapping(self, ctx: dict, name: str, module: torch.nn.Module) -> Optional[Hook]:
         '''The rule for one module, or None to leave its gradient unmodified.'''
         if not name:
             ctx['whole_model'] = self.explains_whole_model(module)
-            if ctx['whole_model'] and (self.gamma or self.layer_map):
+            if ctx['whole_model'] and self._has_layer_rules():
                 raise ValueError(
                     'gamma and layer_map apply to Mamba-only models; a hybrid model is explained in one pass '
                     '(ModelRules), where every projection takes LRP-0.'
@@ -177,7 +186,7 @@ class MambaComposite(Composite):
 
     def _mixer_rule(self, one_pass_mixers: List[str], name: str, mixer: torch.nn.Module) -> Optional[Hook]:
         '''MixerRules for a canonized mixer whose inner modules need no rule of their own, else None.'''
-        own_rules = [] if not (self.gamma or self.layer_map) else [
+        own_rules = [] if not self._has_layer_rules() else [
             sub_name for sub_name, submodule in mixer.named_modules() if sub_name and (
                 any(isinstance(submodule, types) for types, _ in self.layer_map)
                 or self._gamma_for(f'{name}.{sub_name}' if name else sub_name, submodule) is not None

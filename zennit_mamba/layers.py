@@ -13,6 +13,9 @@ from .scan import selective_scan
 
 #: the attribute of a :py:class:`SelectiveScan` that holds its registered DetachSelection rule
 DETACH_ATTRIBUTE = 'lrp_detach_selection'
+#: the attribute of a canonized block that, while true, makes its residual sum a plain addition (a one-pass rule
+#: differentiates the sum as it is, so no rule needs to attach to it)
+PLAIN_SUM_ATTRIBUTE = 'lrp_plain_sum'
 
 
 def stack_operands(*operands: torch.Tensor) -> torch.Tensor:
@@ -22,6 +25,14 @@ def stack_operands(*operands: torch.Tensor) -> torch.Tensor:
     for operand in operands[1:]:
         dtype = torch.promote_types(dtype, operand.dtype)
     return torch.stack([operand.to(dtype) for operand in operands], dim=-1)
+
+
+def residual_sum(block: torch.nn.Module, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    '''``residual + update`` through the canonized ``block``'s explicit :py:class:`zennit.layer.Sum`
+    (``block.lrp_residual``), or as a plain addition while the block's :data:`PLAIN_SUM_ATTRIBUTE` is set.'''
+    if getattr(block, PLAIN_SUM_ATTRIBUTE, False):
+        return residual + update
+    return block.lrp_residual(stack_operands(residual, update))
 
 
 class SiLU(torch.nn.Module):

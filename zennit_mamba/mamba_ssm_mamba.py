@@ -10,7 +10,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .layers import stack_operands
+from .layers import residual_sum
 from .mamba2 import canonical_mamba2
 from .mixer import MixerOutput, canonical_mixer, refuse_continuation
 
@@ -62,7 +62,7 @@ def mamba2_forward(
 def _add_residual(module: torch.nn.Module, hidden_states: torch.Tensor, residual: Optional[torch.Tensor]):
     if residual is None:
         return hidden_states
-    return module.lrp_residual(stack_operands(hidden_states, residual))
+    return residual_sum(module, residual, hidden_states)
 
 
 def block_forward(

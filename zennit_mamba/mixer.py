@@ -2,9 +2,9 @@
 
 Every operation on the relevance path runs through the mixer's own ``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``
 and ``out_proj``, and either through the explicit submodules added by the canonizer (``lrp_conv_act``,
-``lrp_softplus``, ``lrp_scan``, ``lrp_gate_act``, ``lrp_gate``), which carry one rule each, or, while
-:py:class:`~zennit_mamba.rules.MixerRules` is registered on the mixer, through the same operations with the rules
-written as detaches.
+``lrp_softplus``, ``lrp_scan``, ``lrp_gate_act``, ``lrp_gate``), which carry one rule each, or, while a
+:py:class:`~zennit_mamba.rules.MixerRules` (or the whole model's :py:class:`~zennit_mamba.model_rules.ModelRules`)
+is registered on the mixer, through the same operations with the rules written as detaches.
 '''
 from typing import Callable, FrozenSet, NamedTuple, Optional, Tuple
 
@@ -113,9 +113,10 @@ def canonical_mixer(
 def run_mixer(mixer: torch.nn.Module, function: Callable, hidden_states, attention_mask, *arguments) -> MixerOutput:
     '''Call ``function(mixer, rules, hidden_states, attention_mask, *arguments)``.
 
-    ``rules`` are those of the :py:class:`~zennit_mamba.rules.MixerRules` registered on the mixer, which ``function``
-    writes as detaches, or None, where it runs the canonizer's submodules with their own rules. A MixerRules that
-    asks for it has the mixer recomputed in the backward pass.
+    ``rules`` are those of the :py:class:`~zennit_mamba.rules.MixerRules` or
+    :py:class:`~zennit_mamba.model_rules.ModelRules` registered on the mixer, which ``function`` writes as detaches,
+    or None, where it runs the canonizer's submodules with their own rules. A rule that asks for it has the mixer
+    recomputed in the backward pass.
     '''
     rule = getattr(mixer, RULE_ATTRIBUTE, None)
     rules = None if rule is None else rule.rules

@@ -25,7 +25,7 @@ from .layers import DETACH_ATTRIBUTE, SelectiveScan
 StabilizerLike = Union[float, Callable[[torch.Tensor], torch.Tensor]]
 #: the MambaLRP rules that can be switched on and off (``'attention'`` acts in hybrid models only)
 MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm', 'attention'})
-#: the attribute of a canonized mixer that holds its registered :py:class:`MixerRules`
+#: the attribute of a canonized mixer that holds its registered :py:class:`MixerRules` (or the model's ModelRules)
 RULE_ATTRIBUTE = 'lrp_mixer_rules'
 
 
@@ -218,19 +218,54 @@ def silu(x: torch.Tensor, identity_rule: bool = True) -> torch.Tensor:
     return F.silu(x)
 
 
+class _IdentityRule(torch.autograd.Function):
+    '''``output``, whose backward passes the gradient to ``input`` scaled by ``output / input`` (0 where ``input``
+    is 0), and none to ``output``'s own graph: no kernel in the forward pass.'''
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(input, output)
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        input, output = ctx.saved_tensors
+        ratio = torch.where(input == 0, 0.0, output / input)
+        return (gradient * ratio).to(input.dtype), None
+
+
+class _HalfGradient(torch.autograd.Function):
+    '''Identity whose backward halves the gradient: no kernel in the forward pass.'''
+
+    @staticmethod
+    def forward(ctx, product: torch.Tensor) -> torch.Tensor:
+        return product.view_as(product)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        return gradient * 0.5
+
+
 def identity_rule(input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     '''``output`` of an element-wise map of ``input`` with the factor ``output / input`` held constant.
 
     Gradient x input through the result passes each element's relevance unchanged: the identity rule of SiLU for
     any activation with ``f(0) = 0``, and the LN-rule for a norm whose denominator is held constant.
+
+    Examples
+    --------
+    >>> x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    >>> y = identity_rule(x, torch.nn.functional.silu(x))
+    >>> gradient, = torch.autograd.grad(y, x, torch.ones(3))  # output relevance y, divided by y
+    >>> torch.allclose(x * gradient, y)
+    True
     '''
-    ratio = torch.where(input == 0, 0.0, output / torch.where(input == 0, 1.0, input))
-    return output.detach() + (input - input.detach()) * ratio.detach()
+    return _IdentityRule.apply(input, output) if input.requires_grad else output
 
 
 def half_rule(product: torch.Tensor) -> torch.Tensor:
     '''The product of two factors with half its gradient: gradient x input gives each factor half the relevance.'''
-    return 0.5 * product + 0.5 * product.detach()
+    return _HalfGradient.apply(product) if product.requires_grad else product
 
 
 def gate_product(value: torch.Tensor, gate: torch.Tensor, half: bool = True) -> torch.Tensor:

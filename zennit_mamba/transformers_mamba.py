@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .layers import stack_operands
+from .layers import residual_sum
 from .mamba2 import canonical_mamba2
 from .mixer import canonical_mixer, refuse_continuation
 
@@ -45,10 +45,10 @@ def block_forward(
     **kwargs,
 ) -> torch.Tensor:
     '''Forward of a canonized ``MambaBlock``, ``FalconMambaBlock`` or ``Mamba2Block``: the residual sum becomes an
-    explicit :py:class:`zennit.layer.Sum`.'''
+    explicit :py:class:`zennit.layer.Sum` (see :py:func:`~zennit_mamba.layers.residual_sum`).'''
     residual = hidden_states
     hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
     if self.residual_in_fp32:
         residual = residual.to(torch.float32)
     hidden_states = self.mixer(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
-    return self.lrp_residual(stack_operands(residual, hidden_states))
+    return residual_sum(self, residual, hidden_states)
