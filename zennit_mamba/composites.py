@@ -186,7 +186,7 @@ class MambaComposite(Composite):
 
     def _mixer_rule(self, one_pass_mixers: List[str], name: str, mixer: torch.nn.Module) -> Optional[Hook]:
         '''MixerRules for a canonized mixer whose inner modules need no rule of their own, else None.'''
-        own_rules = [] if not self._has_layer_rules() else [
+        own_rules = [
             sub_name for sub_name, submodule in mixer.named_modules() if sub_name and (
                 any(isinstance(submodule, types) for types, _ in self.layer_map)
                 or self._gamma_for(f'{name}.{sub_name}' if name else sub_name, submodule) is not None

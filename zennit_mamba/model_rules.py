@@ -18,13 +18,14 @@ import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
 from .canonizers import InstanceAttributes
-from .layers import PLAIN_SUM_ATTRIBUTE
 from .hybrid import (
     HYBRID_RULE_ATTRIBUTE, IMPLEMENTATION, activation_types, gated_mlp_output, is_attention, is_experts, is_rms_norm,
 )
+from .layers import PLAIN_SUM_ATTRIBUTE
 from .rules import (
     MAMBA_LRP_RULES, RULE_ATTRIBUTE, StabilizerLike, _DivideGradient, half_rule, identity_rule, is_canonized_mixer,
 )
+
 
 class _MultiplyGradient(torch.autograd.Function):
     '''Identity whose backward multiplies the gradient by the input: gradient to relevance at the input.'''
@@ -43,12 +44,18 @@ class _MultiplyGradient(torch.autograd.Function):
 
 
 def modules_outside_mixers(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    '''The modules of ``model``, parents first, without those inside canonized mixers: a mixer computes with the
-    rules by itself, and a recomputing mixer calls its inner modules again in the backward pass.'''
-    yield model
-    if not is_canonized_mixer(model):
-        for child in model.children():
-            yield from modules_outside_mixers(child)
+    '''The modules of ``model``, parents first and each once (blocks may be shared, as in Zamba2), without those
+    inside canonized mixers: a mixer computes with the rules by itself, and a recomputing mixer calls its inner
+    modules again in the backward pass.'''
+    seen, pending = set(), [model]
+    while pending:
+        module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield module
+        if not is_canonized_mixer(module):
+            pending.extend(reversed(list(module.children())))
 
 
 class ModelRules(Hook):
