@@ -9,6 +9,7 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 from zennit_mamba._optional import mamba_ssm_modules
+from zennit_mamba.model_rules import replace_output
 
 
 class _TimesOutput(torch.autograd.Function):
@@ -32,16 +33,10 @@ def _relevance_enters_at_output(module: torch.nn.Module, args: Any, output: Any)
     elsewhere, the usual start of LRP; for a function of the logits (e.g. Captum's log-probabilities) it is
     gradient x input through that function.
     '''
-    if isinstance(output, Tensor):
-        return _TimesOutput.apply(output)
-    if isinstance(output, dict) and 'logits' in output:  # transformers ModelOutput
-        output['logits'] = _TimesOutput.apply(output['logits'])
-        return output
-    if hasattr(output, '_replace') and 'logits' in getattr(output, '_fields', ()):  # mamba-ssm's namedtuple
-        return output._replace(logits=_TimesOutput.apply(output.logits))
-    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-        return (_TimesOutput.apply(output[0]),) + tuple(output[1:])
-    raise TypeError(f'Cannot find the logits in the model output of type {type(output).__name__}')
+    replaced = replace_output(output, _TimesOutput.apply, field='logits')
+    if replaced is None:
+        raise TypeError(f'Cannot find the logits in the model output of type {type(output).__name__}')
+    return replaced
 
 
 @contextmanager

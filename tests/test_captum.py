@@ -144,6 +144,20 @@ def test_target_out_of_range_is_a_clear_error_and_leaves_the_model_intact(model,
     assert not model.training
 
 
+def test_output_without_logits_is_a_clear_error_and_leaves_the_model_intact(model):
+    class NamedHidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, embeddings):
+            return {'hidden': last_logits(self.model, embeddings)}
+
+    with pytest.raises(TypeError, match='Cannot find the logits in the model output of type dict'):
+        MambaLRP(NamedHidden()).attribute(embed(model, 1, 5), target=0)
+    assert leftovers(model) == (0, 0)
+
+
 def test_missing_target_is_a_clear_error(model):
     with pytest.raises(ValueError, match='target is required: the model has 40 outputs'):
         MambaLRP(Float64Logits(model)).attribute(embed(model, 1, 5))

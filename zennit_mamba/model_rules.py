@@ -12,7 +12,7 @@ backbone, then the head) gives the relevance of each part in turn, as layer-by-l
 '''
 import copy
 import weakref
-from typing import Callable, FrozenSet, Iterator, List, Tuple
+from typing import Any, Callable, FrozenSet, Iterator, List, Optional, Tuple
 
 import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
@@ -41,6 +41,39 @@ class _MultiplyGradient(torch.autograd.Function):
         input, = ctx.saved_tensors
         hook = ctx.hook_ref()
         return (gradient * input if hook is not None and hook.active else gradient), None
+
+
+def replace_output(output: Any, function: Callable[[torch.Tensor], torch.Tensor], field: Optional[str] = None) -> Any:
+    '''A module's ``output`` with ``function`` applied to one tensor of it, or None where it has no such tensor.
+
+    The tensor is the output itself, the entry ``field`` (the first entry where None) of a dict such as transformers'
+    ``ModelOutput`` or of a namedtuple such as mamba-ssm's ``CausalLMOutput`` (both keep their type), or the first
+    element of a tuple.
+
+    Examples
+    --------
+    >>> replace_output((torch.ones(2), 'cache'), torch.neg)
+    (tensor([-1., -1.]), 'cache')
+    >>> replace_output({'loss': None}, torch.neg, field='logits') is None
+    True
+    '''
+    if torch.is_tensor(output):
+        return function(output)
+    if isinstance(output, dict):
+        key = next(iter(output), None) if field is None else field
+        if not torch.is_tensor(output.get(key)):
+            return None
+        output[key] = function(output[key])
+        return output
+    if hasattr(output, '_replace'):
+        fields = output._fields
+        key = (fields[0] if fields else None) if field is None else field
+        if key not in fields or not torch.is_tensor(getattr(output, key)):
+            return None
+        return output._replace(**{key: function(getattr(output, key))})
+    if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+        return (function(output[0]),) + tuple(output[1:])
+    return None
 
 
 def modules_outside_mixers(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -123,7 +156,6 @@ class ModelRules(Hook):
         except BaseException:
             handles.remove()
             raise
-        self._calls.clear()
         return handles
 
     def _multiply(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -159,22 +191,12 @@ class ModelRules(Hook):
         return None
 
     def _relevance_enters_at_output(self, output):
-        def divide(tensor):
-            if not (torch.is_tensor(tensor) and tensor.requires_grad and self.active):
+        def divide(tensor: torch.Tensor) -> torch.Tensor:
+            if not (tensor.requires_grad and self.active):
                 return tensor
             return _DivideGradient.apply(tensor, Stabilizer.ensure(self.stabilizer))
 
-        if torch.is_tensor(output):
-            return divide(output)
-        if isinstance(output, dict):
-            key = next(iter(output.keys()))
-            output[key] = divide(output[key])
-            return output
-        if hasattr(output, '_replace') and output:  # a namedtuple, e.g. mamba-ssm's CausalLMOutput
-            return output._replace(**{output._fields[0]: divide(output[0])})
-        if isinstance(output, tuple) and output:
-            return (divide(output[0]),) + tuple(output[1:])
-        return None
+        return replace_output(output, divide)
 
     def _write_rules(self, model: torch.nn.Module) -> List:
         '''Set the rules inside the model: the hooks at the ends of a call, attributes read by mixers, blocks,
