@@ -122,12 +122,14 @@ def test_default_cache_is_filled_and_continuing_from_it_is_refused(model):
         assert torch.allclose(output.logits, plain.logits, rtol=1e-6)
         for layer in range(model.config.num_hidden_layers):
             assert torch.allclose(
-                output.cache_params.get_recurrent_state(layer), plain.cache_params.get_recurrent_state(layer),
-                rtol=1e-6,
+                output.cache.get_recurrent_state(layer), plain.cache.get_recurrent_state(layer), rtol=1e-6,
             )
-            assert torch.equal(output.cache_params.get_conv_state(layer), plain.cache_params.get_conv_state(layer))
+            assert torch.equal(output.cache.get_conv_state(layer), plain.cache.get_conv_state(layer))
         with pytest.raises(RuntimeError, match='explains whole sequences'):
-            modified(inputs_embeds=embeddings[:, :1], cache_params=output.cache_params)
+            modified(inputs_embeds=embeddings[:, :1], cache=output.cache)
+        # transformers still takes the old name (deprecated): the model-level decorator renames it for the layers
+        with pytest.raises(RuntimeError, match='explains whole sequences'):
+            modified(inputs_embeds=embeddings[:, :1], cache_params=output.cache)
 
 
 @pytest.mark.parametrize('composite, explicit_modules_per_layer, one_pass', [

@@ -8,6 +8,7 @@ from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerR
 from .scan import selective_scan
 from .ssd import ssd_scan
 from .support import UnsupportedModelError, check_supported
+from .upstream import UpstreamChangedError
 
 __all__ = [
     'MAMBA_LRP_RULES',
@@ -26,6 +27,7 @@ __all__ = [
     'SiLUIdentity',
     'Softplus',
     'UnsupportedModelError',
+    'UpstreamChangedError',
     'check_supported',
     'selective_scan',
     'ssd_scan',

@@ -7,7 +7,7 @@ Forward values are unchanged. Removing the canonizer restores the instances exac
 import functools
 import importlib
 import types
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Collection, Dict, List, Optional, Tuple, Type
 
 import torch
 from zennit.canonizers import Canonizer, CompositeCanonizer
@@ -17,6 +17,7 @@ from . import mamba_ssm_mamba, transformers_mamba
 from ._optional import mamba_ssm_modules
 from .layers import GateProduct, SelectiveScan, SiLU, Softplus
 from .mamba2 import Mamba2Core, mamba_ssm_layout, transformers_layout
+from .upstream import check_forward_signature
 
 #: prefix of every attribute a canonizer adds, so that a canonized model can be recognised
 ATTRIBUTE_PREFIX = 'lrp_'
@@ -55,6 +56,9 @@ class ForwardCanonizer(Canonizer):
         Function ``(module, *args, **kwargs)`` bound to each module as its new ``forward``.
     submodules : callable
         Function ``(module) -> dict[str, torch.nn.Module]`` creating the explicit submodules for one module.
+    added_parameters : collection of str, optional
+        Parameters that ``forward`` takes beyond those of ``module_type.forward``, on purpose; every other parameter
+        must match (:py:func:`~zennit_mamba.upstream.check_forward_signature`, run before any module is changed).
     '''
 
     def __init__(
@@ -62,12 +66,19 @@ class ForwardCanonizer(Canonizer):
         module_type: Type[torch.nn.Module],
         forward: Callable,
         submodules: Callable[[torch.nn.Module], Dict[str, torch.nn.Module]],
+        added_parameters: Collection[str] = (),
     ):
         super().__init__()
         self.module_type = module_type
         self.forward = forward
         self.submodules = submodules
+        self.added_parameters = tuple(added_parameters)
         self.attributes: Optional[InstanceAttributes] = None
+
+    def check_signature(self) -> None:
+        '''Raise :py:class:`~zennit_mamba.upstream.UpstreamChangedError` where the upstream forward takes other
+        parameters than the canonized one.'''
+        check_forward_signature(self.module_type, self.forward, self.added_parameters)
 
     def apply(self, root_module: torch.nn.Module) -> List['ForwardCanonizer']:
         return _canonize_by_type(root_module, [self])
@@ -83,15 +94,17 @@ class ForwardCanonizer(Canonizer):
             self.attributes = None
 
     def copy(self) -> 'ForwardCanonizer':
-        return self.__class__(self.module_type, self.forward, self.submodules)
+        return self.__class__(self.module_type, self.forward, self.submodules, self.added_parameters)
 
 
 def _canonize_by_type(root_module: torch.nn.Module, canonizers: List[ForwardCanonizer]) -> List[ForwardCanonizer]:
     '''In one walk over ``root_module``, register a copy of the canonizer of each module's exact type on it; on any
-    error, remove those registered and re-raise.'''
+    error, remove those registered and re-raise. The signatures of the forwards to replace are checked first.'''
     by_type = {canonizer.module_type: canonizer for canonizer in canonizers}
     # collected first: registering adds submodules, which must not happen while modules() iterates
     targets = [(by_type[type(module)], module) for module in root_module.modules() if type(module) in by_type]
+    for canonizer in {id(canonizer): canonizer for canonizer, _ in targets}.values():
+        canonizer.check_signature()
     instances = []
     try:
         for canonizer, module in targets:
@@ -185,7 +198,8 @@ def mamba_ssm_canonizers() -> List[ForwardCanonizer]:
         ForwardCanonizer(modules.Mamba, mamba_ssm_mamba.mixer_forward, _mamba_ssm_mixer_submodules),
         ForwardCanonizer(modules.Mamba2, mamba_ssm_mamba.mamba2_forward, _mamba_ssm_mamba2_submodules),
         ForwardCanonizer(modules.Block, mamba_ssm_mamba.block_forward, _residual_submodules),
-        ForwardCanonizer(modules.MixerModel, mamba_ssm_mamba.backbone_forward, _residual_submodules),
+        ForwardCanonizer(modules.MixerModel, mamba_ssm_mamba.backbone_forward, _residual_submodules,
+                         added_parameters=('inputs_embeds',)),
     ]
 
 

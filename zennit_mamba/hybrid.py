@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from .rules import gate_product
+from .transformers_mamba import refuse_keywords
 
 
 #: the attention and experts implementation registered with transformers for explained models
@@ -42,7 +43,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     '''Eager attention whose probabilities are held constant while the module's rules include ``'attention'``.
 
     Accepts the masks of transformers' eager (additive) and sdpa (boolean, or None for plain causal) implementations.
+    Keyword arguments it cannot honour (a sliding window, soft-capping, packed sequences) are refused, not dropped.
     '''
+    refuse_keywords(module, kwargs)
     rules = getattr(module, HYBRID_RULE_ATTRIBUTE, frozenset())
     key = _repeat_heads(key, query.shape[1] // key.shape[1])
     value = _repeat_heads(value, query.shape[1] // value.shape[1])

@@ -30,7 +30,7 @@ def _run_filling_cache(mixer: torch.nn.Module, run: Callable[[], MixerOutput], b
     return result.output
 
 
-def mixer_forward(self, hidden_states: torch.Tensor, inference_params=None, **kwargs) -> torch.Tensor:
+def mixer_forward(self, hidden_states: torch.Tensor, inference_params=None) -> torch.Tensor:
     '''Forward of a canonized ``mamba_ssm.modules.mamba_simple.Mamba``; fills a fresh cache as the original does.'''
     def run() -> MixerOutput:
         return canonical_mixer(self, hidden_states, self.dt_rank, self.d_state)

@@ -11,11 +11,10 @@ The two ends are those of the outermost call of any module of the model, so call
 backbone, then the head) gives the relevance of each part in turn, as layer-by-layer rules would.
 '''
 import copy
-import weakref
 from typing import Any, Callable, FrozenSet, Iterator, List, Optional, Tuple
 
 import torch
-from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
+from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
 from .canonizers import InstanceAttributes
 from .hybrid import (
@@ -23,24 +22,9 @@ from .hybrid import (
 )
 from .layers import PLAIN_SUM_ATTRIBUTE
 from .rules import (
-    MAMBA_LRP_RULES, RULE_ATTRIBUTE, StabilizerLike, _DivideGradient, half_rule, identity_rule, is_canonized_mixer,
+    MAMBA_LRP_RULES, RULE_ATTRIBUTE, StabilizerLike, gradient_to_relevance, half_rule, identity_rule,
+    is_canonized_mixer, relevance_to_gradient,
 )
-
-
-class _MultiplyGradient(torch.autograd.Function):
-    '''Identity whose backward multiplies the gradient by the input: gradient to relevance at the input.'''
-
-    @staticmethod
-    def forward(ctx, input: torch.Tensor, hook_ref: Callable) -> torch.Tensor:
-        ctx.save_for_backward(input)
-        ctx.hook_ref = hook_ref
-        return input.view_as(input)
-
-    @staticmethod
-    def backward(ctx, gradient: torch.Tensor):
-        input, = ctx.saved_tensors
-        hook = ctx.hook_ref()
-        return (gradient * input if hook is not None and hook.active else gradient), None
 
 
 def replace_output(output: Any, function: Callable[[torch.Tensor], torch.Tensor], field: Optional[str] = None) -> Any:
@@ -159,7 +143,7 @@ class ModelRules(Hook):
         return handles
 
     def _multiply(self, tensor: torch.Tensor) -> torch.Tensor:
-        return _MultiplyGradient.apply(tensor, weakref.ref(self)) if tensor.requires_grad else tensor
+        return gradient_to_relevance(tensor, self)
 
     def _enter(self, module, args, kwargs):
         if not self._calls:
@@ -191,12 +175,7 @@ class ModelRules(Hook):
         return None
 
     def _relevance_enters_at_output(self, output):
-        def divide(tensor: torch.Tensor) -> torch.Tensor:
-            if not (tensor.requires_grad and self.active):
-                return tensor
-            return _DivideGradient.apply(tensor, Stabilizer.ensure(self.stabilizer))
-
-        return replace_output(output, divide)
+        return replace_output(output, lambda tensor: relevance_to_gradient(tensor, self.stabilizer, self))
 
     def _write_rules(self, model: torch.nn.Module) -> List:
         '''Set the rules inside the model: the hooks at the ends of a call, attributes read by mixers, blocks,

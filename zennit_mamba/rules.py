@@ -17,7 +17,7 @@ from typing import Callable, Collection, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from zennit.core import Hook, Stabilizer
+from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 from zennit.rules import Pass
 
 from .layers import DETACH_ATTRIBUTE, SelectiveScan
@@ -29,19 +29,62 @@ MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm', 'attention'})
 RULE_ATTRIBUTE = 'lrp_mixer_rules'
 
 
-class _DivideGradient(torch.autograd.Function):
-    '''Identity whose backward divides the incoming relevance by the (stabilised) output.'''
+class _RelevanceToGradient(torch.autograd.Function):
+    '''Identity whose backward divides the incoming relevance by the (stabilised) output, while its hook is active:
+    where a rule's relevance enters a module's own autograd graph.'''
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, stabilizer: Callable) -> torch.Tensor:
+    def forward(ctx, output: torch.Tensor, stabilizer: Callable, hook_ref: Callable) -> torch.Tensor:
         ctx.save_for_backward(output)
         ctx.stabilizer = stabilizer
+        ctx.hook_ref = hook_ref
         return output.view_as(output)
 
     @staticmethod
-    def backward(ctx, relevance: torch.Tensor) -> Tuple[torch.Tensor, None]:
+    def backward(ctx, relevance: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         output, = ctx.saved_tensors
-        return relevance / ctx.stabilizer(output), None
+        hook = ctx.hook_ref()
+        if hook is None or not hook.active:
+            return relevance, None, None
+        # what zennit's Hook.pre_backward keeps, so that tools reading a hook's stored tensors see it fired
+        hook.stored_tensors['grad_output'] = (relevance,)
+        return relevance / ctx.stabilizer(output), None, None
+
+
+class _GradientToRelevance(torch.autograd.Function):
+    '''Identity whose backward multiplies the gradient by the input, while its hook is active: where relevance leaves
+    a module's own autograd graph.'''
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, hook_ref: Callable) -> torch.Tensor:
+        ctx.save_for_backward(input)
+        ctx.hook_ref = hook_ref
+        return input.view_as(input)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        input, = ctx.saved_tensors
+        return (gradient * input if _is_active(ctx.hook_ref) else gradient), None
+
+
+def _is_active(hook_ref: Callable) -> bool:
+    hook = hook_ref()
+    return hook is not None and hook.active
+
+
+def relevance_to_gradient(output: torch.Tensor, stabilizer: StabilizerLike, hook: Hook) -> torch.Tensor:
+    '''``output``, whose incoming relevance is divided by ``stabilize(output)`` in the backward pass while ``hook`` is
+    active (:py:meth:`zennit.core.Composite.inactive` switches it off).'''
+    if not output.requires_grad:
+        return output
+    return _RelevanceToGradient.apply(output, Stabilizer.ensure(stabilizer), weakref.ref(hook))
+
+
+def gradient_to_relevance(input: torch.Tensor, hook: Hook) -> torch.Tensor:
+    '''``input``, whose outgoing gradient is multiplied by ``input`` in the backward pass while ``hook`` is active.'''
+    if not (input.requires_grad and input.is_floating_point()):
+        return input
+    return _GradientToRelevance.apply(input, weakref.ref(hook))
 
 
 class GradientTimesInput(Hook):
@@ -51,6 +94,11 @@ class GradientTimesInput(Hook):
     leaving its input, so the module's forward runs once and its graph is differentiated once. For a module that is
     linear in its input (a Linear without bias, or a Mamba operation whose input-dependent factors are detached),
     relevance is conserved.
+
+    The conversions are autograd functions inserted by plain torch forward hooks (the first output, every
+    floating-point positional input), not zennit's ``Hook.pre_forward``/``post_forward``, whose signatures differ
+    between zennit 0.5 and 1.0; each call of the module keeps its own tensors, so a module called twice is explained
+    correctly.
 
     Parameters
     ----------
@@ -73,24 +121,21 @@ class GradientTimesInput(Hook):
         super().__init__()
         self.stabilizer = stabilizer
 
-    def post_forward(self, module, input, output):
-        '''Divide the output relevance by the output before it enters the module's graph.'''
-        outputs = output if isinstance(output, tuple) else (output,)
-        if outputs[0].requires_grad:
-            divided = _DivideGradient.apply(outputs[0], Stabilizer.ensure(self.stabilizer))
-            outputs = (divided,) + tuple(outputs[1:])
-        return super().post_forward(module, input, outputs if isinstance(output, tuple) else outputs[0])
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        '''Convert relevance to gradient at ``module``'s output and back at its inputs; the handles undo it.'''
+        return RemovableHandleList([
+            RemovableHandle(self),
+            module.register_forward_pre_hook(self._relevance_leaves_at_inputs),
+            module.register_forward_hook(self._relevance_enters_at_output),
+        ])
 
-    def forward(self, module, input, output):
-        '''Store the module's inputs for the multiplication in the backward pass.'''
-        self.stored_tensors['input'] = input
+    def _relevance_leaves_at_inputs(self, module: torch.nn.Module, args: tuple) -> tuple:
+        return tuple(gradient_to_relevance(arg, self) if torch.is_tensor(arg) else arg for arg in args)
 
-    def backward(self, module, grad_input, grad_output):
-        '''Multiply the gradient at each input by that input.'''
-        return tuple(
-            None if gradient is None else original * gradient
-            for original, gradient in zip(self.stored_tensors['input'], grad_input)
-        )
+    def _relevance_enters_at_output(self, module: torch.nn.Module, args: tuple, output):
+        if isinstance(output, tuple):
+            return (relevance_to_gradient(output[0], self.stabilizer, self),) + tuple(output[1:])
+        return relevance_to_gradient(output, self.stabilizer, self)
 
     def copy(self) -> 'GradientTimesInput':
         return self.__class__(self.stabilizer)
