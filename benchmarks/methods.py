@@ -8,7 +8,7 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 
 from captum_mamba import MambaLRP
-from zennit_mamba import MAMBA_LRP_RULES, MambaCanonizer, SelectiveScan
+from zennit_mamba import MAMBA_LRP_RULES, MambaCanonizer, RuleSet
 
 Method = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -19,12 +19,13 @@ RELEVANCE_METHODS = {
 }
 
 
-def hidden_attention(scan: SelectiveScan, packed: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+def hidden_attention(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     C: torch.Tensor) -> torch.Tensor:
     '''Mamba's hidden attention (Ali, Zimerman and Wolf, 2024): ``y_t = sum_k alpha[t, k] x_k`` per channel.
 
-    Returns ``alpha`` of shape ``(batch, channels, length, length)``, zero above the diagonal.
+    ``x, delta``: (batch, channels, length); ``B, C``: (batch, state, length); ``A``: (channels, state). Returns
+    ``alpha`` of shape ``(batch, channels, length, length)``, zero above the diagonal.
     '''
-    x, delta, B, C = scan.unpack(packed)
     cumulative = delta.cumsum(-1)
     elapsed = cumulative[..., :, None] - cumulative[..., None, :]  # (batch, channels, t, k)
     causal = torch.ones(elapsed.shape[-2:], dtype=torch.bool, device=elapsed.device).tril()
@@ -35,31 +36,38 @@ def hidden_attention(scan: SelectiveScan, packed: torch.Tensor, A: torch.Tensor)
     return alpha
 
 
+class HiddenAttentionRules(RuleSet):
+    '''No MambaLRP rule; each Mamba-1 scan is computed in its hidden-attention form, and its ``alpha`` recorded
+    (with gradients, if asked).'''
+
+    def __init__(self, gradient: bool):
+        super().__init__(())
+        self.gradient = gradient
+        self.attentions: List[torch.Tensor] = []
+
+    def scan(self, x, delta, A, B, C, D):
+        alpha = hidden_attention(x.detach(), delta.detach(), A.detach(), B.detach(), C.detach())
+        alpha.requires_grad_(self.gradient)
+        self.attentions.append(alpha)
+        y = torch.einsum('bctk,bck->bct', alpha, x) + D[None, :, None] * x
+        # the last state, for a cache the model may fill
+        return y, super().scan(x.detach(), delta, A, B, C, D)[1]
+
+
 def _rollout(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, gradient: bool) -> torch.Tensor:
     '''Attention rollout over the hidden attention of every layer; gradient-weighted (Chefer-style) if asked.'''
-    attentions: List[torch.Tensor] = []
-
-    def attention_form(module, args, kwargs, output):
-        alpha = hidden_attention(module, args[0].detach(), kwargs['A'].detach()).requires_grad_(gradient)
-        attentions.append(alpha)
-        x = module.unpack(args[0])[0]
-        y = torch.einsum('bctk,bck->bct', alpha, x) + kwargs['D'][None, :, None] * x
-        return y.to(output[0].dtype), output[1]
-
-    instances = MambaCanonizer().apply(model)
-    handles = [module.register_forward_hook(attention_form, with_kwargs=True)
-               for module in model.modules() if isinstance(module, SelectiveScan)]
+    rules = HiddenAttentionRules(gradient)
+    instances = MambaCanonizer(rules).apply(model)
     try:
         with torch.set_grad_enabled(gradient):
             logits = model(inputs)
             if gradient:
                 explained = logits[torch.arange(len(targets)), targets]
-                gradients = torch.autograd.grad(explained.sum(), attentions)
+                gradients = torch.autograd.grad(explained.sum(), rules.attentions)
     finally:
-        for handle in handles:
-            handle.remove()
         for instance in instances:
             instance.remove()
+    attentions = rules.attentions
 
     length = inputs.shape[1]
     identity = torch.eye(length, dtype=attentions[0].dtype)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 from zennit_mamba._optional import mamba_ssm_modules
-from zennit_mamba.model_rules import replace_output
+from zennit_mamba.hooks import replace_output
 
 
 class _TimesOutput(torch.autograd.Function):

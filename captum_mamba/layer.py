@@ -95,9 +95,9 @@ class LayerMambaLRP(LayerGradientXActivation):
                 device_ids=self.device_ids,
                 attribute_to_layer_input=attribute_to_layer_input,
             )
-        if self.composite.explains_whole_model(self.model):
-            # the composite's ModelRules runs before Captum's layer hook, so these are gradients at the layer
-            relevance = tuple(gradient * activation for gradient, activation in zip(relevance, activations))
+        # inside the explained model tensors carry gradients of the rule-modified forward (the composite's
+        # ExplainedModel converts only at the model's ends): the layer's relevance is gradient x activation
+        relevance = tuple(gradient * activation for gradient, activation in zip(relevance, activations))
         return _format_output(len(relevance) > 1, relevance)
 
     @classmethod

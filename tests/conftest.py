@@ -18,6 +18,11 @@ transformers_logging.set_verbosity_error()
 
 
 def pytest_configure(config):
+    # tests/mutation_check.py runs the suite with one rule switched off by patching the rule itself
+    if os.environ.get('MAMBA_LRP_MUTATION'):
+        from mutation_check import apply_mutation
+
+        apply_mutation(os.environ['MAMBA_LRP_MUTATION'])
     config.addinivalue_line(
         'markers', 'unmodified_forward: runs transformers\' own Mamba forward on the CPU or in float64',
     )
@@ -129,6 +134,47 @@ def gradient_x_input(
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     '''Largest absolute difference relative to the largest absolute expected value.'''
     return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def _fingerprint(value):
+    '''What must come back unchanged: plain values by value, containers by their keys and the identity of their
+    entries (parameters, buffers, submodules, hooks), everything else (configs, functions) by identity.'''
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return tuple((key, id(entry)) for key, entry in value.items())
+    return id(value)
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    '''Everything a composite could leave behind on ``model``: each module's ``__dict__`` (instance attributes,
+    parameters, buffers, submodules, every kind of hook), the state, and torch's global module hooks.'''
+    modules = list(model.named_modules(remove_duplicate=False))
+    return {
+        'modules': [(name, id(module)) for name, module in modules],
+        'dicts': {name: {key: _fingerprint(value) for key, value in vars(module).items()} for name, module in modules},
+        'state': {key: value.clone() for key, value in model.state_dict(keep_vars=False).items()},
+        'hooks': sum(
+            len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks)
+            + len(module._backward_pre_hooks) for module in model.modules()
+        ),
+        'instance_forwards': sum('forward' in vars(module) for module in model.modules()),
+        'rule_settings': sum(key.startswith('lrp_') for module in model.modules() for key in vars(module)),
+        'global_hooks': sum(len(hooks) for hooks in (
+            torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks,
+            torch.nn.modules.module._global_backward_hooks)),
+    }
+
+
+def assert_snapshots_equal(after: dict, before: dict) -> None:
+    '''Assert that ``model`` is exactly as it was: same modules, attributes, hooks and state.'''
+    assert after['modules'] == before['modules']
+    for name, attributes in before['dicts'].items():
+        assert after['dicts'][name] == attributes, name
+    assert after['state'].keys() == before['state'].keys()
+    assert all(torch.equal(after['state'][key], value) for key, value in before['state'].items())
+    for key in ('hooks', 'instance_forwards', 'rule_settings', 'global_hooks'):
+        assert after[key] == before[key], key
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from zennit_mamba import SelectiveScan, selective_scan
+from zennit_mamba import selective_scan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
@@ -19,7 +19,7 @@ def test_hidden_attention_reproduces_the_scan():
     x, delta = torch.randn(2, 5, 30, dtype=torch.float64), torch.rand(2, 5, 30, dtype=torch.float64)
     A = -torch.rand(5, 3, dtype=torch.float64) * 4
     B, C = torch.randn(2, 2, 3, 30, dtype=torch.float64)
-    alpha = hidden_attention(SelectiveScan(5, 3), SelectiveScan.pack(x, delta, B, C), A)
+    alpha = hidden_attention(x, delta, A, B, C)
     expected, _ = selective_scan(x, delta, A, B, C)
     assert torch.allclose(torch.einsum('bctk,bck->bct', alpha, x), expected, rtol=1e-10, atol=1e-12)
     assert torch.equal(alpha.triu(1), torch.zeros_like(alpha))

@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 from captum_mamba import LayerMambaLRP, MambaLRP
 from captum_mamba.llm import MambaLLMAttribution
 from captum_mamba.visualization import records_to_html, save_text_heatmap, text_record
-from conftest import embed, explain, last_logits, make_mamba, relative_error
+from conftest import assert_snapshots_equal, embed, explain, last_logits, make_mamba, relative_error, snapshot
 
 
 class Float64Logits(torch.nn.Module):
@@ -29,16 +29,23 @@ def token_ids(model, batch, length, seed=1):
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
 
 
-def leftovers(model):
-    return (
-        sum(len(module._forward_hooks) + len(module._forward_pre_hooks) for module in model.modules()),
-        sum(name.startswith('lrp_') for module in model.modules() for name in module._modules),
-    )
+#: each fixture model's snapshot when it was built, to check that nothing is left behind on it
+BUILT = {}
+
+
+def built(model):
+    BUILT[id(model)] = snapshot(model)
+    return model
+
+
+def assert_intact(model):
+    '''Every module's attributes, hooks and state are as when the model was built.'''
+    assert_snapshots_equal(snapshot(model), BUILT[id(model)])
 
 
 @pytest.fixture
 def model():
-    return make_mamba(layers=2)
+    return built(make_mamba(layers=2))
 
 
 def test_mamba_lrp_equals_zennit_composite(model):
@@ -128,7 +135,7 @@ def test_noise_tunnel_without_noise_is_mamba_lrp(model):
 def test_token_ids_point_to_the_layer_method(model):
     with pytest.raises(TypeError, match=r'LayerMambaLRP\(model, model.get_input_embeddings\(\)\)'):
         MambaLRP(model).attribute(token_ids(model, 1, 5), target=0)
-    assert leftovers(model) == (0, 0)
+    assert_intact(model)
 
 
 def test_baselines_are_refused_with_the_reason(model):
@@ -140,7 +147,7 @@ def test_baselines_are_refused_with_the_reason(model):
 def test_target_out_of_range_is_a_clear_error_and_leaves_the_model_intact(model, target):
     with pytest.raises(ValueError, match=r'out of range: the model has 40 outputs per example \(valid indices 0 to 39\)'):
         MambaLRP(Float64Logits(model)).attribute(embed(model, 2, 5), target=target)
-    assert leftovers(model) == (0, 0)
+    assert_intact(model)
     assert not model.training
 
 
@@ -155,7 +162,7 @@ def test_output_without_logits_is_a_clear_error_and_leaves_the_model_intact(mode
 
     with pytest.raises(TypeError, match='Cannot find the logits in the model output of type dict'):
         MambaLRP(NamedHidden()).attribute(embed(model, 1, 5), target=0)
-    assert leftovers(model) == (0, 0)
+    assert_intact(model)
 
 
 def test_missing_target_is_a_clear_error(model):
@@ -191,7 +198,7 @@ def word_tokenizer(words):
 @pytest.fixture
 def language_model():
     words = ['<unk>'] + [f'w{index}' for index in range(39)]
-    model = make_mamba(layers=2, vocab=len(words), dtype=torch.float32)
+    model = built(make_mamba(layers=2, vocab=len(words), dtype=torch.float32))
     return model, word_tokenizer(words), LayerMambaLRP(model, model.get_input_embeddings(), epsilon=1e-9)
 
 
@@ -204,7 +211,7 @@ def test_llm_attribution_of_logits_is_layer_relevance_of_the_prompt(language_mod
     result = MambaLLMAttribution(layer_lrp, tokenizer, target_output='logit').attribute(
         TextTokenInput(PROMPT, tokenizer), target=CONTINUATION)
     assert result.token_attr.shape == (2, 5)
-    assert leftovers(model) == (0, 0)
+    assert_intact(model)
 
     ids = tokenizer.encode(PROMPT + ' ' + CONTINUATION, return_tensors='pt')
     with torch.no_grad():
@@ -228,7 +235,7 @@ def test_llm_attribution_of_log_probabilities_is_gradient_x_input_through_log_so
         logits = model(ids, use_cache=False).logits[0, -1].double()
     expected = logits[token] - (torch.softmax(logits, -1) * logits).sum()
     assert torch.isclose(result.token_attr[0].sum().double(), expected, rtol=1e-4)
-    assert leftovers(model) == (0, 0)
+    assert_intact(model)
 
 
 def test_llm_attribution_refuses_unknown_targets():

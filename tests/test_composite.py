@@ -1,44 +1,24 @@
 '''MambaComposite as a Zennit user meets it: context, attributors, restoration, bad input, traps.'''
 import collections
 import contextlib
+import copy
 
 import pytest
 import torch
 import zennit.composites
-from transformers.models.mamba.modeling_mamba import MambaMixer
+from transformers.models.mamba.modeling_mamba import MambaMixer, MambaRMSNorm
 from zennit.attribution import Gradient
-from zennit.layer import Sum
-from zennit.rules import Gamma, ZPlus
+from zennit.rules import Epsilon, Gamma, ZPlus
 
-from conftest import embed, explain, last_logits, make_mamba, relative_error, target_relevance
-from zennit_mamba import (
-    GateProduct, GradientTimesInput, MambaComposite, ModelRules, SelectiveScan, SiLU, UnsupportedModelError,
+from conftest import (
+    assert_snapshots_equal, embed, explain, last_logits, make_mamba, relative_error, snapshot, target_relevance,
 )
-
-
-def snapshot(model):
-    '''Everything a composite could leave behind.'''
-    return {
-        'state': {key: value.clone() for key, value in model.state_dict().items()},
-        'modules': [name for name, _ in model.named_modules()],
-        'hooks': sum(
-            len(module._forward_hooks) + len(module._forward_pre_hooks) + len(module._backward_hooks)
-            for module in model.modules()
-        ),
-        'instance_forwards': sum('forward' in module.__dict__ for module in model.modules()),
-        # canonizer submodules live in _modules; rule settings (MixerRules, DetachSelection) are plain attributes
-        'rule_settings': sum(key.startswith('lrp_') for module in model.modules() for key in module.__dict__),
-    }
+from zennit_mamba import ExplainedModel, LNRule, MambaComposite, UnsupportedModelError, ZennitRule
 
 
 def assert_restored(model, before, embeddings, logits_before):
-    after = snapshot(model)
-    assert after['modules'] == before['modules']
-    assert after['hooks'] == before['hooks'] == 0
-    assert after['instance_forwards'] == before['instance_forwards'] == 0
-    assert after['rule_settings'] == before['rule_settings'] == 0
-    assert after['state'].keys() == before['state'].keys()
-    assert all(torch.equal(after['state'][key], before['state'][key]) for key in before['state'])
+    assert_snapshots_equal(snapshot(model), before)
+    assert before['hooks'] == before['instance_forwards'] == before['rule_settings'] == 0
     with torch.no_grad():
         assert torch.equal(last_logits(model, embeddings), logits_before)
 
@@ -132,37 +112,45 @@ def test_default_cache_is_filled_and_continuing_from_it_is_refused(model):
             modified(inputs_embeds=embeddings[:, :1], cache_params=output.cache)
 
 
-@pytest.mark.parametrize('composite, explicit_modules_per_layer, one_pass', [
-    # the whole model in one pass (ModelRules): no explicit module runs (the residual sum is a plain addition)
-    (MambaComposite(), 0, True),
-    # layer by layer with one pass per mixer (a rule on the head only): mixer, norms, sums, head carry rules
-    (MambaComposite(gamma={'lm_head': 0.0}), 1, False),
-    # a rule on a projection: conv SiLU, gate SiLU, gate product, scan, residual sum each carry their own rule
-    (MambaComposite(gamma=0.0), 5, False),
-], ids=['one-pass', 'mixer-by-mixer', 'module-by-module'])
-def test_every_rule_fires_and_every_explicit_module_runs_once(model, composite, explicit_modules_per_layer, one_pass):
-    calls = {}
-    with composite.context(model) as modified:
-        handles = [
-            module.register_forward_hook(lambda module, input, output, name=name: calls.update(
-                {name: calls.get(name, 0) + 1}))
-            for name, module in modified.named_modules()
-            if isinstance(module, (SiLU, GateProduct, SelectiveScan, Sum))
-        ]
-        embeddings = embed(model, 1, 4).requires_grad_()
-        logits = model(inputs_embeds=embeddings, use_cache=False).logits
-        logits[0, -1, 0].backward()
-        # zennit's hooks keep the output gradient they saw; ModelRules sees only its two ends, no stored tensors
-        fired = ['grad_output' in hook.stored_tensors for hook in composite.hook_refs]
-        hook_types = [type(hook) for hook in composite.hook_refs]
-        for handle in handles:
-            handle.remove()
-    assert len(calls) == explicit_modules_per_layer * model.config.num_hidden_layers
-    assert set(calls.values()) <= {1}
-    if not one_pass:
-        assert len(fired) > model.config.num_hidden_layers and all(fired)
-    else:
-        assert hook_types == [ModelRules]
+class CountingEpsilon(Epsilon):
+    '''Zennit's Epsilon, counting the relevance it computes.'''
+
+    def __init__(self, counts, epsilon=1e-12):
+        super().__init__(epsilon)
+        self.counts, self.epsilon = counts, epsilon
+
+    def backward(self, module, grad_input, grad_output):
+        self.counts[id(module)] = self.counts.get(id(module), 0) + 1
+        return super().backward(module, grad_input, grad_output)
+
+    def copy(self):
+        return CountingEpsilon(self.counts, self.epsilon)
+
+
+def test_every_zennit_rule_on_the_relevance_path_fires_once_per_call(model):
+    # in_proj and out_proj of each mixer and the head carry relevance; x_proj and dt_proj lie behind the SSM rule
+    counts = {}
+    embeddings = embed(model, 2, 6)
+    expected, _, targets = explain(model, embeddings)
+    composite = MambaComposite(epsilon=1e-12, layer_map=[(torch.nn.Linear, CountingEpsilon(counts))])
+    relevance, _, _ = explain(model, embeddings, targets, composite=composite)
+    fired = {name for name, module in model.named_modules() if id(module) in counts}
+    layers = range(model.config.num_hidden_layers)
+    assert fired == {f'backbone.layers.{i}.mixer.{p}' for i in layers for p in ('in_proj', 'out_proj')} | {'lm_head'}
+    assert set(counts.values()) == {1}
+    # Epsilon with a tiny stabiliser is LRP-0: the same relevance as the gradient of the one-pass forward
+    assert relative_error(relevance, expected) <= 1e-10
+
+
+def test_the_hooks_of_one_explanation(model):
+    # the rule set acts inside the canonized mixers; hooks: the LN-rule on each norm, Gamma where asked, the ends
+    composite = MambaComposite(gamma={'lm_head': 0.0})
+    with composite.context(model):
+        hooks = collections.Counter(type(hook) for hook in composite.hook_refs)
+        forwards = snapshot(model)['instance_forwards']
+    layers = model.config.num_hidden_layers
+    assert hooks == {LNRule: layers + 1, ZennitRule: 1, ExplainedModel: 1}
+    assert forwards == layers
 
 
 def test_one_pass_relevance_flows_through_the_parts_the_user_calls(model):
@@ -201,10 +189,10 @@ def test_transformers_forward_bypasses_the_modules_rules_would_attach_to(model):
             handle.remove()
 
 
-@pytest.mark.parametrize('module_type', [GateProduct, Sum])
-def test_an_operation_without_rule_breaks_conservation(model, module_type):
+def test_a_module_without_its_rule_breaks_conservation(model):
+    # layer_map's None leaves a module's gradient as it is: here the norms lose the LN-rule
     embeddings = embed(model, 2, 8)
-    without = MambaComposite(epsilon=1e-12, layer_map=[(module_type, None)])
+    without = MambaComposite(epsilon=1e-12, layer_map=[(MambaRMSNorm, None)])
     relevance, explained, _ = explain(model, embeddings, composite=without)
     assert ((relevance.sum((1, 2)) - explained).abs() > 1e-3 * explained.abs()).any()
 
@@ -267,20 +255,23 @@ def test_registering_the_same_composite_twice_replaces_its_hooks(model):
 
 
 @pytest.mark.unmodified_forward
-@pytest.mark.parametrize('composite, settings_per_layer', [(MambaComposite(), 2), (MambaComposite(gamma=0.25), 1)],
-                         ids=['one-pass', 'gamma'])
-def test_rule_settings_are_removed_after_the_context(model, composite, settings_per_layer):
+@pytest.mark.parametrize('composite', [MambaComposite(), MambaComposite(gamma=0.25)], ids=['lrp-0', 'gamma'])
+def test_only_the_forwards_and_hooks_change_inside_the_context(model, composite):
     with restored_afterwards(model), composite.context(model) as modified:
-        # one pass: the rules on each mixer and a plain residual sum on each block; gamma: DetachSelection on scans
-        assert snapshot(modified)['rule_settings'] == settings_per_layer * model.config.num_hidden_layers
+        # one canonized forward per mixer, no attribute that holds rule state
+        inside = snapshot(modified)
+        assert inside['instance_forwards'] == model.config.num_hidden_layers
+        assert inside['rule_settings'] == 0
 
 
-@pytest.mark.unmodified_forward
-def test_recompute_with_rules_inside_the_mixer_is_refused_and_model_untouched(model):
-    refusal = r"recompute=True needs LRP-0 on the mixer projections, but \['out_proj'\]"
-    with restored_afterwards(model), pytest.raises(ValueError, match=refusal):
-        with MambaComposite(gamma={'out_proj': 0.25}, recompute=True).context(model):
-            pass
+def test_recompute_with_zennit_rules_inside_the_mixer_equals_storing(model):
+    # the recomputed mixer runs its projections' Gamma rules again in the backward pass, each call on its own
+    embeddings = embed(model, 2, 9)
+    stored, explained, targets = explain(model, embeddings, composite=MambaComposite(epsilon=1e-12, gamma=0.25))
+    recomputed, _, _ = explain(model, embeddings, targets,
+                               composite=MambaComposite(epsilon=1e-12, gamma=0.25, recompute=True))
+    assert relative_error(recomputed, stored) <= 1e-12
+    assert ((recomputed.sum((1, 2)) - explained).abs() <= 1e-9 * explained.abs()).all()
 
 
 def test_unknown_rule_names_are_refused():
@@ -328,12 +319,19 @@ def test_gamma_on_projections_conserves_and_changes_relevance():
 def test_gamma_selects_layers_by_name_pattern_and_type():
     composite = MambaComposite(gamma={'out_proj': 0.5, 'backbone.layers.1.*': 0.1, torch.nn.Conv1d: 0.3})
     linear, conv = torch.nn.Linear(2, 2), torch.nn.Conv1d(2, 2, 3)
-    rule = composite.mapping({}, 'backbone.layers.0.mixer.out_proj', linear)
-    assert isinstance(rule, Gamma)
-    assert isinstance(composite.mapping({}, 'backbone.layers.0.mixer.in_proj', linear), GradientTimesInput)
-    assert isinstance(composite.mapping({}, 'backbone.layers.1.mixer.in_proj', linear), Gamma)
-    assert isinstance(composite.mapping({}, 'backbone.layers.0.mixer.conv1d', conv), Gamma)
-    assert isinstance(composite.mapping({}, 'lm_head', linear), GradientTimesInput)
+
+    def gamma(name, module):
+        rule = composite.mapping({}, name, module)
+        if not (isinstance(rule, ZennitRule) and isinstance(rule.rule, Gamma)):
+            return rule
+        # Gamma's first weight modifier is w + gamma * max(w, 0)
+        return round(rule.rule.param_modifiers[0].modifier(torch.ones(1), 'weight').item() - 1, 6)
+
+    assert gamma('backbone.layers.0.mixer.out_proj', linear) == 0.5
+    assert gamma('backbone.layers.0.mixer.in_proj', linear) is None  # LRP-0: the plain gradient
+    assert gamma('backbone.layers.1.mixer.in_proj', linear) == 0.1
+    assert gamma('backbone.layers.0.mixer.conv1d', conv) == 0.3
+    assert gamma('lm_head', linear) is None
 
 
 def test_zennit_rules_combine_through_layer_map(model):
@@ -375,3 +373,36 @@ def test_one_pass_keeps_a_named_tuple_output(model):
     with MambaComposite(epsilon=1e-12).context(NamedLogits()) as modified:
         relevance = target_relevance(modified(leaf).logits, leaf, targets)
     assert relative_error(relevance, expected) <= 1e-10
+
+
+class Blocks(torch.nn.Module):
+    '''Mamba blocks in a row, then the final norm and the head at the last position.'''
+
+    def __init__(self, blocks, norm, head):
+        super().__init__()
+        self.blocks, self.norm, self.head = torch.nn.ModuleList(blocks), norm, head
+
+    def forward(self, embeddings):
+        hidden = embeddings
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.head(self.norm(hidden)[:, -1])
+
+
+@pytest.mark.parametrize('options', [{}, {'gamma': 0.25}], ids=['lrp-0', 'gamma'])
+def test_a_block_called_twice_is_explained_like_two_copies_of_it(options):
+    # shared weights (Zamba2 shares blocks): every rule acts per call, so nothing of the first call is overwritten
+    model = make_mamba(layers=1)
+    block, norm, head = model.backbone.layers[0], model.backbone.norm_f, model.lm_head
+    twice, copies = Blocks([block, block], norm, head), Blocks([block, copy.deepcopy(block)], norm, head)
+    embeddings = embed(model, 2, 9)
+    relevances = []
+    for wrapper in (twice, copies):
+        leaf = embeddings.detach().clone().requires_grad_()
+        with MambaComposite(epsilon=1e-12, **options).context(wrapper) as modified:
+            logits = modified(leaf)
+            targets = logits.argmax(-1)
+            relevances.append(target_relevance(logits, leaf, targets))
+        explained = logits[torch.arange(2), targets].detach()
+        assert ((relevances[-1].sum((1, 2)) - explained).abs() <= 1e-9 * explained.abs()).all()
+    assert relative_error(relevances[0], relevances[1]) <= 1e-10

@@ -9,9 +9,8 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import relative_error
+from conftest import assert_snapshots_equal, relative_error, snapshot
 from reference import ALL_RULES, reference_relevance
-from test_composite import snapshot
 
 from zennit_mamba import MambaComposite, UnsupportedModelError
 
@@ -112,11 +111,21 @@ def conservation_error(relevance: torch.Tensor, explained: torch.Tensor) -> torc
     return (relevance.sum((1, 2)) - explained).abs() / explained.abs()
 
 
+#: largest relative conservation error per family, about 10x what MambaLRP and gamma=0.25 measure on these
+#: configs (1e-12 to 6e-11; NemotronH 3.6e-8, the float32 accumulation of its experts): a rule that stops firing on
+#: one family's path shows here even where its effect on these tiny models is small
+CONSERVATION_BOUNDS = {
+    'Mamba2': 5e-11, 'FalconMamba': 5e-11, 'Jamba': 2e-10, 'Bamba': 5e-10, 'NemotronH': 1e-7,
+    'GraniteMoeHybrid': 5e-10, 'FalconH1': 5e-10, 'Zamba2': 2e-10,
+}
+
+
 @pytest.mark.parametrize('name', list(BUILDERS))
 def test_conservation(name):
     model = build(name)
     relevance, explained, targets = explain(model, embeddings_for(model))
-    assert (conservation_error(relevance, explained) <= 1e-6).all(), conservation_error(relevance, explained)
+    error = conservation_error(relevance, explained)
+    assert (error <= CONSERVATION_BOUNDS[name]).all(), error
 
     # plain gradient x input breaks it by orders of magnitude more
     embeddings = embeddings_for(model).requires_grad_()
@@ -137,11 +146,8 @@ def test_forward_unchanged_and_model_restored(name):
             inside = last_position_logits(modified, embeddings)
         assert snapshot(model)['hooks'] > 0
     assert relative_error(inside, expected) <= 1e-5
-    after = snapshot(model)
-    for key in ('modules', 'hooks', 'instance_forwards', 'rule_settings'):
-        assert after[key] == before[key], key
-    assert after['hooks'] == after['instance_forwards'] == after['rule_settings'] == 0
-    assert all(torch.equal(after['state'][key], value) for key, value in before['state'].items())
+    assert_snapshots_equal(snapshot(model), before)
+    assert before['hooks'] == before['instance_forwards'] == before['rule_settings'] == 0
     configs = [module.config for module in model.modules() if hasattr(module, 'config')]
     assert all(config is model.config or config._attn_implementation != 'mamba_lrp' for config in configs)
     with torch.no_grad():
@@ -175,13 +181,17 @@ def test_without_the_attention_rule_conservation_breaks(name):
     assert (conservation_error(relevance, explained) > 1e-4).all()
 
 
-def test_hybrid_refuses_gamma_and_stays_untouched():
-    model = build('Bamba')
-    before = snapshot(model)
-    with pytest.raises(ValueError, match='gamma and layer_map apply to Mamba-only models'):
-        MambaComposite(gamma=0.25).register(model)
-    assert snapshot(model)['hooks'] == before['hooks'] == 0
-    assert snapshot(model)['modules'] == before['modules']
+@pytest.mark.parametrize('name', list(BUILDERS))
+def test_gamma_conserves_and_changes_relevance_on_every_family(name):
+    # Zennit's Gamma on every mixer projection, inside the one-pass explanation, hybrids included
+    model = build(name)
+    embeddings = embeddings_for(model)
+    lrp0, explained, targets = explain(model, embeddings)
+    relevance, _, _ = explain(model, embeddings, MambaComposite(epsilon=1e-12, gamma=0.25), targets)
+    error = conservation_error(relevance, explained)
+    assert (error <= CONSERVATION_BOUNDS[name]).all(), error
+    # the rule fired (Jamba's two Mamba layers of four move it least, by 4e-4; float rounding is ~1e-12)
+    assert relative_error(relevance, lrp0) > 1e-4
 
 
 class UnknownGatedMLP(torch.nn.Module):

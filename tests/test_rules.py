@@ -1,4 +1,5 @@
-'''Each rule on its own module: local conservation and hand-computed cases.'''
+'''Each rule on its own: local conservation and hand-computed cases, in both of its forms (the function the canonized
+mixers call through a RuleSet, and the Zennit hook on a module), and Zennit's own rules inside the one pass.'''
 import inspect
 import math
 
@@ -6,34 +7,43 @@ import pytest
 import torch
 from transformers.models.mamba.modeling_mamba import MambaRMSNorm
 from zennit.core import Hook
-from zennit.rules import Epsilon, Pass
+from zennit.rules import Epsilon, Gamma, Pass
 
-from zennit_mamba import (
-    DetachSelection, GateProduct, GradientTimesInput, HalfRule, LNRule, SelectiveScan, SiLU, SiLUIdentity,
-)
-from zennit_mamba.layers import DETACH_ATTRIBUTE, stack_operands
+from zennit_mamba import AttentionRule, DetachSelection, HalfRule, LNRule, RuleSet, SiLUIdentity, ZennitRule
 
 
-def propagate(rule, module, *inputs, output_relevance=None, **kwargs):
-    '''Register ``rule`` on ``module``, run it on ``inputs`` and map output relevance to input relevance.'''
+def gradient_x_input(output, inputs, output_relevance=None):
+    '''Relevance of ``inputs`` for ``output_relevance`` (the output itself by default): ``x * J^T (R / y)``.'''
+    output_relevance = output.detach() if output_relevance is None else output_relevance
+    gradients = torch.autograd.grad(output, inputs, output_relevance / output.detach(), allow_unused=True)
+    return [None if gradient is None else value * gradient for value, gradient in zip(inputs, gradients)]
+
+
+def through(rule, module, *inputs, output_relevance=None):
+    '''Register ``rule`` on ``module``, run it on copies of ``inputs`` and return output and input relevance.'''
     leaves = [tensor.detach().clone().requires_grad_() for tensor in inputs]
-    handles = rule.register(module)
+    handles = rule.register(module) if rule is not None else None
     try:
-        output = module(*leaves, **kwargs)
-        output = output[0] if isinstance(output, tuple) else output
-        if output_relevance is None:
-            output_relevance = output.detach()
-        relevance = torch.autograd.grad(output, leaves, output_relevance)
+        output = module(*leaves)
+        return output.detach(), gradient_x_input(output, leaves, output_relevance)
     finally:
-        handles.remove()
-    return output.detach(), relevance
+        if handles is not None:
+            handles.remove()
+
+
+def leaves(*values):
+    return [value.detach().clone().requires_grad_() for value in values]
 
 
 def test_silu_identity_passes_relevance_unchanged():
-    x = torch.tensor([-3.0, -0.5, 0.0, 0.7, 4.0], dtype=torch.float64)
-    relevance_out = torch.tensor([0.1, -2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
-    _, (relevance,) = propagate(SiLUIdentity(), SiLU(), x, output_relevance=relevance_out)
-    assert torch.equal(relevance, relevance_out)
+    x = torch.tensor([-3.0, -0.5, 0.7, 4.0], dtype=torch.float64)
+    relevance_out = torch.tensor([0.1, -2.0, 1.0, 3.0], dtype=torch.float64)
+    _, (relevance,) = through(SiLUIdentity(), torch.nn.SiLU(), x, output_relevance=relevance_out)
+    assert torch.allclose(relevance, relevance_out, rtol=1e-14)
+    # the mixers' form: the same rule through a RuleSet
+    x, = leaves(x)
+    relevance, = gradient_x_input(RuleSet({'silu'}).activation('silu', x), [x], relevance_out)
+    assert torch.allclose(relevance, relevance_out, rtol=1e-14)
 
 
 def test_gradient_x_input_on_silu_leaks_what_the_paper_says():
@@ -41,27 +51,52 @@ def test_gradient_x_input_on_silu_leaks_what_the_paper_says():
     x = torch.tensor([-1.5, 0.3, 2.0], dtype=torch.float64)
     sigmoid = torch.sigmoid(x)
     y = x * sigmoid
-    relevance_out = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-    _, (relevance,) = propagate(GradientTimesInput(1e-30), SiLU(), x, output_relevance=relevance_out)
+    relevance_out = torch.ones(3, dtype=torch.float64)
+    _, (relevance,) = through(None, torch.nn.SiLU(), x, output_relevance=relevance_out)
     expected = x * (sigmoid + x * sigmoid * (1 - sigmoid)) * relevance_out / y
     assert torch.allclose(relevance, expected, rtol=1e-12)
     leak = relevance_out / y * sigmoid * (1 - sigmoid) * x ** 2
     assert torch.allclose(relevance - relevance_out, leak, rtol=1e-12)
+    x, = leaves(x)
+    relevance, = gradient_x_input(RuleSet(()).activation('silu', x), [x], relevance_out)
+    assert torch.allclose(relevance, expected, rtol=1e-12)
 
 
 def test_half_rule_gives_each_factor_half():
-    value = torch.tensor([[2.0, -1.0, 0.5]], dtype=torch.float64)
-    gate = torch.tensor([[3.0, 4.0, -2.0]], dtype=torch.float64)
-    output, (relevance,) = propagate(HalfRule(), GateProduct(), stack_operands(value, gate))
+    value, gate = leaves(torch.tensor([[2.0, -1.0, 0.5]], dtype=torch.float64),
+                         torch.tensor([[3.0, 4.0, -2.0]], dtype=torch.float64))
+    output = RuleSet({'gate'}).gate(value, gate)
     assert torch.equal(output, value * gate)
-    assert torch.equal(relevance[..., 0], 0.5 * output)
-    assert torch.equal(relevance[..., 1], 0.5 * output)
+    for relevance in gradient_x_input(output, [value, gate]):
+        assert torch.allclose(relevance, 0.5 * output.detach(), rtol=1e-14)
 
 
 def test_gate_without_half_rule_doubles_relevance():
-    value, gate = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
-    output, (relevance,) = propagate(GradientTimesInput(1e-30), GateProduct(), stack_operands(value, gate))
-    assert torch.allclose(relevance.sum(), 2 * output.sum(), rtol=1e-12)
+    value, gate = leaves(torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64))
+    output = RuleSet(()).gate(value, gate)
+    relevance = gradient_x_input(output, [value, gate])
+    assert torch.allclose(sum(relevance).sum(), 2 * output.sum(), rtol=1e-12)
+
+
+class GatedMLP(torch.nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(width, width, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        self.product = torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(self.product)
+
+
+def test_half_rule_on_a_gated_mlp_halves_the_product_gradient():
+    torch.manual_seed(0)
+    mlp = GatedMLP().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    _, (halved,) = through(HalfRule(), mlp, x)
+    _, (plain,) = through(None, mlp, x)
+    assert torch.allclose(halved, 0.5 * plain, rtol=1e-12)
+    with pytest.raises(TypeError, match='gated MLPs and experts'):
+        HalfRule().register(torch.nn.Linear(2, 2))
 
 
 def test_ln_rule_conserves_per_element_and_gradient_x_input_does_not():
@@ -70,11 +105,15 @@ def test_ln_rule_conserves_per_element_and_gradient_x_input_does_not():
     with torch.no_grad():
         norm.weight.normal_()
     hidden = torch.randn(2, 3, 6, dtype=torch.float64)
-    output, (relevance,) = propagate(LNRule(), norm, hidden)
-    assert torch.equal(relevance, output)
-    _, (plain,) = propagate(GradientTimesInput(1e-30), norm, hidden)
+    output, (relevance,) = through(LNRule(), norm, hidden)
+    assert torch.allclose(relevance, output, rtol=1e-14)
+    _, (plain,) = through(None, norm, hidden)
     # the normalisation is scale invariant: gradient x input sums to ~0 per position (up to the norm's eps)
     assert plain.sum(-1).abs().max() < 1e-4 * output.abs().sum(-1).min()
+
+
+def scan_leaves(x, delta, B, C):
+    return leaves(x, delta, B, C)
 
 
 def test_detach_selection_hand_computed_two_steps():
@@ -91,18 +130,15 @@ def test_detach_selection_hand_computed_two_steps():
     def row(*values):
         return torch.tensor([[values]], dtype=torch.float64)
 
-    packed = SelectiveScan.pack(row(x1, x2), row(d1, d2), row(B1, B2), row(C1, C2))
-    output, (relevance,) = propagate(
-        DetachSelection(1e-30), SelectiveScan(1, 1), packed, output_relevance=row(r1, r2),
-        A=torch.tensor([[A]], dtype=torch.float64), D=torch.tensor([D], dtype=torch.float64),
-    )
+    x, delta, B, C = scan_leaves(row(x1, x2), row(d1, d2), row(B1, B2), row(C1, C2))
+    output, _ = RuleSet({'ssm'}).scan(x, delta, torch.tensor([[A]], dtype=torch.float64), B, C,
+                                      torch.tensor([D], dtype=torch.float64))
     assert torch.allclose(output, row(y1, y2), rtol=1e-14)
-    x, delta, B, C = SelectiveScan(1, 1).unpack(relevance)
-    assert torch.allclose(x, row(expected_x1, expected_x2), rtol=1e-12)
+    relevance = gradient_x_input(output, [x, delta, B, C], row(r1, r2))
+    assert torch.allclose(relevance[0], row(expected_x1, expected_x2), rtol=1e-12)
     # the selection receives no relevance
-    assert torch.equal(delta, torch.zeros_like(delta))
-    assert torch.equal(B, torch.zeros_like(B)) and torch.equal(C, torch.zeros_like(C))
-    assert math.isclose(x.sum().item(), r1 + r2, rel_tol=1e-12)
+    assert relevance[1:] == [None, None, None]
+    assert math.isclose(relevance[0].sum().item(), r1 + r2, rel_tol=1e-12)
 
 
 def scan_inputs(channels=4, state=3, length=9, batch=2):
@@ -112,44 +148,104 @@ def scan_inputs(channels=4, state=3, length=9, batch=2):
     B, C = torch.randn(2, batch, state, length, dtype=torch.float64)
     A = -torch.rand(channels, state, dtype=torch.float64) - 0.5
     D = torch.randn(channels, dtype=torch.float64)
-    return SelectiveScan.pack(x, delta, B, C), A, D
+    return scan_leaves(x, delta, B, C), A, D
 
 
-def test_detach_selection_conserves_locally_and_is_reverted():
-    packed, A, D = scan_inputs()
-    scan = SelectiveScan(4, 3)
-    output, (relevance,) = propagate(DetachSelection(1e-30), scan, packed, A=A, D=D)
-    assert torch.allclose(relevance.sum((1, 2)), output.sum((1, 2)), rtol=1e-12)
-    assert not hasattr(scan, DETACH_ATTRIBUTE)
+def test_detach_selection_conserves_locally():
+    (x, delta, B, C), A, D = scan_inputs()
+    output, _ = RuleSet({'ssm'}).scan(x, delta, A, B, C, D)
+    relevance, = gradient_x_input(output, [x])
+    assert torch.allclose(relevance.sum((1, 2)), output.detach().sum((1, 2)), rtol=1e-12)
 
 
 def test_selective_scan_without_the_rule_leaks_relevance_into_the_selection():
-    packed, A, D = scan_inputs()
-    output, (relevance,) = propagate(GradientTimesInput(1e-30), SelectiveScan(4, 3), packed, A=A, D=D)
-    _, delta, B, C = SelectiveScan(4, 3).unpack(relevance)
+    (x, delta, B, C), A, D = scan_inputs()
+    output, _ = RuleSet(()).scan(x, delta, A, B, C, D)
+    _, delta, B, C = gradient_x_input(output, [x, delta, B, C])
     assert delta.abs().sum() > 1e-3 and B.abs().sum() > 1e-3 and C.abs().sum() > 1e-3
 
 
-def test_detach_selection_refuses_other_modules():
-    with pytest.raises(TypeError, match='SelectiveScan'):
+def test_attention_rule_makes_attention_linear_in_its_input():
+    # CP-LRP: with the probabilities constant, o = O (P (h W_v)) is linear in h, and gradient x input conserves
+    from test_families import build
+
+    model = build('Bamba')
+    attention = model.model.layers[1].self_attn
+    hidden = torch.randn(2, 7, 32, dtype=torch.float64)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(7)[None])
+
+    def relevance_sums(rule):
+        h, = leaves(hidden)
+        handles = rule.register(attention) if rule is not None else None
+        try:
+            output = attention(h, position_embeddings=position_embeddings)[0]
+        finally:
+            if handles is not None:
+                handles.remove()
+        relevance, = gradient_x_input(output.sum(-1), [h])
+        return relevance.sum(-1).sum(-1), output.detach().sum(-1).sum(-1)
+
+    relevance, explained = relevance_sums(AttentionRule())
+    assert torch.allclose(relevance, explained, rtol=1e-12)
+    relevance, explained = relevance_sums(None)
+    assert not torch.allclose(relevance, explained, rtol=1e-3)
+
+
+def test_rules_that_act_inside_mixers_refuse_modules():
+    with pytest.raises(TypeError, match='acts inside canonized Mamba mixers'):
         DetachSelection().register(torch.nn.Linear(2, 2))
 
 
-def test_gradient_x_input_on_bias_free_linear_is_lrp0():
+def test_unknown_rule_names_are_refused():
+    with pytest.raises(ValueError, match=r"Unknown MambaLRP rules \['selu'\]"):
+        RuleSet({'silu', 'selu'})
+
+
+def test_zennit_epsilon_inside_the_one_pass_is_lrp0_on_a_linear():
     torch.manual_seed(2)
     linear = torch.nn.Linear(5, 3, bias=False).double()
     x = torch.randn(4, 5, dtype=torch.float64)
     relevance_out = torch.randn(4, 3, dtype=torch.float64)
-    _, (relevance,) = propagate(GradientTimesInput(1e-30), linear, x, output_relevance=relevance_out)
+    _, (relevance,) = through(ZennitRule(Epsilon(1e-30)), linear, x, output_relevance=relevance_out)
     z = x @ linear.weight.T
     expected = x * ((relevance_out / z) @ linear.weight)
     assert torch.allclose(relevance, expected, rtol=1e-12)
     assert torch.allclose(relevance.sum(-1), relevance_out.sum(-1), rtol=1e-10)
 
 
-def test_rules_copy_their_stabilizer():
-    assert GradientTimesInput(0.5).copy().stabilizer == 0.5
-    assert DetachSelection(0.25).copy().stabilizer == 0.25
+def zennit_own_relevance(rule, module, x, relevance_out):
+    '''Relevance by zennit's own hook mechanism (relevance flows backward as the gradient).'''
+    x = x.detach().clone().requires_grad_()
+    handles = rule.register(module)
+    try:
+        output = module(x)
+        return torch.autograd.grad(output, x, relevance_out)[0]
+    finally:
+        handles.remove()
+
+
+def test_zennit_gamma_inside_the_one_pass_equals_zennit_itself_also_when_called_twice():
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(5, 5).double()
+    first, second = torch.randn(2, 4, 5, dtype=torch.float64)
+    relevance_out = torch.randn(4, 5, dtype=torch.float64)
+    expected = zennit_own_relevance(Gamma(0.25, stabilizer=1e-30), linear, first, relevance_out)
+    _, (relevance,) = through(ZennitRule(Gamma(0.25, stabilizer=1e-30)), linear, first,
+                              output_relevance=relevance_out)
+    assert torch.allclose(relevance, expected, rtol=1e-10)
+
+    # the same module on two inputs in one graph: each call keeps its own input (zennit's hook keeps the last)
+    a, b = leaves(first, second)
+    handles = ZennitRule(Gamma(0.25, stabilizer=1e-30)).register(linear)
+    try:
+        outputs = linear(a), linear(b)
+        relevance_a, relevance_b = torch.autograd.grad(outputs, (a, b), (relevance_out / outputs[0].detach(),
+                                                                         relevance_out / outputs[1].detach()))
+    finally:
+        handles.remove()
+    assert torch.allclose(a * relevance_a, expected, rtol=1e-10)
+    assert torch.allclose(b * relevance_b, zennit_own_relevance(Gamma(0.25, stabilizer=1e-30), linear, second,
+                                                                relevance_out), rtol=1e-10)
 
 
 class TwoInputProduct(torch.nn.Module):
@@ -161,7 +257,7 @@ class TwoInputProduct(torch.nn.Module):
 ZENNIT_HOOKS_EVERY_ARGUMENT = 'kwargs' in inspect.signature(Hook.pre_forward).parameters
 
 
-def test_zennit_rules_on_two_input_modules_hence_packed_inputs():
+def test_zennit_rules_on_two_input_modules():
     value, gate = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     module = TwoInputProduct()
 
@@ -184,6 +280,3 @@ def test_zennit_rules_on_two_input_modules_hence_packed_inputs():
         # zennit 0.5.1 hooks see only a module's first input: a two-input product cannot carry a rule
         with pytest.raises(TypeError, match='missing 1 required positional argument'):
             two_input_relevance(Epsilon(1e-30))
-    # on the packed GateProduct a zennit BasicHook reaches both factors under either version (LRP-0: R each)
-    output, (relevance,) = propagate(Epsilon(1e-30), GateProduct(), stack_operands(value, gate))
-    assert torch.allclose(relevance, output.unsqueeze(-1).expand(3, 2), rtol=1e-12)

@@ -5,20 +5,19 @@ import pytest
 import torch
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
-from conftest import embed, explain, make_mamba, relative_error
-from test_composite import snapshot
+from conftest import embed, explain, make_mamba, relative_error, snapshot
 from test_families import build, embeddings_for
 
-from zennit_mamba import MambaCanonizer, MambaComposite, UpstreamChangedError
-from zennit_mamba.canonizers import TRANSFORMERS_MODULES, ForwardCanonizer, transformers_class
-from zennit_mamba.transformers_mamba import mixer_forward
+from zennit_mamba import FAMILIES, MambaCanonizer, MambaComposite, RuleSet, UpstreamChangedError
+from zennit_mamba.canonizers import ForwardCanonizer
+from zennit_mamba.mamba1 import transformers_forward
 
 TRANSFORMERS_VERSION = importlib.metadata.version('transformers')
 
 
 def test_every_supported_transformers_class_exists():
     # a class that vanished would silently get no canonizer: its model would then be refused as unsupported
-    missing = [f'{package}.{name}' for package, name in TRANSFORMERS_MODULES if transformers_class(package, name) is None]
+    missing = [family.mixer for family in FAMILIES if family.library == 'transformers' and family.mixer_type() is None]
     assert missing == []
 
 
@@ -40,7 +39,7 @@ def test_a_forward_with_an_extra_parameter_is_refused_before_anything_changes():
     for block in model.backbone.layers:
         block.mixer.__class__ = SeqIdxMambaMixer
     before = snapshot(model)
-    canonizer = ForwardCanonizer(SeqIdxMambaMixer, mixer_forward, lambda mixer: {})
+    canonizer = ForwardCanonizer(SeqIdxMambaMixer, transformers_forward, RuleSet())
     with pytest.raises(UpstreamChangedError) as error:
         canonizer.apply(model)
     message = str(error.value)
@@ -80,14 +79,17 @@ def test_keywords_the_canonized_mixer_cannot_honour_are_refused(name, mixer_path
 
 
 @pytest.mark.unmodified_forward
-def test_the_old_cache_name_inside_a_block_is_refused_not_dropped(model):
-    # transformers' own block renames cache_params (deprecated) itself; the canonized one must not swallow it
+def test_the_old_cache_name_is_honoured_or_refused_never_dropped(model):
     hidden = embed(model, 1, 5)
     with torch.no_grad():
         cache = model(inputs_embeds=hidden, use_cache=True).cache
     with MambaComposite().context(model):
-        with pytest.raises(TypeError, match=r"\['cache_params'\]"):
+        # transformers' own block renames cache_params (deprecated): the continuation is seen and refused
+        with pytest.raises(RuntimeError, match='explains whole sequences'):
             model.backbone.layers[0](hidden, cache_params=cache)
+        # the canonized mixer does not rename it: refused by name, not swallowed
+        with pytest.raises(TypeError, match=r"\['cache_params'\]"):
+            model.backbone.layers[0].mixer(hidden, cache_params=cache)
 
 
 def test_attention_keywords_mamba_lrp_cannot_honour_are_refused():
@@ -110,3 +112,12 @@ def test_zennit_hooks_give_the_same_relevance_under_either_zennit_version(model)
         relevance, _, _ = explain(model, embeddings, targets, composite=composite)
         assert relative_error(relevance, expected) <= 1e-10
         assert torch.allclose(relevance.sum((1, 2)), explained, rtol=1e-9)
+
+
+def test_the_readme_lists_exactly_the_supported_families():
+    import os
+
+    from zennit_mamba.support import support_table
+
+    with open(os.path.join(os.path.dirname(__file__), '..', 'README.md'), encoding='utf-8') as file:
+        assert support_table() in file.read()

@@ -1,33 +1,31 @@
-'''MambaLRP for Zennit: rules, canonizers and the composite that explain Mamba models with conserved relevance.'''
+'''MambaLRP for Zennit: the rules, the canonizer that binds them into Mamba mixers, and the composite.'''
 from .canonizers import MambaCanonizer
-from .composites import MAMBA_LRP_RULES, MambaComposite
-from .layers import GateProduct, SelectiveScan, SiLU, Softplus
-from .mamba2 import Mamba2Core
-from .model_rules import ModelRules
-from .rules import DetachSelection, GradientTimesInput, HalfRule, LNRule, MixerRules, SiLUIdentity
+from .composite import MambaComposite
+from .hooks import ExplainedModel, ZennitRule
+from .rules import (
+    MAMBA_LRP_RULES, AttentionRule, DetachSelection, HalfRule, LNRule, Rule, RuleSet, SiLUIdentity,
+)
 from .scan import selective_scan
 from .ssd import ssd_scan
-from .support import UnsupportedModelError, check_supported
+from .support import FAMILIES, UnsupportedModelError, check_supported
 from .upstream import UpstreamChangedError
 
 __all__ = [
+    'FAMILIES',
     'MAMBA_LRP_RULES',
+    'AttentionRule',
     'DetachSelection',
-    'GateProduct',
-    'GradientTimesInput',
+    'ExplainedModel',
     'HalfRule',
     'LNRule',
     'MambaCanonizer',
-    'Mamba2Core',
     'MambaComposite',
-    'MixerRules',
-    'ModelRules',
-    'SelectiveScan',
-    'SiLU',
+    'Rule',
+    'RuleSet',
     'SiLUIdentity',
-    'Softplus',
     'UnsupportedModelError',
     'UpstreamChangedError',
+    'ZennitRule',
     'check_supported',
     'selective_scan',
     'ssd_scan',

@@ -1,21 +1,28 @@
 '''Optional imports: mamba-ssm needs its CUDA extension, so on a CPU-only machine it is absent.'''
 import functools
+import importlib
 import types
 from typing import Callable, Optional
 
 
 @functools.lru_cache(maxsize=None)
-def mamba_ssm_modules() -> Optional[types.SimpleNamespace]:
-    '''mamba-ssm's module classes, or None where mamba-ssm cannot be imported.'''
+def optional_class(module: str, name: str) -> Optional[type]:
+    '''``module.name``, or None where it cannot be imported (mamba-ssm without its CUDA extension).'''
     try:
-        from mamba_ssm.models.mixer_seq_simple import MixerModel
-        from mamba_ssm.modules.block import Block
-        from mamba_ssm.modules.mamba2 import Mamba2
-        from mamba_ssm.modules.mamba_simple import Mamba
-        from mamba_ssm.ops.triton.layer_norm import RMSNorm
+        return getattr(importlib.import_module(module), name, None)
     except (ImportError, OSError, RuntimeError):
         return None
-    return types.SimpleNamespace(Mamba=Mamba, Mamba2=Mamba2, Block=Block, MixerModel=MixerModel, RMSNorm=RMSNorm)
+
+
+def mamba_ssm_modules() -> Optional[types.SimpleNamespace]:
+    '''mamba-ssm's module classes, or None where mamba-ssm cannot be imported.'''
+    classes = {
+        'Mamba': ('mamba_ssm.modules.mamba_simple', 'Mamba'), 'Mamba2': ('mamba_ssm.modules.mamba2', 'Mamba2'),
+        'Block': ('mamba_ssm.modules.block', 'Block'), 'MixerModel': ('mamba_ssm.models.mixer_seq_simple', 'MixerModel'),
+        'RMSNorm': ('mamba_ssm.ops.triton.layer_norm', 'RMSNorm'),
+    }
+    found = {key: optional_class(*location) for key, location in classes.items()}
+    return None if None in found.values() else types.SimpleNamespace(**found)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,16 +1,14 @@
-'''The treatments of the non-Mamba layers of hybrid models (attention, MLPs, mixtures of experts), which
-:py:class:`~zennit_mamba.model_rules.ModelRules` writes into a hybrid's forward:
+'''The non-Mamba layers of hybrid models (attention, MLPs, mixtures of experts): where the MambaLRP rules act on
+them, and the attention and experts implementations through which :py:class:`~zennit_mamba.rules.AttentionRule` and
+:py:class:`~zennit_mamba.rules.HalfRule` act.
 
-* Attention: the attention probabilities are held constant (relevance flows through the values only), as the SSM rule
-  holds Mamba's hidden attention constant; MoE routing weights likewise (rule ``'attention'``).
-* Gated MLPs ``down(act(gate) * up)`` and gated experts: half rule on the product.
-* Activations: identity rule (``f(x) / x`` held constant), as for SiLU.
-
-Attention and experts run through implementations registered here with transformers, selected per module while
-the rules are registered.
+Attention and experts run through implementations registered here with transformers, selected per module by a copy
+of its config (:py:func:`select_implementation`) that also carries the rule's function; the module's own config is
+untouched.
 '''
+import copy
 import functools
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +17,14 @@ from transformers.integrations.moe import ExpertsInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .rules import gate_product
-from .transformers_mamba import refuse_keywords
+from .instance import InstanceAttributes
+from .mixer_io import refuse_keywords
 
 
 #: the attention and experts implementation registered with transformers for explained models
 IMPLEMENTATION = 'mamba_lrp'
-#: the attribute of an attention or experts module that holds the rules it computes with
-HYBRID_RULE_ATTRIBUTE = 'lrp_hybrid_rules'
+#: the attribute of the config copy that holds the rule's function (``probabilities`` or ``gate``)
+RULE_FIELD = '_mamba_lrp_rule'
 #: (attributes of a gated MLP, the projection whose input is the gated product)
 GATED_MLP_LAYOUTS = ((('gate_proj', 'up_proj', 'down_proj'), 'down_proj'),
                      (('gate_up_proj', 'down_proj'), 'down_proj'),
@@ -40,13 +38,13 @@ def _repeat_heads(states: torch.Tensor, repeats: int) -> torch.Tensor:
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    '''Eager attention whose probabilities are held constant while the module's rules include ``'attention'``.
+    '''Eager attention whose probabilities pass through the rule of the module's config copy (held constant by
+    :py:class:`~zennit_mamba.rules.AttentionRule`).
 
     Accepts the masks of transformers' eager (additive) and sdpa (boolean, or None for plain causal) implementations.
     Keyword arguments it cannot honour (a sliding window, soft-capping, packed sequences) are refused, not dropped.
     '''
     refuse_keywords(module, kwargs)
-    rules = getattr(module, HYBRID_RULE_ATTRIBUTE, frozenset())
     key = _repeat_heads(key, query.shape[1] // key.shape[1])
     value = _repeat_heads(value, query.shape[1] // value.shape[1])
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -60,8 +58,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     else:
         scores = scores + attention_mask[..., :key.shape[2]]
     probabilities = F.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
-    if 'attention' in rules:
-        probabilities = probabilities.detach()
+    probabilities = _rule(module)(probabilities)
     probabilities = F.dropout(probabilities, p=dropout, training=module.training)
     return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
 
@@ -75,14 +72,29 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
             f'MambaLRP explains experts with concatenated [gate; up] weights without bias; '
             f'{type(self).__name__} stores them differently.'
         )
-    rules = getattr(self, HYBRID_RULE_ATTRIBUTE, frozenset())
+    half_rule = _rule(self)
     output = torch.zeros_like(hidden_states, dtype=torch.promote_types(hidden_states.dtype, top_k_weights.dtype))
     for expert in top_k_index.unique().tolist():
         token, slot = torch.where(top_k_index == expert)
         gate, up = F.linear(hidden_states[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-        expert_output = F.linear(gate_product(self.act_fn(gate), up, 'gate' in rules), self.down_proj[expert])
+        expert_output = F.linear(half_rule(self.act_fn(gate) * up), self.down_proj[expert])
         output = output.index_add(0, token, (expert_output * top_k_weights[token, slot, None]).to(output.dtype))
     return output.to(hidden_states.dtype)
+
+
+def _rule(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return getattr(module.config, RULE_FIELD, None) or (lambda tensor: tensor)
+
+
+def select_implementation(module: torch.nn.Module, **rule: Callable) -> InstanceAttributes:
+    '''Run an attention or experts ``module`` through this file's implementation with the rule function given as
+    ``probabilities=`` or ``gate=``, through a copy of its config; removing the result restores the module.'''
+    (field, function), = rule.items()
+    config = copy.copy(module.config)
+    implementation = '_attn_implementation' if field == 'probabilities' else '_experts_implementation'
+    setattr(config, f'{implementation}_internal', IMPLEMENTATION)
+    setattr(config, RULE_FIELD, function)
+    return InstanceAttributes(module, {'config': config})
 
 
 AttentionInterface.register(IMPLEMENTATION, attention_forward)
@@ -126,7 +138,7 @@ _KNOWN_LEAVES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Dropout, torch.nn
 
 
 def unsupported_parts(model: torch.nn.Module, mixer_types: tuple) -> List[str]:
-    '''Modules of a hybrid model that :py:class:`~zennit_mamba.model_rules.ModelRules` has no sound treatment for,
+    '''Modules of a hybrid model that no MambaLRP rule or linear treatment covers,
     as ``'Type at name'``; the mixers of ``mixer_types`` are treated.'''
     activations = activation_types()
     found, treated = [], []

@@ -1,266 +1,29 @@
-'''MambaLRP rules as Zennit hooks.
+'''The MambaLRP rules, each written once as a small Zennit rule class that states its equation.
 
-Inside a Zennit composite the tensor that flows backward is relevance, not gradient. Each rule below maps the
-relevance of a module's output to the relevance of its input:
+Every rule changes the *gradient* of one operation and leaves its forward value alone (the "efficient" form of LXT):
+with all of them in place, a Mamba model is linear in its input embeddings (biases zeroed), and gradient x input of
+the whole forward is the relevance, ``R = x * J^T (R_out / y)``; inside the model the relevance of any tensor ``h``
+is ``h * gradient`` (:py:class:`~zennit_mamba.hooks.ExplainedModel` converts at the two ends).
 
-* :py:class:`SiLUIdentity` -- SiLU with the sigmoid factor held constant: relevance passes unchanged.
-* :py:class:`HalfRule` -- a product of factors: each factor receives an equal share.
-* :py:class:`DetachSelection` -- the selective scan with ``delta, B, C`` held constant: LRP-0 through the scan,
-  which is then linear in ``x``.
-* :py:class:`LNRule` -- RMSNorm with its denominator held constant: relevance passes unchanged.
-* :py:class:`MixerRules` -- the SiLU, SSM and gate rules of a whole mixer in one pass, written as detaches.
-* :py:class:`GradientTimesInput` -- LRP-0 through any module, ``R_in = x * J^T (R_out / y)``; on a module that is not
-  linear in its input this is plain gradient x input, which is how the ablations switch a MambaLRP rule off.
+Each rule has one function, ``apply``, the equation itself. The canonized Mamba mixers call it through the
+:py:class:`RuleSet` that :py:class:`~zennit_mamba.canonizers.MambaCanonizer` binds into their forwards; on a
+standalone module (an activation, an RMSNorm, attention, a gated MLP in a hybrid) the rule registers as a Zennit hook
+that applies the same function to the module's output (:py:class:`~zennit_mamba.MambaComposite` maps module types to
+rules as Zennit's composites do).
 '''
-import weakref
-from typing import Callable, Collection, Optional, Tuple, Union
+from typing import ClassVar, Collection, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
-from zennit.rules import Pass
+from transformers.activations import ACT2FN
+from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
-from .layers import DETACH_ATTRIBUTE, SelectiveScan
+from . import hybrid
+from .scan import selective_scan
+from .ssd import ssd_scan
 
-StabilizerLike = Union[float, Callable[[torch.Tensor], torch.Tensor]]
 #: the MambaLRP rules that can be switched on and off (``'attention'`` acts in hybrid models only)
 MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm', 'attention'})
-#: the attribute of a canonized mixer that holds its registered :py:class:`MixerRules` (or the model's ModelRules)
-RULE_ATTRIBUTE = 'lrp_mixer_rules'
-
-
-class _RelevanceToGradient(torch.autograd.Function):
-    '''Identity whose backward divides the incoming relevance by the (stabilised) output, while its hook is active:
-    where a rule's relevance enters a module's own autograd graph.'''
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, stabilizer: Callable, hook_ref: Callable) -> torch.Tensor:
-        ctx.save_for_backward(output)
-        ctx.stabilizer = stabilizer
-        ctx.hook_ref = hook_ref
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, relevance: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
-        output, = ctx.saved_tensors
-        hook = ctx.hook_ref()
-        if hook is None or not hook.active:
-            return relevance, None, None
-        # what zennit's Hook.pre_backward keeps, so that tools reading a hook's stored tensors see it fired
-        hook.stored_tensors['grad_output'] = (relevance,)
-        return relevance / ctx.stabilizer(output), None, None
-
-
-class _GradientToRelevance(torch.autograd.Function):
-    '''Identity whose backward multiplies the gradient by the input, while its hook is active: where relevance leaves
-    a module's own autograd graph.'''
-
-    @staticmethod
-    def forward(ctx, input: torch.Tensor, hook_ref: Callable) -> torch.Tensor:
-        ctx.save_for_backward(input)
-        ctx.hook_ref = hook_ref
-        return input.view_as(input)
-
-    @staticmethod
-    def backward(ctx, gradient: torch.Tensor) -> Tuple[torch.Tensor, None]:
-        input, = ctx.saved_tensors
-        return (gradient * input if _is_active(ctx.hook_ref) else gradient), None
-
-
-def _is_active(hook_ref: Callable) -> bool:
-    hook = hook_ref()
-    return hook is not None and hook.active
-
-
-def relevance_to_gradient(output: torch.Tensor, stabilizer: StabilizerLike, hook: Hook) -> torch.Tensor:
-    '''``output``, whose incoming relevance is divided by ``stabilize(output)`` in the backward pass while ``hook`` is
-    active (:py:meth:`zennit.core.Composite.inactive` switches it off).'''
-    if not output.requires_grad:
-        return output
-    return _RelevanceToGradient.apply(output, Stabilizer.ensure(stabilizer), weakref.ref(hook))
-
-
-def gradient_to_relevance(input: torch.Tensor, hook: Hook) -> torch.Tensor:
-    '''``input``, whose outgoing gradient is multiplied by ``input`` in the backward pass while ``hook`` is active.'''
-    if not (input.requires_grad and input.is_floating_point()):
-        return input
-    return _GradientToRelevance.apply(input, weakref.ref(hook))
-
-
-class GradientTimesInput(Hook):
-    '''LRP-0 through a module's own autograd graph: ``R_in = x * J^T (R_out / stabilize(y))``.
-
-    The division is applied to the relevance arriving at the module's output and the multiplication to the gradient
-    leaving its input, so the module's forward runs once and its graph is differentiated once. For a module that is
-    linear in its input (a Linear without bias, or a Mamba operation whose input-dependent factors are detached),
-    relevance is conserved.
-
-    The conversions are autograd functions inserted by plain torch forward hooks (the first output, every
-    floating-point positional input), not zennit's ``Hook.pre_forward``/``post_forward``, whose signatures differ
-    between zennit 0.5 and 1.0; each call of the module keeps its own tensors, so a module called twice is explained
-    correctly.
-
-    Parameters
-    ----------
-    stabilizer : float or callable, optional
-        Stabiliser of the division, as in :py:class:`zennit.rules.Epsilon`.
-
-    Examples
-    --------
-    >>> module = torch.nn.Linear(3, 2, bias=False)
-    >>> handles = GradientTimesInput().register(module)
-    >>> x = torch.randn(1, 3, requires_grad=True)
-    >>> y = module(x)
-    >>> relevance, = torch.autograd.grad(y, x, y)
-    >>> handles.remove()
-    >>> bool(torch.allclose(relevance.sum(), y.sum()))
-    True
-    '''
-
-    def __init__(self, stabilizer: StabilizerLike = 1e-6):
-        super().__init__()
-        self.stabilizer = stabilizer
-
-    def register(self, module: torch.nn.Module) -> RemovableHandleList:
-        '''Convert relevance to gradient at ``module``'s output and back at its inputs; the handles undo it.'''
-        return RemovableHandleList([
-            RemovableHandle(self),
-            module.register_forward_pre_hook(self._relevance_leaves_at_inputs),
-            module.register_forward_hook(self._relevance_enters_at_output),
-        ])
-
-    def _relevance_leaves_at_inputs(self, module: torch.nn.Module, args: tuple) -> tuple:
-        return tuple(gradient_to_relevance(arg, self) if torch.is_tensor(arg) else arg for arg in args)
-
-    def _relevance_enters_at_output(self, module: torch.nn.Module, args: tuple, output):
-        if isinstance(output, tuple):
-            return (relevance_to_gradient(output[0], self.stabilizer, self),) + tuple(output[1:])
-        return relevance_to_gradient(output, self.stabilizer, self)
-
-    def copy(self) -> 'GradientTimesInput':
-        return self.__class__(self.stabilizer)
-
-
-class _ModuleSetting(GradientTimesInput):
-    '''A :py:class:`GradientTimesInput` that also sets an attribute of its module while registered.'''
-
-    attribute = ''
-
-    def __init__(self, stabilizer: StabilizerLike = 1e-6):
-        super().__init__(stabilizer)
-        self._module: Optional[weakref.ref] = None
-
-    def check(self, module: torch.nn.Module) -> None:
-        '''Raise a TypeError for a module this rule does not apply to.'''
-
-    def register(self, module: torch.nn.Module):
-        self.check(module)
-        handles = super().register(module)
-        setattr(module, self.attribute, self)
-        self._module = weakref.ref(module)
-        return handles
-
-    def remove(self):
-        super().remove()
-        module = self._module() if self._module is not None else None
-        if module is not None and getattr(module, self.attribute, None) is self:
-            delattr(module, self.attribute)
-        self._module = None
-
-
-class DetachSelection(_ModuleSetting):
-    '''MambaLRP rule for the selective SSM: ``delta``, ``A_bar``, ``B_bar`` and ``C`` are constants.
-
-    While registered, the :py:class:`~zennit_mamba.layers.SelectiveScan` computes its autograd graph with the
-    input-dependent parameters detached; its output is then linear in ``x`` (state path and ``D`` skip) and LRP-0
-    through that graph conserves relevance. The selection inputs receive no relevance.
-
-    Parameters
-    ----------
-    stabilizer : float or callable, optional
-        Stabiliser of the division, as in :py:class:`zennit.rules.Epsilon`.
-    '''
-
-    attribute = DETACH_ATTRIBUTE
-
-    def check(self, module: torch.nn.Module) -> None:
-        if not isinstance(module, SelectiveScan):
-            raise TypeError(f'DetachSelection applies to SelectiveScan modules, not {type(module).__name__}')
-
-
-class MixerRules(_ModuleSetting):
-    '''All MambaLRP rules of a canonized Mamba mixer, applied in one pass over the whole mixer.
-
-    While registered, the mixer computes its forward with the rules written as detaches (:py:func:`silu`,
-    :py:func:`half_rule`, the selection detached in the scan), and relevance passes through it as gradient x input:
-    ``R_in = x * J^T (R_out / stabilize(y))``. This equals the rules applied module by module with LRP-0 on the
-    projections, but the mixer's submodules carry no hooks, so it costs one gradient.
-
-    Parameters
-    ----------
-    rules : collection of str, optional
-        The mixer's MambaLRP rules that are on, a subset of ``{'silu', 'ssm', 'gate'}``; an operation whose rule is
-        off is differentiated as it is.
-    stabilizer : float or callable, optional
-        Stabiliser of the division at the mixer output, as in :py:class:`zennit.rules.Epsilon`.
-    recompute : bool, optional
-        Keep only the mixer's input for the backward pass and recompute the rest there
-        (:py:func:`torch.utils.checkpoint.checkpoint`): memory per layer no longer grows with the mixer's width.
-
-    Examples
-    --------
-    >>> from transformers import MambaConfig, MambaModel
-    >>> from zennit_mamba import MambaCanonizer
-    >>> model = MambaModel(MambaConfig(vocab_size=10, hidden_size=8, state_size=4, num_hidden_layers=1))
-    >>> canonizers = MambaCanonizer().apply(model)
-    >>> mixer = model.layers[0].mixer
-    >>> handles = MixerRules().register(mixer)
-    >>> u = torch.randn(1, 5, 8, requires_grad=True)
-    >>> y = mixer(u)
-    >>> relevance, = torch.autograd.grad(y, u, y)
-    >>> handles.remove()
-    >>> for canonizer in canonizers:
-    ...     canonizer.remove()
-    >>> bool(torch.isclose(relevance.sum(), y.sum(), rtol=1e-3))
-    True
-    '''
-
-    attribute = RULE_ATTRIBUTE
-
-    def __init__(
-        self,
-        rules: Collection[str] = frozenset({'silu', 'ssm', 'gate'}),
-        stabilizer: StabilizerLike = 1e-6,
-        recompute: bool = False,
-    ):
-        super().__init__(stabilizer)
-        self.rules = frozenset(rules)
-        self.recompute = recompute
-
-    def check(self, module: torch.nn.Module) -> None:
-        if not reads_mixer_rules(module):
-            raise TypeError(f'MixerRules applies to canonized Mamba mixers, not {type(module).__name__}')
-
-    def copy(self) -> 'MixerRules':
-        return self.__class__(self.rules, self.stabilizer, self.recompute)
-
-
-def is_canonized_mixer(module: torch.nn.Module) -> bool:
-    '''Whether ``module`` is a Mamba-1 or Mamba-2 mixer carrying a canonizer's submodules.'''
-    return hasattr(module, 'lrp_scan') or hasattr(module, 'lrp_core')
-
-
-def reads_mixer_rules(module: torch.nn.Module) -> bool:
-    '''Whether ``module`` computes with the rules of a :py:class:`MixerRules` registered on it: a canonized mixer,
-    or the core of a canonized Mamba-2 mixer.'''
-    return getattr(module, 'reads_mixer_rules', False) or is_canonized_mixer(module)
-
-
-def silu(x: torch.Tensor, identity_rule: bool = True) -> torch.Tensor:
-    '''SiLU; with ``identity_rule`` the sigmoid factor is a constant for autograd (``x * sigmoid(x).detach()``).'''
-    if identity_rule:
-        return x * torch.sigmoid(x).detach()
-    return F.silu(x)
 
 
 class _IdentityRule(torch.autograd.Function):
@@ -294,8 +57,7 @@ class _HalfGradient(torch.autograd.Function):
 def identity_rule(input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     '''``output`` of an element-wise map of ``input`` with the factor ``output / input`` held constant.
 
-    Gradient x input through the result passes each element's relevance unchanged: the identity rule of SiLU for
-    any activation with ``f(0) = 0``, and the LN-rule for a norm whose denominator is held constant.
+    Gradient x input through the result passes each element's relevance unchanged.
 
     Examples
     --------
@@ -308,41 +70,198 @@ def identity_rule(input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return _IdentityRule.apply(input, output) if input.requires_grad else output
 
 
-def half_rule(product: torch.Tensor) -> torch.Tensor:
-    '''The product of two factors with half its gradient: gradient x input gives each factor half the relevance.'''
-    return _HalfGradient.apply(product) if product.requires_grad else product
+class Rule(Hook):
+    '''A MambaLRP rule: a change of one operation's gradient, applied by :py:meth:`apply` in the forward pass.
 
-
-def gate_product(value: torch.Tensor, gate: torch.Tensor, half: bool = True) -> torch.Tensor:
-    '''``value * gate``; with ``half``, under the half rule (the MambaLRP gate rule, see :py:func:`half_rule`).'''
-    product = value * gate
-    return half_rule(product) if half else product
-
-
-class SiLUIdentity(Pass):
-    '''MambaLRP rule for SiLU: ``y = x * sigmoid(x)`` with the sigmoid held constant, so ``R(x) = R(y)``.
-
-    Gradient x input of ``x * sigmoid(x).detach()`` gives ``x * sigmoid(x) * R / y = R`` exactly, which is what
-    passing the relevance through computes, without the division.
+    As a Zennit hook, it registers a forward hook that passes the module's output through the rule
+    (:py:meth:`on_output`); rules that act inside canonized mixers only refuse to register.
     '''
 
+    #: the name that switches the rule on or off (``MambaComposite(rules=...)``)
+    name: ClassVar[str] = ''
 
-class LNRule(Pass):
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        if type(self).on_output is Rule.on_output:
+            raise TypeError(
+                f'{type(self).__name__} acts inside canonized Mamba mixers (MambaCanonizer binds it), not on a '
+                f'{type(module).__name__}.'
+            )
+        return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self.on_output)])
+
+    def on_output(self, module: torch.nn.Module, args: tuple, output):
+        '''The module's output passed through the rule.'''
+        raise NotImplementedError
+
+    def copy(self) -> 'Rule':
+        return type(self)()
+
+
+class SiLUIdentity(Rule):
+    '''Identity rule for SiLU (and any activation ``f`` with ``f(0) = 0``): ``y = x * (f(x) / x)`` with the factor
+    held constant, so ``R(x) = R(y)``.
+
+    For SiLU the factor is ``sigmoid(x)``: gradient x input of ``x * sigmoid(x).detach()`` is ``R(y)`` exactly,
+    where plain gradient x input leaks ``(dR/dy) sigmoid'(x) x^2``.
+    '''
+
+    name = 'silu'
+
+    @staticmethod
+    def apply(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return identity_rule(x, y)
+
+    def on_output(self, module, args, output):
+        return self.apply(args[0], output)
+
+
+class LNRule(Rule):
     '''LN-rule for RMSNorm: ``u = w * h * r`` with ``r = rsqrt(mean(h^2) + eps)`` held constant.
 
-    The normalisation is then diagonal in ``h``, and each element keeps its relevance: ``R(h_i) = R(u_i)``.
+    The normalisation is then diagonal in ``h``: ``R(h_i) = R(u_i)`` (``u / h`` held constant).
     '''
 
+    name = 'norm'
 
-class HalfRule(Hook):
-    '''MambaLRP rule for a multiplicative gate ``o = y * g``: each factor receives half the relevance.
+    @staticmethod
+    def apply(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return identity_rule(h, u)
 
-    Equivalent to gradient x input of ``0.5 * o + 0.5 * o.detach()``. The module's input holds the factors stacked
-    along its last dimension (:py:class:`~zennit_mamba.layers.GateProduct`); with ``n`` factors each receives
-    ``R / n``.
+    def on_output(self, module, args, output):
+        return self.apply(args[0], output)
+
+
+class HalfRule(Rule):
+    '''Half rule for a multiplicative gate ``o = y * g``: each factor receives half the relevance.
+
+    ``o = 0.5 * o + 0.5 * o.detach()``: gradient x input gives ``R(y) = R(g) = R(o) / 2``, where plain gradient x
+    input gives each factor all of ``R(o)`` and doubles it. On a gated MLP ``down(act(gate) * up)`` the rule
+    applies to the input of ``down``; on mixture-of-experts modules to each expert's product.
     '''
 
-    def backward(self, module, grad_input, grad_output):
-        factors = grad_input[0].shape[-1]
-        share = grad_output[0].unsqueeze(-1) / factors
-        return (share.expand_as(grad_input[0]),) + (None,) * (len(grad_input) - 1)
+    name = 'gate'
+
+    @staticmethod
+    def apply(product: torch.Tensor) -> torch.Tensor:
+        return _HalfGradient.apply(product) if product.requires_grad else product
+
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        handles = RemovableHandleList([RemovableHandle(self)])
+        if hybrid.is_experts(module):
+            handles.append(hybrid.select_implementation(module, gate=self.apply))
+            return handles
+        output = hybrid.gated_mlp_output(module)
+        if output is None:
+            raise TypeError(f'HalfRule applies to gated MLPs and experts, not to {type(module).__name__}')
+        handles.append(getattr(module, output).register_forward_pre_hook(self._halve_input))
+        return handles
+
+    def _halve_input(self, module, args):
+        return (self.apply(args[0]),) + tuple(args[1:])
+
+
+class DetachSelection(Rule):
+    '''MambaLRP rule for the selective SSM: ``delta``, ``A_bar = exp(delta A)``, ``B_bar = delta B`` and ``C`` are
+    constants.
+
+    The scan ``s_t = A_bar_t s_{t-1} + B_bar_t x_t``, ``y_t = C_t s_t + D x_t`` is then linear in ``x``, and LRP-0
+    through it conserves ``R(x_t) + R(s_{t-1}) = R(s_t) + R(y_t)``; the selection receives no relevance.
+    '''
+
+    name = 'ssm'
+
+    @staticmethod
+    def apply(*selection: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return tuple(value.detach() for value in selection)
+
+
+class AttentionRule(Rule):
+    '''CP-LRP for the attention of hybrids, the analogue of the SSM rule: ``o = P V`` with the probabilities ``P``
+    held constant, so relevance flows through the values only; the routing weights of mixtures of experts are held
+    constant likewise.
+    '''
+
+    name = 'attention'
+
+    @staticmethod
+    def apply(constant: torch.Tensor) -> torch.Tensor:
+        return constant.detach()
+
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        handles = RemovableHandleList([RemovableHandle(self)])
+        if hybrid.is_attention(module):
+            handles.append(hybrid.select_implementation(module, probabilities=self.apply))
+        else:
+            handles.append(module.register_forward_hook(self.on_output))
+        return handles
+
+    def on_output(self, module, args, output):
+        # a router: every output (weights, indices) held constant
+        return tuple(self.apply(value) if torch.is_tensor(value) else value for value in output)
+
+
+RULES = {rule.name: rule for rule in (SiLUIdentity, LNRule, HalfRule, DetachSelection, AttentionRule)}
+
+
+class RuleSet:
+    '''The MambaLRP rules that are on, the one state object the canonized forwards close over.
+
+    Each operation of a canonized mixer is computed by one method here, which applies the rule's ``apply`` where
+    that rule is on and the plain operation where it is off (the ablations).
+
+    Parameters
+    ----------
+    rules : collection of str, optional
+        The rules that are on, a subset of :py:data:`MAMBA_LRP_RULES`.
+    recompute : bool, optional
+        Recompute each mixer in the backward pass instead of storing its activations.
+
+    Examples
+    --------
+    >>> rules = RuleSet({'gate'})
+    >>> y, g = torch.tensor([2.0], requires_grad=True), torch.tensor([3.0], requires_grad=True)
+    >>> o = rules.gate(y, g)
+    >>> [float(value * gradient) for value, gradient in zip((y, g), torch.autograd.grad(o, (y, g), o / o))]
+    [3.0, 3.0]
+    '''
+
+    def __init__(self, rules: Collection[str] = MAMBA_LRP_RULES, recompute: bool = False):
+        self.names = frozenset(rules)
+        unknown = self.names - MAMBA_LRP_RULES
+        if unknown:
+            raise ValueError(f'Unknown MambaLRP rules {sorted(unknown)}; choose from {sorted(MAMBA_LRP_RULES)}.')
+        self.recompute = recompute
+
+    def __repr__(self) -> str:
+        return f'RuleSet({sorted(self.names)}, recompute={self.recompute})'
+
+    def rule(self, name: str) -> Optional[Rule]:
+        '''A fresh instance of the rule ``name``, or None where it is off.'''
+        return RULES[name]() if name in self.names else None
+
+    def activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        '''The activation ``name`` of ``ACT2FN`` (SiLU for Mamba), under :py:class:`SiLUIdentity`.'''
+        y = F.silu(x) if name in ('silu', 'swish') else ACT2FN[name](x)
+        return SiLUIdentity.apply(x, y) if 'silu' in self.names else y
+
+    def gate(self, value: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        '''``value * gate`` under :py:class:`HalfRule`.'''
+        product = value * gate
+        return HalfRule.apply(product) if 'gate' in self.names else product
+
+    def norm(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        '''The output ``u`` of an RMS normalisation of ``h`` under :py:class:`LNRule`.'''
+        return LNRule.apply(h, u) if 'norm' in self.names else u
+
+    def selection(self, *selection: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        '''``delta, A, B, C`` of a scan under :py:class:`DetachSelection`.'''
+        return DetachSelection.apply(*selection) if 'ssm' in self.names else selection
+
+    def scan(self, x, delta, A, B, C, D) -> Tuple[torch.Tensor, torch.Tensor]:
+        '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.scan.selective_scan`) with the selection rule.'''
+        delta, A, B, C = self.selection(delta, A, B, C)
+        return selective_scan(x, delta, A, B, C, D)
+
+    def ssd(self, x, delta, A, B, C, D, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        '''The Mamba-2 SSD scan (:py:func:`~zennit_mamba.ssd.ssd_scan`) with the selection rule.'''
+        delta, A, B, C = self.selection(delta, A, B, C)
+        return ssd_scan(x, delta, A, B, C, D, chunk_size=chunk_size)

@@ -1,79 +1,120 @@
-'''Which Mamba implementations MambaLRP supports, and the errors for models it cannot explain.'''
+'''The supported Mamba families, in one table, and the check that refuses models MambaLRP cannot explain.
+
+:data:`FAMILIES` is the only list of what is supported: the canonizers, the support check, its error message and the
+README's support table (:func:`support_table`) are built from it.
+'''
+import functools
 import re
 from collections import Counter
-from typing import Collection, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._optional import mamba_ssm_modules
-from . import hybrid, transformers_mamba
-from .canonizers import TRANSFORMERS_MODULES, canonized_modules, transformers_class
+from . import hybrid, mamba1, mamba2, mamba_ssm_blocks
+from ._optional import optional_class as module_class
+from .instance import is_canonized
 
-SUPPORTED_MIXERS = (
-    'transformers MambaMixer, FalconMambaMixer and Mamba2Mixer (Mamba, FalconMamba and Mamba-2 models), the Mamba '
-    'layers of the hybrids Jamba, Bamba, NemotronH, GraniteMoeHybrid, FalconH1 and Zamba2, and mamba-ssm Mamba '
-    '(mamba_simple) and Mamba2 (in blocks without MLP or attention and with RMSNorm) where mamba-ssm is installed'
+
+class Family(NamedTuple):
+    '''One supported Mamba mixer class and how it is explained.'''
+    name: str  #: the model family, as users know it
+    library: str  #: 'transformers' or 'mamba-ssm'
+    module: str  #: the Python module defining the mixer class
+    mixer: str  #: the mixer class name
+    forward: Callable  #: its canonized forward, ``forward(rules, mixer, ...)``
+    hybrid: bool  #: whether attention or MLP layers sit beside the Mamba layers
+
+    def mixer_type(self) -> Optional[type]:
+        '''The mixer class, or None where the installed library lacks it (mamba-ssm needs CUDA).'''
+        return module_class(self.module, self.mixer)
+
+
+def _transformers(name: str, package: str, mixer: str, forward: Callable, hybrid: bool = False) -> Family:
+    return Family(name, 'transformers', f'transformers.models.{package}.modeling_{package}', mixer, forward, hybrid)
+
+
+FAMILIES: Tuple[Family, ...] = (
+    _transformers('Mamba', 'mamba', 'MambaMixer', mamba1.transformers_forward),
+    _transformers('FalconMamba', 'falcon_mamba', 'FalconMambaMixer', mamba1.transformers_forward),
+    _transformers('Mamba-2', 'mamba2', 'Mamba2Mixer', mamba2.transformers_forward),
+    _transformers('Jamba', 'jamba', 'JambaMambaMixer', mamba1.transformers_forward, hybrid=True),
+    _transformers('Bamba', 'bamba', 'BambaMixer', mamba2.transformers_forward, hybrid=True),
+    _transformers('NemotronH', 'nemotron_h', 'NemotronHMamba2Mixer', mamba2.transformers_forward, hybrid=True),
+    _transformers('GraniteMoeHybrid', 'granitemoehybrid', 'GraniteMoeHybridMambaLayer', mamba2.transformers_forward,
+                  hybrid=True),
+    _transformers('FalconH1', 'falcon_h1', 'FalconH1Mixer', mamba2.transformers_forward, hybrid=True),
+    _transformers('Zamba2', 'zamba2', 'Zamba2MambaMixer', mamba2.transformers_forward, hybrid=True),
+    Family('Mamba (mamba_simple)', 'mamba-ssm', 'mamba_ssm.modules.mamba_simple', 'Mamba', mamba1.mamba_ssm_forward,
+           False),
+    Family('Mamba-2', 'mamba-ssm', 'mamba_ssm.modules.mamba2', 'Mamba2', mamba2.mamba_ssm_forward, False),
 )
-#: transformers model packages whose Mamba mixers sit between attention and MLP layers
-HYBRID_PACKAGES = frozenset({'jamba', 'bamba', 'nemotron_h', 'granitemoehybrid', 'falcon_h1', 'zamba2'})
+
+#: mamba-ssm's blocks and backbone, canonized beside its mixers: (module, class, forward, parameters it adds)
+MAMBA_SSM_STRUCTURE = (
+    ('mamba_ssm.modules.block', 'Block', mamba_ssm_blocks.block_forward, ()),
+    ('mamba_ssm.models.mixer_seq_simple', 'MixerModel', mamba_ssm_blocks.backbone_forward, ('inputs_embeds',)),
+)
 
 # Mamba-like mixers whose forward the canonizers do not know: explaining through them would be silently wrong
 _MAMBA_LIKE = re.compile(r'.*(Mamba|SSM|Bamba|H1).*Mixer|Mamba\d*|.*MambaLayer|Mamba\d*Simple', re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=None)
+def mixer_types(hybrid_only: bool = False) -> Tuple[type, ...]:
+    '''The installed supported mixer classes (of the hybrid families only, if asked).'''
+    found = (family.mixer_type() for family in FAMILIES if family.hybrid or not hybrid_only)
+    return tuple(dict.fromkeys(filter(None, found)))
+
+
+def support_table() -> str:
+    '''The README's table of supported families, built from :data:`FAMILIES`.
+
+    Examples
+    --------
+    >>> print(support_table().splitlines()[2])
+    | Mamba | transformers | `MambaMixer` | Mamba only |
+    '''
+    rows = ['| family | library | mixer | layers beside the Mamba layers |', '|---|---|---|---|']
+    rows += [f'| {family.name} | {family.library} | `{family.mixer}` | '
+             f'{"attention, MLPs, experts" if family.hybrid else "Mamba only"} |' for family in FAMILIES]
+    return '\n'.join(rows)
+
+
+def _supported_listing() -> str:
+    return ', '.join(f'{family.library} {family.mixer} ({family.name})' for family in FAMILIES)
 
 
 class UnsupportedModelError(ValueError):
     '''The model holds no Mamba mixer MambaLRP supports, or a Mamba-like mixer it does not support.'''
 
 
-def _transformers_mixer_types(packages: Optional[Collection[str]] = None) -> Tuple[type, ...]:
-    found = []
-    for (package, name), (forward, _) in TRANSFORMERS_MODULES.items():
-        if forward is not transformers_mamba.block_forward and (packages is None or package in packages):
-            module_type = transformers_class(package, name)
-            if module_type is not None:
-                found.append(module_type)
-    return tuple(found)
-
-
-def _supported_mixer_types() -> Tuple[type, ...]:
-    mamba_ssm = mamba_ssm_modules()
-    return _transformers_mixer_types() + ((mamba_ssm.Mamba, mamba_ssm.Mamba2) if mamba_ssm is not None else ())
-
-
 def is_hybrid(model: torch.nn.Module) -> bool:
     '''Whether ``model`` holds the Mamba mixer of a hybrid (attention or MLP layers beside the Mamba layers).'''
-    hybrid_types = _transformers_mixer_types(HYBRID_PACKAGES)
-    return any(type(module) in hybrid_types for module in model.modules())
-
-
-def supported_norm_types() -> Tuple[type, ...]:
-    '''RMSNorm classes of the Mamba-only models that the LN-rule applies to.'''
-    norms = tuple(filter(None, (
-        transformers_class('mamba', 'MambaRMSNorm'),
-        transformers_class('falcon_mamba', 'FalconMambaRMSNorm'),
-        transformers_class('mamba2', 'Mamba2RMSNorm'),
-    )))
-    mamba_ssm = mamba_ssm_modules()
-    return norms + ((mamba_ssm.RMSNorm,) if mamba_ssm is not None else ())
+    types = mixer_types(hybrid_only=True)
+    return any(type(module) in types for module in model.modules())
 
 
 def _unsupported_mamba_ssm_parts(model: torch.nn.Module) -> List[str]:
     '''mamba-ssm blocks and backbones whose forward the canonizers do not reproduce.'''
-    modules = mamba_ssm_modules()
-    if modules is None:
+    block_type = module_class('mamba_ssm.modules.block', 'Block')
+    if block_type is None:
         return []
+    mixers = mixer_types()
+    rms_norm = module_class('mamba_ssm.ops.triton.layer_norm', 'RMSNorm')
+    backbone = module_class('mamba_ssm.models.mixer_seq_simple', 'MixerModel')
+    mamba2_type = module_class('mamba_ssm.modules.mamba2', 'Mamba2')
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, modules.Block):
-            if type(module.mixer) not in (modules.Mamba, modules.Mamba2):
+        if isinstance(module, block_type):
+            if type(module.mixer) not in mixers:
                 found.append(f'Block with mixer {type(module.mixer).__name__} at \'{name}\'')
             if module.mlp is not None:
                 found.append(f'Block with an MLP at \'{name}\'')
-            if not isinstance(module.norm, modules.RMSNorm):
+            if not isinstance(module.norm, rms_norm):
                 found.append(f'Block with {type(module.norm).__name__} at \'{name}\'')
-        if isinstance(module, modules.Mamba2) and module.process_group is not None:
+        if isinstance(module, mamba2_type) and module.process_group is not None:
             found.append(f'tensor-parallel Mamba2 at \'{name}\'')
-        if isinstance(module, modules.MixerModel) and not isinstance(module.norm_f, modules.RMSNorm):
+        if isinstance(module, backbone) and not isinstance(module.norm_f, rms_norm):
             found.append(f'MixerModel with {type(module.norm_f).__name__} at \'{name}\'')
     return found
 
@@ -105,13 +146,13 @@ def check_supported(model: torch.nn.Module) -> List[str]:
     ...
     zennit_mamba.support.UnsupportedModelError: MambaLRP found no supported Mamba mixer in Linear ...
     '''
-    canonized = canonized_modules(model)
+    canonized = [name for name, module in model.named_modules() if is_canonized(module)]
     if canonized:
         raise RuntimeError(
-            f'A MambaLRP composite is already registered on this model (canonized module '
-            f'\'{canonized[0][0]}\'); leave its context or call its remove() before registering another.'
+            f'A MambaLRP composite is already registered on this model (canonized module \'{canonized[0]}\'); '
+            f'leave its context or call its remove() before registering another.'
         )
-    supported_types = _supported_mixer_types()
+    supported_types = mixer_types()
     supported, unsupported = [], _unsupported_mamba_ssm_parts(model)
     if is_hybrid(model):
         unsupported += hybrid.unsupported_parts(model, supported_types)
@@ -123,13 +164,13 @@ def check_supported(model: torch.nn.Module) -> List[str]:
     if unsupported:
         raise UnsupportedModelError(
             f'MambaLRP does not support {", ".join(unsupported)}; relevance through it would be wrong. '
-            f'Supported: {SUPPORTED_MIXERS}.'
+            f'Supported: {_supported_listing()}.'
         )
     if not supported:
         found = Counter(type(module).__name__ for module in model.modules())
         listing = ', '.join(f'{name} x{count}' if count > 1 else name for name, count in found.items())
         raise UnsupportedModelError(
             f'MambaLRP found no supported Mamba mixer in {type(model).__name__} (it contains: {listing}). '
-            f'Supported: {SUPPORTED_MIXERS}.'
+            f'Supported: {_supported_listing()}.'
         )
     return supported

@@ -1,0 +1,152 @@
+'''The MambaLRP composite: the canonizer that binds the rule set into the Mamba mixers, and the map from module types
+to rules, as in Zennit's own composites.'''
+from fnmatch import fnmatchcase
+from typing import Collection, List, Mapping, Optional, Tuple, Union
+
+import torch
+from zennit.canonizers import Canonizer
+from zennit.composites import register_composite
+from zennit.core import Composite, Hook
+from zennit.rules import Gamma
+from zennit.types import Convolution, Linear
+
+from . import hybrid
+from .canonizers import MambaCanonizer
+from .hooks import ExplainedModel, ZennitRule
+from .rules import MAMBA_LRP_RULES, Rule, RuleSet
+from .support import check_supported, mixer_types
+
+#: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
+PROJECTIONS = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj')
+
+GammaSpec = Union[None, float, Mapping[Union[str, type], float]]
+LayerMap = List[Tuple[Tuple[type, ...], Optional[Hook]]]
+
+
+@register_composite('mamba_lrp')
+class MambaComposite(Composite):
+    '''MambaLRP (Rezaei Jafari et al., NeurIPS 2024) as a Zennit composite.
+
+    Inside its context, the gradient reaching the model input is the relevance, given the output relevance as the
+    output gradient (e.g. the target logit at one position and zero elsewhere), as for every Zennit composite.
+
+    How it works: :py:class:`~zennit_mamba.canonizers.MambaCanonizer` replaces each Mamba mixer's forward by one
+    that computes through a :py:class:`~zennit_mamba.rules.RuleSet` (SiLU identity, detached selection, half rule,
+    LN-rule in the gated norm); the module map puts the same rules on the model's other modules (RMS norms,
+    activations, and in hybrids attention, routers, gated MLPs and experts), Zennit rules from ``gamma`` and
+    ``layer_map`` on the layers they select (:py:class:`~zennit_mamba.hooks.ZennitRule`), and
+    :py:class:`~zennit_mamba.hooks.ExplainedModel` on the root, which turns relevance into gradient where the
+    outermost call's output is and back at its input. The whole explanation is then one gradient.
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        Stabiliser of the division by the explained output (and of ``gamma``'s Gamma rules).
+    gamma : float or mapping, optional
+        The generalised gamma rule on projections instead of LRP-0. A float applies it to all projections of the
+        mixers (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``). A mapping selects linear and
+        convolution layers by module type, by attribute name (``'out_proj'``) or by a pattern on the qualified name
+        (``'backbone.layers.0.*'``), each with its own gamma.
+    rules : collection of str, optional
+        The MambaLRP rules that are on, a subset of ``{'silu', 'ssm', 'gate', 'norm', 'attention'}`` (all by
+        default). A rule switched off leaves its operation's gradient as it is: ``rules={'norm'}`` is the "LRP
+        (LN-rule)" baseline, ``rules=()`` gradient x input, and dropping one rule gives the ablations of the paper.
+    layer_map : list of (types, Hook), optional
+        Rules for further module types, checked before all others: a Zennit rule (e.g.
+        ``[(torch.nn.Linear, ZPlus())]``), a MambaLRP rule, or None for the plain gradient.
+    canonizers : list of Canonizer, optional
+        Further canonizers, applied after :py:class:`~zennit_mamba.canonizers.MambaCanonizer`.
+    recompute : bool, optional
+        Recompute each mixer in the backward pass instead of storing its activations, for long inputs.
+
+    Examples
+    --------
+    >>> from transformers import MambaConfig, MambaForCausalLM
+    >>> model = MambaForCausalLM(MambaConfig(vocab_size=16, hidden_size=8, state_size=4, num_hidden_layers=1))
+    >>> embeddings = model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach().requires_grad_()
+    >>> with MambaComposite().context(model) as modified:
+    ...     logits = modified(inputs_embeds=embeddings, use_cache=False).logits
+    ...     target = logits[0, -1].argmax()
+    ...     output_relevance = torch.zeros_like(logits)
+    ...     output_relevance[0, -1, target] = logits[0, -1, target]
+    ...     relevance, = torch.autograd.grad(logits, embeddings, output_relevance)
+    >>> bool(torch.isclose(relevance.sum(), logits[0, -1, target], rtol=1e-3))
+    True
+    '''
+
+    def __init__(
+        self,
+        epsilon: float = 1e-6,
+        gamma: GammaSpec = None,
+        rules: Collection[str] = MAMBA_LRP_RULES,
+        layer_map: Optional[LayerMap] = None,
+        canonizers: Optional[List[Canonizer]] = None,
+        recompute: bool = False,
+    ):
+        self.rule_set = RuleSet(rules, recompute)
+        if isinstance(gamma, (int, float)):
+            gamma = {name: float(gamma) for name in PROJECTIONS}
+        self.epsilon = epsilon
+        self.gamma = dict(gamma or {})
+        self.rules = self.rule_set.names
+        self.layer_map = list(layer_map or [])
+        self.recompute = recompute
+        super().__init__(module_map=self.mapping, canonizers=[MambaCanonizer(self.rule_set)] + list(canonizers or []))
+
+    def register(self, module: torch.nn.Module) -> None:
+        '''Canonize ``module`` and attach the rules; on any error, ``module`` is left as it was.'''
+        self.remove()
+        check_supported(module)
+        try:
+            super().register(module)
+            # last, so that its conversions wrap every other hook of the module called outermost
+            ends = ExplainedModel(self.epsilon, opaque=mixer_types())
+            self.hook_refs.add(ends)
+            self.handles.append(ends.register(module))
+        except BaseException:
+            self.remove()
+            raise
+
+    def explains_whole_model(self, model: torch.nn.Module) -> bool:
+        '''Always True: every model is explained in one pass, so inside it the relevance of a tensor ``h`` is
+        ``h * gradient`` (kept for code that asked before ``gamma`` and ``layer_map`` joined the one pass).'''
+        return True
+
+    def mapping(self, ctx: dict, name: str, module: torch.nn.Module) -> Optional[Hook]:
+        '''The hook for one module (modules come parent first), or None to leave its gradient unmodified.'''
+        if not name:
+            return None  # the root takes ExplainedModel, registered after every other hook (see register)
+        for types, hook in self.layer_map:
+            if isinstance(module, types):
+                return hook if hook is None or isinstance(hook, Rule) else ZennitRule(hook)
+        gamma = self._gamma_for(name, module)
+        if gamma is not None and isinstance(module, (Linear, Convolution)):
+            return ZennitRule(Gamma(gamma=gamma, stabilizer=self.epsilon))
+        mixers = ctx.setdefault('mixers', [])
+        if type(module) in mixer_types():
+            mixers.append(f'{name}.')
+        if type(module) in mixer_types() or name.startswith(tuple(mixers)):
+            # the canonized forward computes the mixer's rules through the rule set
+            return None
+        return self._rule_for(module)
+
+    def _rule_for(self, module: torch.nn.Module) -> Optional[Hook]:
+        if isinstance(module, hybrid.activation_types()):
+            return self.rule_set.rule('silu')
+        if hybrid.is_rms_norm(module):
+            return self.rule_set.rule('norm')
+        if hybrid.is_attention(module) or type(module).__name__.endswith('Router'):
+            return self.rule_set.rule('attention')
+        if hybrid.is_experts(module) or hybrid.gated_mlp_output(module) is not None:
+            return self.rule_set.rule('gate')
+        return None
+
+    def _gamma_for(self, name: str, module: torch.nn.Module) -> Optional[float]:
+        attribute = name.rsplit('.', 1)[-1]
+        for key, value in self.gamma.items():
+            if isinstance(key, type):
+                if isinstance(module, key):
+                    return value
+            elif key == attribute or fnmatchcase(name, key):
+                return value
+        return None

@@ -1,0 +1,55 @@
+'''Changes to module instances that are undone exactly: instance attributes, and the mark of a canonized forward.'''
+import functools
+import types
+from typing import Callable, Dict
+
+import torch
+
+
+class InstanceAttributes:
+    '''Set instance attributes of a module; :py:meth:`remove` restores exactly what was there before.
+
+    An instance attribute set by someone else (e.g. accelerate's hooks on ``forward``) comes back on removal.
+
+    Examples
+    --------
+    >>> module = torch.nn.Identity()
+    >>> attributes = InstanceAttributes(module, {'forward': lambda x: 2 * x})
+    >>> module(3)
+    6
+    >>> attributes.remove()
+    >>> module(3), 'forward' in module.__dict__
+    (3, False)
+    '''
+
+    _missing = object()
+
+    def __init__(self, module: torch.nn.Module, attributes: Dict[str, object]):
+        self.module = module
+        self.originals = {key: module.__dict__.get(key, self._missing) for key in attributes}
+        for key, value in attributes.items():
+            setattr(module, key, value)
+
+    def remove(self) -> None:
+        for key, original in self.originals.items():
+            delattr(self.module, key)
+            if original is not self._missing:
+                setattr(self.module, key, original)
+        self.originals = {}
+
+
+class CanonizedForward(functools.partial):
+    '''A canonized forward function with its rule set bound as the first argument: ``function(rules, module, ...)``.
+
+    Its own type, so that a canonized module can be recognised (:py:func:`is_canonized`).
+    '''
+
+
+def bind_forward(module: torch.nn.Module, function: Callable, rules: object) -> InstanceAttributes:
+    '''Make ``function(rules, module, ...)`` the instance forward of ``module``; the result undoes it.'''
+    return InstanceAttributes(module, {'forward': types.MethodType(CanonizedForward(function, rules), module)})
+
+
+def is_canonized(module: torch.nn.Module) -> bool:
+    '''Whether ``module`` currently runs a canonized forward.'''
+    return isinstance(getattr(module.__dict__.get('forward'), '__func__', None), CanonizedForward)

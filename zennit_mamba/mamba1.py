@@ -1,0 +1,89 @@
+'''Mamba-1: the canonical mixer computation with the MambaLRP rules, and the canonized forwards of transformers'
+``MambaMixer``, ``FalconMambaMixer``, ``JambaMambaMixer`` and mamba-ssm's ``Mamba`` (mamba_simple).
+
+Every operation on the relevance path runs through the mixer's own ``in_proj``, ``conv1d`` and ``out_proj`` (so
+that Zennit rules such as Gamma can attach to them) or through the :py:class:`~zennit_mamba.rules.RuleSet` the
+canonizer bound: the SiLUs, the scan with its selection, the gate. transformers' own forward calls functional kernels
+and ``dt_proj.weight`` directly instead.
+'''
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .mixer_io import MixerOutput, mask_padding, run_mixer, with_mamba_ssm_cache, with_transformers_cache
+
+
+def mamba1_mixer(
+    rules,
+    mixer: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    time_step_rank: int,
+    state_size: int,
+) -> MixerOutput:
+    '''Run a Mamba-1 mixer on ``(batch, length, hidden)`` normalised hidden states under ``rules``.
+
+    Parameters
+    ----------
+    rules : :py:class:`~zennit_mamba.rules.RuleSet`
+        The rules that are on.
+    mixer : :py:obj:`torch.nn.Module`
+        The mixer, whose projections, ``A_log`` and ``D`` are used.
+    hidden_states : :py:obj:`torch.Tensor`
+        Normalised hidden states of shape ``(batch, length, hidden)``.
+    attention_mask : :py:obj:`torch.Tensor`, optional
+        ``(batch, length)`` mask; padded positions are zeroed before ``in_proj`` and after the convolution.
+    time_step_rank, state_size : int
+        Split sizes of the ``x_proj`` output: ``dt``, ``B`` and ``C``.
+
+    Returns
+    -------
+    MixerOutput
+        The mixer output, the (detached) input of the convolution and the last scan state, for caches.
+    '''
+    length = hidden_states.shape[1]
+    dtype = hidden_states.dtype
+
+    projected = mixer.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
+    x, gate = projected.chunk(2, dim=1)
+    conv_input = x.detach()
+
+    x = rules.activation('silu', mixer.conv1d(x.to(mixer.conv1d.weight.dtype))[..., :length]).to(dtype)
+    x = mask_padding(x.transpose(1, 2), attention_mask)
+    time_step, B, C = torch.split(mixer.x_proj(x), [time_step_rank, state_size, state_size], dim=-1)
+    if hasattr(mixer, 'dt_layernorm'):
+        # FalconMamba and Jamba normalise the selection; behind the SSM rule it takes no relevance
+        time_step, B, C = mixer.dt_layernorm(time_step), mixer.b_layernorm(B), mixer.c_layernorm(C)
+    delta = F.softplus(mixer.dt_proj(time_step))
+
+    A, D = -torch.exp(mixer.A_log.float()), mixer.D.float()
+    scanned, last_state = rules.scan(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
+                                     C.transpose(1, 2), D)
+    gate = rules.activation('silu', gate)
+    gated = rules.gate(scanned.to(torch.promote_types(scanned.dtype, gate.dtype)), gate)
+    return MixerOutput(mixer.out_proj(gated.transpose(1, 2).to(dtype)), conv_input, last_state)
+
+
+def transformers_forward(
+    rules,
+    self,
+    hidden_states: torch.Tensor,
+    cache=None,
+    attention_mask: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> torch.Tensor:
+    '''Forward of a canonized transformers Mamba-1 mixer; fills a fresh cache as the original does.'''
+    def run() -> MixerOutput:
+        return run_mixer(rules, mamba1_mixer, self, hidden_states, attention_mask, self.time_step_rank,
+                         self.ssm_state_size)
+
+    return with_transformers_cache(self, cache, kwargs, run, hidden_states.dtype)
+
+
+def mamba_ssm_forward(rules, self, hidden_states: torch.Tensor, inference_params=None) -> torch.Tensor:
+    '''Forward of a canonized ``mamba_ssm.modules.mamba_simple.Mamba``; fills a fresh cache as the original does.'''
+    def run() -> MixerOutput:
+        return run_mixer(rules, mamba1_mixer, self, hidden_states, None, self.dt_rank, self.d_state)
+
+    return with_mamba_ssm_cache(self, inference_params, hidden_states.shape[0], run)

@@ -1,0 +1,96 @@
+'''What every canonized mixer shares around its computation: padding masks, refused arguments, caches filled as the
+original forward fills them, and recomputation in the backward pass.'''
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+#: keyword arguments that hybrid models pass to every layer and that neither the Mamba path nor MambaLRP's attention
+#: reads (transformers' own mixers hand them to kernels that ignore them): the only ones accepted and not used
+LAYER_KEYWORDS = frozenset({
+    'position_embeddings', 'position_ids', 'cache_position', 'output_attentions', 'output_router_logits', 'use_cache',
+})
+
+
+class MixerOutput(NamedTuple):
+    '''Output of a canonized mixer computation and the states a cache keeps.'''
+    output: torch.Tensor
+    conv_input: torch.Tensor
+    last_state: torch.Tensor
+
+
+def mask_padding(hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    '''Zero the padded positions of ``(batch, length, channels)`` hidden states.'''
+    if attention_mask is None:
+        return hidden_states
+    return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+
+
+def refuse_keywords(module: torch.nn.Module, kwargs: dict) -> None:
+    '''Raise for keyword arguments that MambaLRP's forward of ``module`` would otherwise have to drop: all but
+    :py:data:`LAYER_KEYWORDS` and those whose value is None (nothing to honour).
+
+    Examples
+    --------
+    >>> refuse_keywords(torch.nn.Identity(), {'position_ids': torch.arange(3), 'sliding_window': None})
+    >>> refuse_keywords(torch.nn.Identity(), {'seq_idx': torch.zeros(1, 3)})
+    Traceback (most recent call last):
+    ...
+    TypeError: MambaLRP's forward of Identity got keyword arguments ['seq_idx'], which the original ...
+    '''
+    unknown = sorted(key for key, value in kwargs.items() if key not in LAYER_KEYWORDS and value is not None)
+    if unknown:
+        raise TypeError(
+            f'MambaLRP\'s forward of {type(module).__name__} got keyword arguments {unknown}, which the original '
+            f'forward passes to its kernels (e.g. packed-sequence indices, a sliding window). MambaLRP explains one '
+            f'sequence per batch row and does not drop arguments silently: call the model without them (pad the '
+            f'sequences into separate rows and pass attention_mask).'
+        )
+
+
+def refuse_continuation() -> RuntimeError:
+    '''The error for a call that continues from cached states of earlier tokens.'''
+    return RuntimeError(
+        'MambaLRP explains whole sequences, but this call continues from a cache of earlier tokens. '
+        'Call the model on the full sequence without a cache (e.g. use_cache=False) inside the composite context.'
+    )
+
+
+def run_mixer(rules, function: Callable[..., MixerOutput], mixer: torch.nn.Module, *arguments) -> MixerOutput:
+    '''``function(rules, mixer, *arguments)``, recomputed in the backward pass where ``rules.recompute``.'''
+    if rules.recompute and torch.is_grad_enabled():
+        return checkpoint(function, rules, mixer, *arguments, use_reentrant=False)
+    return function(rules, mixer, *arguments)
+
+
+def with_transformers_cache(
+    mixer: torch.nn.Module, cache, kwargs: dict, run: Callable[[], MixerOutput], state_dtype: Optional[torch.dtype],
+) -> torch.Tensor:
+    '''``run()`` for a transformers mixer: refused arguments and continuations raise, a fresh ``cache`` is filled
+    as the original forward fills it (the recurrent state in ``state_dtype``, its own dtype where None).'''
+    refuse_keywords(mixer, kwargs)
+    if cache is not None and cache.get_conv_state(mixer.layer_idx) is not None:
+        raise refuse_continuation()
+    result = run()
+    if cache is not None:
+        # so that generation can continue from the cache
+        cache.update_conv_state(result.conv_input, mixer.layer_idx, conv_kernel_size=mixer.conv_kernel_size)
+        cache.update_recurrent_state(result.last_state.to(state_dtype or result.last_state.dtype), mixer.layer_idx)
+    return result.output
+
+
+def with_mamba_ssm_cache(mixer: torch.nn.Module, inference_params, batch: int, run: Callable[[], MixerOutput]):
+    '''``run()`` for a mamba-ssm mixer, with the states of a fresh cache filled as the original forward fills
+    them; a continuation raises.'''
+    states = None
+    if inference_params is not None:
+        if inference_params.seqlen_offset > 0:
+            raise refuse_continuation()
+        states = mixer._get_states_from_cache(inference_params, batch)
+    result = run()
+    if states is not None:
+        conv_state, ssm_state = states
+        conv_state.copy_(F.pad(result.conv_input, (mixer.d_conv - result.conv_input.shape[-1], 0)))
+        ssm_state.copy_(result.last_state)
+    return result.output
