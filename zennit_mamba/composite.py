@@ -88,9 +88,7 @@ class MambaComposite(Composite):
             gamma = {name: float(gamma) for name in PROJECTIONS}
         self.epsilon = epsilon
         self.gamma = dict(gamma or {})
-        self.rules = self.rule_set.names
         self.layer_map = list(layer_map or [])
-        self.recompute = recompute
         super().__init__(module_map=self.mapping, canonizers=[MambaCanonizer(self.rule_set)] + list(canonizers or []))
 
     def register(self, module: torch.nn.Module) -> None:
@@ -123,10 +121,10 @@ class MambaComposite(Composite):
         if gamma is not None and isinstance(module, (Linear, Convolution)):
             return ZennitRule(Gamma(gamma=gamma, stabilizer=self.epsilon))
         mixers = ctx.setdefault('mixers', [])
+        if name.startswith(tuple(mixers)):
+            return None  # inside a mixer, the canonized forward computes the rules through the rule set
         if type(module) in mixer_types():
             mixers.append(f'{name}.')
-        if type(module) in mixer_types() or name.startswith(tuple(mixers)):
-            # the canonized forward computes the mixer's rules through the rule set
             return None
         return self._rule_for(module)
 

@@ -96,15 +96,8 @@ class Rule(Hook):
         return type(self)()
 
 
-class SiLUIdentity(Rule):
-    '''Identity rule for SiLU (and any activation ``f`` with ``f(0) = 0``): ``y = x * (f(x) / x)`` with the factor
-    held constant, so ``R(x) = R(y)``.
-
-    For SiLU the factor is ``sigmoid(x)``: gradient x input of ``x * sigmoid(x).detach()`` is ``R(y)`` exactly,
-    where plain gradient x input leaks ``(dR/dy) sigmoid'(x) x^2``.
-    '''
-
-    name = 'silu'
+class _ConstantFactor(Rule):
+    '''An element-wise map ``y = x * (y / x)`` with the factor held constant: ``R(x) = R(y)`` per element.'''
 
     @staticmethod
     def apply(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -114,20 +107,24 @@ class SiLUIdentity(Rule):
         return self.apply(args[0], output)
 
 
-class LNRule(Rule):
+class SiLUIdentity(_ConstantFactor):
+    '''Identity rule for SiLU (and any activation ``f`` with ``f(0) = 0``): ``y = x * (f(x) / x)`` with the factor
+    held constant, so ``R(x) = R(y)``.
+
+    For SiLU the factor is ``sigmoid(x)``: gradient x input of ``x * sigmoid(x).detach()`` is ``R(y)`` exactly,
+    where plain gradient x input leaks ``(dR/dy) sigmoid'(x) x^2``.
+    '''
+
+    name = 'silu'
+
+
+class LNRule(_ConstantFactor):
     '''LN-rule for RMSNorm: ``u = w * h * r`` with ``r = rsqrt(mean(h^2) + eps)`` held constant.
 
     The normalisation is then diagonal in ``h``: ``R(h_i) = R(u_i)`` (``u / h`` held constant).
     '''
 
     name = 'norm'
-
-    @staticmethod
-    def apply(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return identity_rule(h, u)
-
-    def on_output(self, module, args, output):
-        return self.apply(args[0], output)
 
 
 class HalfRule(Rule):
