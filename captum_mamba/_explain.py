@@ -1,7 +1,7 @@
 '''What every Captum front end needs around the zennit_mamba composite.'''
 import inspect
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
 
 import torch
 from captum._utils.typing import TargetType
@@ -67,8 +67,44 @@ def refuse_extra_arguments(method: str, arguments: dict) -> None:
         raise TypeError(f'{method}.attribute() got unexpected arguments: {sorted(arguments)}')
 
 
+def check_inputs(method: str, inputs: Tuple[Any, ...], embeddings: bool, layer: Optional[torch.nn.Module] = None):
+    '''Raise a clear error for inputs MambaLRP cannot explain, before the model is touched.
+
+    ``embeddings``: the model is a language model whose float inputs are embeddings ``(batch, length, hidden)``;
+    ``layer``: the layer of a layer method (an embedding layer takes token ids).
+    '''
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f'{method}.attribute() was called inside torch.inference_mode(), where no gradient can be computed; call '
+            'it outside (it needs no torch.no_grad() either: the model is left unchanged).'
+        )
+    for index, tensor in enumerate(inputs):
+        if isinstance(tensor, Mapping):
+            raise TypeError(
+                f'Input {index} is a {type(tensor).__name__} (e.g. a tokenizer\'s output): pass its tensor, '
+                "encoding['input_ids'], and the mask as additional_forward_args=(encoding['attention_mask'],)."
+            )
+        if not torch.is_tensor(tensor):
+            raise TypeError(f'Input {index} is a {type(tensor).__name__}, not a tensor.')
+        if tensor.numel() == 0:
+            raise ValueError(f'Input {index} of shape {tuple(tensor.shape)} is empty: nothing to explain.')
+        if embeddings and tensor.is_floating_point() and tensor.dim() != 3:
+            raise ValueError(
+                f'Input {index} of shape {tuple(tensor.shape)}: a language model takes embeddings of shape (batch, '
+                'length, hidden); add the batch dimension with embeddings[None].'
+            )
+        if isinstance(layer, torch.nn.Embedding) and tensor.is_floating_point():
+            raise TypeError(
+                f'{method} on the embedding layer takes token ids, but input {index} is {tensor.dtype}: for '
+                'embeddings use MambaLRP(model).attribute(embeddings, target=...).'
+            )
+
+
 def check_target(output: Tensor, target: TargetType) -> None:
     '''Raise a precise error for a target that does not fit the explained output.'''
+    if isinstance(target, (bool, str, float)) or (torch.is_tensor(target) and (
+            target.is_floating_point() or target.dtype == torch.bool)):
+        raise TypeError(f'target must be an int, a tensor of ints or a list of ints, not {target!r}.')
     outputs_per_example = output[0].numel() if output.dim() > 0 and len(output) else 0
     if target is None:
         if output.dim() > 1 and outputs_per_example > 1:
@@ -110,8 +146,8 @@ class ExplainedForward:
         self.position = position
         self.target = target
         # decided once: both depend only on what forward_func is
-        self.pretrained = hasattr(forward_func, 'config') and hasattr(forward_func, 'get_input_embeddings')
-        self.embeddings_keyword = embeddings and (self.pretrained or _is_mamba_ssm_lm(forward_func))
+        self.pretrained = _is_transformers_model(forward_func)
+        self.embeddings_keyword = embeddings and _is_language_model(forward_func)
         # the last position's logits alone: the LM head over every position of a long input is the largest tensor
         self.last_logits_only = (
             self.pretrained and position == -1
@@ -120,16 +156,53 @@ class ExplainedForward:
 
     def __call__(self, *args: Any) -> Tensor:
         keywords = {'use_cache': False} if self.pretrained else {}
-        if self.last_logits_only:
+        mask = self._attention_mask(args)
+        if mask is not None:
+            # by name: the position of attention_mask differs between transformers' models (Mamba2 takes
+            # inputs_embeds second)
+            keywords['attention_mask'] = mask
+            args = tuple(argument for argument in args if argument is not mask)
+        if self.last_logits_only and mask is None:
             keywords['logits_to_keep'] = 1
         if self.embeddings_keyword:
             keywords['inputs_embeds'] = args[0]
             args = (None,) + tuple(args[1:])
         output = _logits(self.forward_func(*args, **keywords))
         if output.dim() == 3:
-            output = output[:, self.position]
+            output = self._at_position(output, mask)
         check_target(output, self.target)
         return output
+
+    def _attention_mask(self, args: Tuple[Any, ...]) -> Optional[Tensor]:
+        '''An integer or boolean ``(batch, length)`` argument of a transformers model after the inputs.'''
+        if not self.pretrained or not args or not torch.is_tensor(args[0]):
+            return None
+        shape = args[0].shape[:2]
+        return next((argument for argument in args[1:] if torch.is_tensor(argument) and argument.shape == shape
+                     and not argument.is_floating_point()), None)
+
+    def _at_position(self, output: Tensor, mask: Optional[Tensor]) -> Tensor:
+        '''The logits at the explained position; by default with a padding mask, each example's last real token
+        (right padding would otherwise explain a pad).'''
+        length = output.shape[1]
+        if not -length <= self.position < length:
+            raise ValueError(f'position {self.position} is outside the {length} positions of the input.')
+        if mask is None or self.position != -1:
+            return output[:, self.position]
+        real = mask.to(torch.bool)
+        if not real.any(1).all():
+            raise ValueError('An example of the batch is all padding (its attention_mask has no 1): nothing to explain.')
+        last = length - 1 - real.flip(1).to(torch.int8).argmax(1)
+        return output[torch.arange(len(output), device=output.device), last.to(output.device)]
+
+
+def _is_transformers_model(forward_func: Callable) -> bool:
+    return hasattr(forward_func, 'config') and hasattr(forward_func, 'get_input_embeddings')
+
+
+def _is_language_model(forward_func: Callable) -> bool:
+    '''A transformers or mamba-ssm model whose float inputs are embeddings, passed as ``inputs_embeds``.'''
+    return _is_transformers_model(forward_func) or _is_mamba_ssm_lm(forward_func)
 
 
 def _is_mamba_ssm_lm(forward_func: Callable) -> bool:

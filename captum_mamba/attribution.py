@@ -10,7 +10,7 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 
-from ._explain import ExplainedForward, explaining, refuse_extra_arguments
+from ._explain import ExplainedForward, _is_language_model, check_inputs, explaining, refuse_extra_arguments
 
 
 class MambaLRP(GradientAttribution):
@@ -77,6 +77,7 @@ class MambaLRP(GradientAttribution):
         '''
         refuse_extra_arguments('MambaLRP', kwargs)
         is_inputs_tuple = _is_tuple(inputs)
+        check_inputs('MambaLRP', inputs if is_inputs_tuple else (inputs,), embeddings=_is_language_model(self.model))
         inputs = _format_tensor_into_tuples(inputs)
         for index, tensor in enumerate(inputs):
             if not torch.is_floating_point(tensor):

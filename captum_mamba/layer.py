@@ -11,7 +11,7 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 
-from ._explain import ExplainedForward, explaining, refuse_extra_arguments
+from ._explain import ExplainedForward, check_inputs, explaining, refuse_extra_arguments
 
 
 class LayerMambaLRP(LayerGradientXActivation):
@@ -84,6 +84,8 @@ class LayerMambaLRP(LayerGradientXActivation):
             Relevance shaped like the layer's output (or input); it sums to the explained output.
         '''
         refuse_extra_arguments('LayerMambaLRP', kwargs)
+        check_inputs('LayerMambaLRP', inputs if isinstance(inputs, tuple) else (inputs,), embeddings=False,
+                     layer=self.layer)
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=False)
         with explaining(self.model, self.composite), torch.enable_grad():
             relevance, activations = compute_layer_gradients_and_eval(
@@ -97,7 +99,7 @@ class LayerMambaLRP(LayerGradientXActivation):
             )
         # inside the explained model tensors carry gradients of the rule-modified forward (the composite's
         # ExplainedModel converts only at the model's ends): the layer's relevance is gradient x activation
-        relevance = tuple(gradient * activation for gradient, activation in zip(relevance, activations))
+        relevance = tuple((gradient * activation).detach() for gradient, activation in zip(relevance, activations))
         return _format_output(len(relevance) > 1, relevance)
 
     @classmethod

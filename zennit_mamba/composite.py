@@ -1,5 +1,7 @@
 '''The MambaLRP composite: the canonizer that binds the rule set into the Mamba mixers, and the map from module types
 to rules, as in Zennit's own composites.'''
+import threading
+import weakref
 from fnmatch import fnmatchcase
 from typing import Collection, List, Mapping, Optional, Tuple, Union
 
@@ -13,6 +15,7 @@ from zennit.types import Convolution, Linear
 from . import hybrid
 from .canonizers import MambaCanonizer
 from .hooks import ExplainedModel, ZennitRule
+from .instance import InstanceAttributes, is_canonized
 from .rules import MAMBA_LRP_RULES, Rule, RuleSet
 from .support import check_supported, mixer_types
 
@@ -21,6 +24,21 @@ PROJECTIONS = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj')
 
 GammaSpec = Union[None, float, Mapping[Union[str, type], float]]
 LayerMap = List[Tuple[Tuple[type, ...], Optional[Hook]]]
+
+#: the models a MambaComposite is registered on, and the lock that makes registering one check-and-claim
+_REGISTERED: 'weakref.WeakKeyDictionary[torch.nn.Module, MambaComposite]' = weakref.WeakKeyDictionary()
+_REGISTRATION = threading.Lock()
+
+
+def _refuse_copy(*args, **kwargs):
+    raise TypeError(
+        'This model is registered with a MambaComposite: a deepcopy or pickle of it now would keep the composite\'s '
+        'hooks and canonized forwards. Leave the composite\'s context (or call its remove()) first.'
+    )
+
+
+#: set on the model and its canonized modules while registered (copy and pickle look them up on the instance)
+_COPY_GUARDS = {'__deepcopy__': _refuse_copy, '__reduce_ex__': _refuse_copy}
 
 
 @register_composite('mamba_lrp')
@@ -84,26 +102,63 @@ class MambaComposite(Composite):
         recompute: bool = False,
     ):
         self.rule_set = RuleSet(rules, recompute)
+        if not epsilon > 0:
+            raise ValueError(f'epsilon must be positive (it stabilises a division), got {epsilon!r}; use 1e-12 for '
+                             f'an almost exact LRP-0.')
         if isinstance(gamma, (int, float)):
             gamma = {name: float(gamma) for name in PROJECTIONS}
+        negative = {str(key): value for key, value in (gamma or {}).items() if not value >= 0}
+        if negative:
+            raise ValueError(f'gamma must be >= 0 (0 is LRP-0), got {negative}.')
         self.epsilon = epsilon
         self.gamma = dict(gamma or {})
         self.layer_map = list(layer_map or [])
         super().__init__(module_map=self.mapping, canonizers=[MambaCanonizer(self.rule_set)] + list(canonizers or []))
 
     def register(self, module: torch.nn.Module) -> None:
-        '''Canonize ``module`` and attach the rules; on any error, ``module`` is left as it was.'''
-        self.remove()
-        check_supported(module)
+        '''Canonize ``module`` and attach the rules; on any error, ``module`` is left as it was.
+
+        One composite explains one model at a time, and a model takes one composite at a time: registering this
+        composite again before :py:meth:`remove`, or registering any composite on a model that has one, raises
+        (also from another thread) instead of silently taking the rules away from the first registration.
+        '''
+        with _REGISTRATION:
+            if self in _REGISTERED.values():
+                raise RuntimeError(
+                    'This MambaComposite is already registered on a model; leave its context (or call remove()) '
+                    'before registering it again, or use one MambaComposite per model.'
+                )
+            if module in _REGISTERED:
+                raise RuntimeError(
+                    'A MambaLRP composite is already registered on this model (possibly in another thread); leave '
+                    'its context or call its remove() before registering another.'
+                )
+            _REGISTERED[module] = self
         try:
-            super().register(module)
+            check_supported(module)
+            self._registering = True  # zennit's register calls remove() first, which must keep the claim
+            try:
+                super().register(module)
+            finally:
+                self._registering = False
             # last, so that its conversions wrap every other hook of the module called outermost
             ends = ExplainedModel(self.epsilon, opaque=mixer_types())
             self.hook_refs.add(ends)
             self.handles.append(ends.register(module))
+            self.handles.extend(InstanceAttributes(guarded, _COPY_GUARDS)
+                                for guarded in module.modules() if guarded is module or is_canonized(guarded))
         except BaseException:
             self.remove()
             raise
+
+    def remove(self) -> None:
+        '''Remove the hooks and canonized forwards of this composite; the model is left exactly as before.'''
+        super().remove()
+        if getattr(self, '_registering', False):
+            return
+        with _REGISTRATION:
+            for model in [model for model, composite in _REGISTERED.items() if composite is self]:
+                del _REGISTERED[model]
 
     def explains_whole_model(self, model: torch.nn.Module) -> bool:
         '''Always True: every model is explained in one pass, so inside it the relevance of a tensor ``h`` is

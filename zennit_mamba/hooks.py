@@ -9,6 +9,7 @@ Zennit rule computes: ``R_out = y * g`` at its output, the rule's ``R_in``, and 
 LXT's efficient mode embeds Zennit rules). Every conversion is an autograd function created per call, so a module
 called twice is explained correctly.
 '''
+import threading
 import weakref
 from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
@@ -130,9 +131,18 @@ class ExplainedModel(Hook):
         super().__init__()
         self.stabilizer = stabilizer
         self.opaque = opaque
-        # the modules being called, outermost first; the outermost call's input takes the multiplication
-        self._calls: List[torch.nn.Module] = []
-        self._input_multiplied = False
+        # per thread (one context may serve several): the modules being called, outermost first, and whether the
+        # outermost call's arguments took the multiplication
+        self._local = threading.local()
+
+    def _thread_state(self) -> threading.local:
+        if not hasattr(self._local, 'calls'):
+            self._local.calls, self._local.input_multiplied = [], False
+        return self._local
+
+    @property
+    def _calls(self) -> List[torch.nn.Module]:
+        return self._thread_state().calls
 
     def copy(self) -> 'ExplainedModel':
         return self.__class__(self.stabilizer, self.opaque)
@@ -175,7 +185,9 @@ class ExplainedModel(Hook):
         self._calls.pop()
         if self._calls or output is None:
             return None
-        return replace_output(output, lambda tensor: relevance_to_gradient(tensor, self.stabilizer, self))
+        # at the logits where there are any: with labels=, transformers puts the loss first
+        field = 'logits' if 'logits' in getattr(output, '_fields', output if isinstance(output, dict) else ()) else None
+        return replace_output(output, lambda tensor: relevance_to_gradient(tensor, self.stabilizer, self), field)
 
     def _relevance_leaves_at_input(self, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
         '''Multiply the gradient at every floating-point tensor argument of the call by that argument; where there
@@ -183,11 +195,20 @@ class ExplainedModel(Hook):
         def multiply(value):
             return gradient_to_relevance(value, self) if _is_float_tensor(value) else value
 
-        self._input_multiplied = any(map(_is_float_tensor, args + tuple(kwargs.values())))
+        inputs = [value for value in args + tuple(kwargs.values()) if _is_float_tensor(value)]
+        for value in inputs:
+            if not torch.isfinite(value).all():
+                examples = (~torch.isfinite(value)).flatten(1).any(1).nonzero().flatten().tolist()
+                raise ValueError(
+                    f'An input of the explained model holds NaN or inf (examples {examples} of the batch): its '
+                    f'relevance would be NaN. Remove or replace those values before explaining.'
+                )
+        self._thread_state().input_multiplied = bool(inputs)
         return tuple(map(multiply, args)), {key: multiply(value) for key, value in kwargs.items()}
 
     def _relevance_leaves_at_embeddings(self, module, input, output):
-        if self._calls and not self._input_multiplied:
+        state = self._thread_state()
+        if state.calls and not state.input_multiplied:
             return gradient_to_relevance(output, self)
         return None
 
@@ -241,6 +262,8 @@ class ZennitRule(Hook):
     def __init__(self, rule: Hook):
         super().__init__()
         self.rule = rule
+        # the Zennit rule keeps the input it works on in its own state: one backward pass at a time uses it
+        self._lock = threading.Lock()
 
     def copy(self) -> 'ZennitRule':
         return self.__class__(self.rule.copy())
@@ -256,11 +279,12 @@ class ZennitRule(Hook):
 
     def relevance(self, module: torch.nn.Module, input: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         '''``R_in`` of ``module``'s input ``input`` for the output relevance ``relevance``, by the Zennit rule.'''
-        # what zennit 0.5 (input) and 1.0 (input and kwargs) store in the forward pass, for this call
-        self.rule.stored_tensors.update(input=(input,), kwargs={})
-        try:
-            with torch.enable_grad():
-                result = self.rule.backward(module, (input,), (relevance,))
-        finally:
-            self.rule.stored_tensors.clear()
+        with self._lock:
+            # what zennit 0.5 (input) and 1.0 (input and kwargs) store in the forward pass, for this call
+            self.rule.stored_tensors.update(input=(input,), kwargs={})
+            try:
+                with torch.enable_grad():
+                    result = self.rule.backward(module, (input,), (relevance,))
+            finally:
+                self.rule.stored_tensors.clear()
         return result[0]

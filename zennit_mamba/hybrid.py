@@ -49,12 +49,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     value = _repeat_heads(value, query.shape[1] // value.shape[1])
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    # the most negative finite value, as transformers' eager attention: a query whose keys are all masked (a left pad)
+    # gets finite probabilities, not NaN, and a masked key still gets probability 0
+    masked = torch.finfo(scores.dtype).min
     if attention_mask is None:
         if getattr(module, 'is_causal', True) and query.shape[2] > 1:
             causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
-            scores = scores.masked_fill(~causal.tril(key.shape[2] - query.shape[2]), -torch.inf)
+            scores = scores.masked_fill(~causal.tril(key.shape[2] - query.shape[2]), masked)
     elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :key.shape[2]], -torch.inf)
+        scores = scores.masked_fill(~attention_mask[..., :key.shape[2]], masked)
     else:
         scores = scores + attention_mask[..., :key.shape[2]]
     probabilities = F.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)

@@ -146,6 +146,16 @@ def check_supported(model: torch.nn.Module) -> List[str]:
     ...
     zennit_mamba.support.UnsupportedModelError: MambaLRP found no supported Mamba mixer in Linear ...
     '''
+    if hasattr(model, '_orig_mod'):
+        raise UnsupportedModelError(
+            'This model is compiled (torch.compile): its compiled graph would bypass the canonized forwards and '
+            'hooks. Pass the original module, model._orig_mod, and compile nothing while explaining.'
+        )
+    if isinstance(model, torch.nn.DataParallel):
+        raise UnsupportedModelError(
+            'DataParallel copies the model to each device on every call, without the canonized forwards and hooks. '
+            'Explain model.module on one device (split the batch yourself for several devices).'
+        )
     canonized = [name for name, module in model.named_modules() if is_canonized(module)]
     if canonized:
         raise RuntimeError(
