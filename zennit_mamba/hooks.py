@@ -284,7 +284,16 @@ class ZennitRule(Hook):
             self.rule.stored_tensors.update(input=(input,), kwargs={})
             try:
                 with torch.enable_grad():
-                    result = self.rule.backward(module, (input,), (relevance,))
+                    result = self.rule.backward(_shadow(module), (input,), (relevance,))
             finally:
                 self.rule.stored_tensors.clear()
         return result[0]
+
+
+def _shadow(module: torch.nn.Module) -> torch.nn.Module:
+    '''``module`` with parameter and buffer dicts of its own: Zennit's rules swap in modified parameters while they
+    compute (``ParamMod``), which must not reach a forward of the module running meanwhile in another thread.'''
+    shadow = object.__new__(type(module))
+    shadow.__dict__.update(module.__dict__)
+    shadow.__dict__.update(_parameters=dict(module._parameters), _buffers=dict(module._buffers))
+    return shadow
