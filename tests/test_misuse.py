@@ -14,7 +14,8 @@ from test_families import build, embeddings_for
 
 from zennit_mamba import MambaComposite
 
-FAMILIES = ['Mamba', 'Mamba2', 'FalconMamba', 'Bamba', 'Jamba']
+FAMILIES = ['Mamba', 'Mamba2', 'FalconMamba', 'Jamba', 'Bamba', 'NemotronH', 'GraniteMoeHybrid', 'FalconH1', 'Zamba2']
+HYBRIDS = FAMILIES[3:]
 
 
 def model_of(name):
@@ -41,7 +42,7 @@ def conserved(relevance, explained, bound=1e-7):
     return bool(((relevance.sum((1, 2)) - explained).abs() <= bound * explained.abs()).all())
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'Bamba', 'Jamba'])
+@pytest.mark.parametrize('name', FAMILIES)
 def test_labels_do_not_move_where_relevance_enters(name):
     # with labels= transformers puts the loss first in its output; relevance must still enter at the logits
     model = model_of(name)
@@ -54,7 +55,7 @@ def test_labels_do_not_move_where_relevance_enters(name):
     assert_snapshots_equal(snapshot(model), before)
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'Bamba'])
+@pytest.mark.parametrize('name', FAMILIES)
 def test_one_composite_on_a_second_model_is_refused_and_the_first_keeps_working(name):
     first, second = model_of(name), model_of(name)
     embeddings = embeddings_for(first, 1, 7)
@@ -73,7 +74,7 @@ def test_one_composite_on_a_second_model_is_refused_and_the_first_keeps_working(
     assert_snapshots_equal(snapshot(second), before[1])
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'Mamba2'])
+@pytest.mark.parametrize('name', FAMILIES)
 def test_entering_a_context_twice_on_one_model_is_refused(name):
     model = model_of(name)
     before = snapshot(model)
@@ -100,7 +101,7 @@ def test_contexts_left_in_any_order_restore_every_model():
         assert_snapshots_equal(snapshot(model), snapshot_before)
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'Bamba'])
+@pytest.mark.parametrize('name', FAMILIES)
 @pytest.mark.parametrize('copier', [copy.deepcopy, pickle.dumps], ids=['deepcopy', 'pickle'])
 def test_copying_a_registered_model_is_refused_and_works_after_the_context(name, copier):
     model = model_of(name)
@@ -114,6 +115,20 @@ def test_copying_a_registered_model_is_refused_and_works_after_the_context(name,
     duplicate = copy.deepcopy(model)
     assert snapshot(duplicate)['hooks'] == snapshot(duplicate)['instance_forwards'] == 0
     assert pickle.loads(pickle.dumps(model)) is not None
+
+
+def in_threads(*targets):
+    '''Run each target in its own thread, switching between threads as often as Python allows.'''
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=target) for target in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def test_registering_from_two_threads_never_leaves_hooks_behind():
@@ -131,16 +146,7 @@ def test_registering_from_two_threads_never_leaves_hooks_behind():
             except RuntimeError as error:
                 errors.append(str(error))
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=explain_repeatedly) for _ in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    in_threads(explain_repeatedly, explain_repeatedly)
     assert len(outcomes) + len(errors) == 60 and outcomes
     assert max(outcomes) <= 1e-12
     assert all('already registered on this model' in error for error in errors)
@@ -162,22 +168,13 @@ def test_one_context_serves_two_threads_exactly(options):
             results.setdefault(index, []).append(relative_error(relevance, expected[index]))
 
     before = snapshot(model)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        with MambaComposite(epsilon=1e-12, **options).context(model) as modified:
-            threads = [threading.Thread(target=explain_in_thread, args=(index, modified)) for index in (0, 1)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    with MambaComposite(epsilon=1e-12, **options).context(model) as modified:
+        in_threads(lambda: explain_in_thread(0, modified), lambda: explain_in_thread(1, modified))
     assert max(max(errors) for errors in results.values()) <= 1e-12 and len(results) == 2
     assert_snapshots_equal(snapshot(model), before)
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'Bamba'])
+@pytest.mark.parametrize('name', FAMILIES)
 @pytest.mark.parametrize('bad', [float('nan'), float('inf')], ids=['nan', 'inf'])
 def test_non_finite_inputs_are_refused_by_name(name, bad):
     model = model_of(name)
@@ -204,7 +201,7 @@ def test_invalid_options_are_refused_when_the_composite_is_made(options, message
         MambaComposite(**options)
 
 
-@pytest.mark.parametrize('name', ['Bamba', 'Jamba', 'FalconH1'])
+@pytest.mark.parametrize('name', HYBRIDS)
 def test_left_padding_on_a_hybrid_gives_zero_relevance_to_pads_and_no_nan(name):
     model = build(name)
     embeddings = embeddings_for(model, 2, 8)
@@ -219,7 +216,7 @@ def test_left_padding_on_a_hybrid_gives_zero_relevance_to_pads_and_no_nan(name):
     assert torch.allclose(padded_explained, explained, rtol=1e-10)
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'Bamba'])
+@pytest.mark.parametrize('name', FAMILIES)
 def test_layer_relevance_is_a_plain_tensor_like_mamba_lrp(name):
     model = model_of(name)
     ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(3))
@@ -260,7 +257,7 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'Mamba2', 'Bamba'])
+@pytest.mark.parametrize('name', FAMILIES)
 @pytest.mark.parametrize('call, error, phrase', [case[1:] for case in REFUSED], ids=[case[0] for case in REFUSED])
 def test_refused_with_a_clear_error_and_the_model_untouched(name, call, error, phrase):
     model = model_of(name)
@@ -278,7 +275,7 @@ def test_refused_with_a_clear_error_and_the_model_untouched(name, call, error, p
     assert_snapshots_equal(snapshot(model), before)
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'Mamba2', 'Bamba'])
+@pytest.mark.parametrize('name', FAMILIES)
 @pytest.mark.parametrize('padding', ['right', 'left'])
 def test_a_padding_mask_is_honoured_and_the_last_real_token_explained(name, padding):
     # the mask passes as Captum's additional_forward_args; pads get no relevance, whatever the model's argument order
