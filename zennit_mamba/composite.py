@@ -113,6 +113,8 @@ class MambaComposite(Composite):
         self.epsilon = epsilon
         self.gamma = dict(gamma or {})
         self.layer_map = list(layer_map or [])
+        # true while zennit's register runs, which calls remove() first: that call must keep this composite's claim
+        self._registering = False
         super().__init__(module_map=self.mapping, canonizers=[MambaCanonizer(self.rule_set)] + list(canonizers or []))
 
     def register(self, module: torch.nn.Module) -> None:
@@ -136,7 +138,7 @@ class MambaComposite(Composite):
             _REGISTERED[module] = self
         try:
             check_supported(module)
-            self._registering = True  # zennit's register calls remove() first, which must keep the claim
+            self._registering = True
             try:
                 super().register(module)
             finally:
@@ -154,7 +156,7 @@ class MambaComposite(Composite):
     def remove(self) -> None:
         '''Remove the hooks and canonized forwards of this composite; the model is left exactly as before.'''
         super().remove()
-        if getattr(self, '_registering', False):
+        if self._registering:
             return
         with _REGISTRATION:
             for model in [model for model, composite in _REGISTERED.items() if composite is self]:
