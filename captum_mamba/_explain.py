@@ -147,6 +147,7 @@ class ExplainedForward:
         self.target = target
         # decided once: both depend only on what forward_func is
         self.pretrained = _is_transformers_model(forward_func)
+        self.mamba_ssm = _is_mamba_ssm_lm(forward_func)
         self.embeddings_keyword = embeddings and _is_language_model(forward_func)
         # the last position's logits alone: the LM head over every position of a long input is the largest tensor
         self.last_logits_only = (
@@ -157,6 +158,13 @@ class ExplainedForward:
     def __call__(self, *args: Any) -> Tensor:
         keywords = {'use_cache': False} if self.pretrained else {}
         mask = self._attention_mask(args)
+        if mask is not None and self.mamba_ssm:
+            raise ValueError(
+                "mamba-ssm's MambaLMHeadModel takes no attention_mask: the mask would be read as position_ids, which "
+                'it ignores, and the pads explained as tokens. Explain sequences of different lengths in separate '
+                "calls without padding, or load the weights into transformers' Mamba(2)ForCausalLM, which honours a "
+                'mask.'
+            )
         if mask is not None:
             # by name: the position of attention_mask differs between transformers' models (Mamba2 takes
             # inputs_embeds second)
@@ -174,8 +182,8 @@ class ExplainedForward:
         return output
 
     def _attention_mask(self, args: Tuple[Any, ...]) -> Optional[Tensor]:
-        '''An integer or boolean ``(batch, length)`` argument of a transformers model after the inputs.'''
-        if not self.pretrained or not args or not torch.is_tensor(args[0]):
+        '''An integer or boolean ``(batch, length)`` argument of a language model after the inputs.'''
+        if not (self.pretrained or self.mamba_ssm) or not args or not torch.is_tensor(args[0]):
             return None
         shape = args[0].shape[:2]
         return next((argument for argument in args[1:] if torch.is_tensor(argument) and argument.shape == shape
