@@ -12,6 +12,13 @@ from zennit_mamba._optional import mamba_ssm_modules
 from zennit_mamba.hooks import replace_output
 
 
+MAMBA_SSM_TAKES_NO_MASK = (
+    "mamba-ssm's MambaLMHeadModel takes no attention_mask: the mask would be read as position_ids, which it ignores, "
+    'and the pads explained as tokens. Explain sequences of different lengths in separate calls without padding, or '
+    "load the weights into transformers' Mamba(2)ForCausalLM, which honours a mask."
+)
+
+
 class _TimesOutput(torch.autograd.Function):
     '''Identity whose backward multiplies the gradient by the output: relevance ``y * df/dy`` enters here.'''
 
@@ -54,6 +61,22 @@ def explaining(model: torch.nn.Module, composite: MambaComposite) -> Iterator[No
     finally:
         for module, flag in training:
             module.training = flag
+
+
+def explained_model(method: str, forward_func: Any, model: Optional[torch.nn.Module]) -> torch.nn.Module:
+    '''The module the rules are registered on: ``model`` where given, else ``forward_func`` itself.'''
+    if model is None:
+        if not isinstance(forward_func, torch.nn.Module):
+            raise TypeError(
+                f'{method} got a {type(forward_func).__name__} as forward function: name the model its rules act on, '
+                f'{method}(forward_func, model=model).'
+            )
+        return forward_func
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f'{method} explains a torch.nn.Module, not {type(model).__name__}')
+    if forward_func is not model and not callable(forward_func):
+        raise TypeError(f'forward_func must be callable, not {type(forward_func).__name__}')
+    return model
 
 
 def refuse_extra_arguments(method: str, arguments: dict) -> None:
@@ -159,12 +182,7 @@ class ExplainedForward:
         keywords = {'use_cache': False} if self.pretrained else {}
         mask = self._attention_mask(args)
         if mask is not None and self.mamba_ssm:
-            raise ValueError(
-                "mamba-ssm's MambaLMHeadModel takes no attention_mask: the mask would be read as position_ids, which "
-                'it ignores, and the pads explained as tokens. Explain sequences of different lengths in separate '
-                "calls without padding, or load the weights into transformers' Mamba(2)ForCausalLM, which honours a "
-                'mask.'
-            )
+            raise ValueError(MAMBA_SSM_TAKES_NO_MASK)
         if mask is not None:
             # by name: the position of attention_mask differs between transformers' models (Mamba2 takes
             # inputs_embeds second)
@@ -177,7 +195,7 @@ class ExplainedForward:
             args = (None,) + tuple(args[1:])
         output = _logits(self.forward_func(*args, **keywords))
         if output.dim() == 3:
-            output = self._at_position(output, mask)
+            output = logits_at(output, self.position, mask)
         check_target(output, self.target)
         return output
 
@@ -189,19 +207,19 @@ class ExplainedForward:
         return next((argument for argument in args[1:] if torch.is_tensor(argument) and argument.shape == shape
                      and not argument.is_floating_point()), None)
 
-    def _at_position(self, output: Tensor, mask: Optional[Tensor]) -> Tensor:
-        '''The logits at the explained position; by default with a padding mask, each example's last real token
-        (right padding would otherwise explain a pad).'''
-        length = output.shape[1]
-        if not -length <= self.position < length:
-            raise ValueError(f'position {self.position} is outside the {length} positions of the input.')
-        if mask is None or self.position != -1:
-            return output[:, self.position]
-        real = mask.to(torch.bool)
-        if not real.any(1).all():
-            raise ValueError('An example of the batch is all padding (its attention_mask has no 1): nothing to explain.')
-        last = length - 1 - real.flip(1).to(torch.int8).argmax(1)
-        return output[torch.arange(len(output), device=output.device), last.to(output.device)]
+def logits_at(logits: Tensor, position: int, mask: Optional[Tensor] = None) -> Tensor:
+    '''The ``(batch, classes)`` logits at ``position`` of ``(batch, length, classes)`` logits; with a padding mask and
+    ``position=-1``, each example's last real token (right padding would otherwise explain a pad).'''
+    length = logits.shape[1]
+    if not -length <= position < length:
+        raise ValueError(f'position {position} is outside the {length} positions of the input.')
+    if mask is None or position != -1:
+        return logits[:, position]
+    real = mask.to(torch.bool)
+    if not real.any(1).all():
+        raise ValueError('An example of the batch is all padding (its attention_mask has no 1): nothing to explain.')
+    last = length - 1 - real.flip(1).to(torch.int8).argmax(1)
+    return logits[torch.arange(len(logits), device=logits.device), last.to(logits.device)]
 
 
 def _is_transformers_model(forward_func: Callable) -> bool:

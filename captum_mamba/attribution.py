@@ -1,5 +1,5 @@
 '''MambaLRP as a Captum attribution method.'''
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from captum._utils.common import _format_output, _format_tensor_into_tuples, _is_tuple, _run_forward
@@ -10,7 +10,9 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 
-from ._explain import ExplainedForward, _is_language_model, check_inputs, explaining, refuse_extra_arguments
+from ._explain import (
+    ExplainedForward, _is_language_model, check_inputs, explained_model, explaining, refuse_extra_arguments,
+)
 
 
 class MambaLRP(GradientAttribution):
@@ -23,10 +25,14 @@ class MambaLRP(GradientAttribution):
 
     Parameters
     ----------
-    model : :py:obj:`torch.nn.Module`
-        The model; its Mamba mixers carry the rules while attributions are computed.
+    forward_func : :py:obj:`torch.nn.Module` or callable
+        The model, or (as Captum's methods take it) a function of the inputs that calls ``model`` and returns its
+        output or a value computed from its logits, e.g. :py:class:`~captum_mamba.ExplainedLogits`.
     position : int, optional
-        Sequence position explained when the model returns logits per position (last by default).
+        Sequence position explained when the output has logits per position (last by default).
+    model : :py:obj:`torch.nn.Module`, optional
+        The model whose Mamba mixers carry the rules; required where ``forward_func`` is a plain function. Relevance
+        enters at its logits.
     **composite_options
         Options of :py:class:`zennit_mamba.MambaComposite`: ``epsilon``, ``gamma``, ``rules``, ``layer_map``.
 
@@ -38,13 +44,20 @@ class MambaLRP(GradientAttribution):
     >>> attributions, delta = MambaLRP(model).attribute(embeddings, target=5, return_convergence_delta=True)
     >>> attributions.shape, bool(delta.abs() < 1e-3)
     (torch.Size([1, 3, 8]), True)
+    >>> last_logits = lambda embeddings: model(inputs_embeds=embeddings).logits[:, -1]
+    >>> MambaLRP(last_logits, model=model).attribute(embeddings, target=5).shape
+    torch.Size([1, 3, 8])
     '''
 
-    def __init__(self, model: torch.nn.Module, position: int = -1, **composite_options: Any):
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f'MambaLRP explains a torch.nn.Module, not {type(model).__name__}')
-        super().__init__(model)
-        self.model = model
+    def __init__(
+        self,
+        forward_func: Union[torch.nn.Module, Callable[..., Any]],
+        position: int = -1,
+        model: Optional[torch.nn.Module] = None,
+        **composite_options: Any,
+    ):
+        super().__init__(forward_func)
+        self.model = explained_model('MambaLRP', forward_func, model)
         self.position = position
         self.composite = MambaComposite(**composite_options)
 
@@ -77,7 +90,8 @@ class MambaLRP(GradientAttribution):
         '''
         refuse_extra_arguments('MambaLRP', kwargs)
         is_inputs_tuple = _is_tuple(inputs)
-        check_inputs('MambaLRP', inputs if is_inputs_tuple else (inputs,), embeddings=_is_language_model(self.model))
+        check_inputs('MambaLRP', inputs if is_inputs_tuple else (inputs,),
+                     embeddings=_is_language_model(self.forward_func))
         inputs = _format_tensor_into_tuples(inputs)
         for index, tensor in enumerate(inputs):
             if not torch.is_floating_point(tensor):

@@ -1,5 +1,5 @@
 '''MambaLRP relevance at a layer, as a Captum layer attribution method.'''
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from captum._utils.common import _format_output
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 
-from ._explain import ExplainedForward, check_inputs, explaining, refuse_extra_arguments
+from ._explain import ExplainedForward, check_inputs, explained_model, explaining, refuse_extra_arguments
 
 
 class LayerMambaLRP(LayerGradientXActivation):
@@ -23,14 +23,16 @@ class LayerMambaLRP(LayerGradientXActivation):
 
     Parameters
     ----------
-    model : :py:obj:`torch.nn.Module`
-        The model; its Mamba mixers carry the rules while attributions are computed.
+    forward_func : :py:obj:`torch.nn.Module` or callable
+        The model, or a function of the inputs that calls ``model`` (e.g. :py:class:`~captum_mamba.ExplainedLogits`).
     layer : :py:obj:`torch.nn.Module`
         The layer whose relevance is returned, e.g. ``model.get_input_embeddings()``.
     position : int, optional
-        Sequence position explained when the model returns logits per position (last by default).
+        Sequence position explained when the output has logits per position (last by default).
     device_ids : list of int, optional
         As for Captum's layer methods with DataParallel models.
+    model : :py:obj:`torch.nn.Module`, optional
+        The model whose Mamba mixers carry the rules; required where ``forward_func`` is a plain function.
     **composite_options
         Options of :py:class:`zennit_mamba.MambaComposite`: ``epsilon``, ``gamma``, ``rules``, ``layer_map``.
 
@@ -45,14 +47,15 @@ class LayerMambaLRP(LayerGradientXActivation):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        forward_func: Union[torch.nn.Module, Callable[..., Any]],
         layer: torch.nn.Module,
         position: int = -1,
         device_ids: Optional[List[int]] = None,
+        model: Optional[torch.nn.Module] = None,
         **composite_options: Any,
     ):
-        super().__init__(model, layer, device_ids, multiply_by_inputs=False)
-        self.model = model
+        super().__init__(forward_func, layer, device_ids, multiply_by_inputs=False)
+        self.model = explained_model('LayerMambaLRP', forward_func, model)
         self.position = position
         self.composite = MambaComposite(**composite_options)
 

@@ -1,17 +1,18 @@
-'''Token heatmaps through Captum's visualisation (``captum.attr.visualization``), also outside notebooks.
+'''Token heatmaps for Captum's records, in the colours of :py:mod:`zennit_mamba.heatmap` (Zennit's ``bwr``: red
+positive, blue negative, white zero, symmetric around zero), with a legend.
 
-``visualize_text`` needs IPython; :py:func:`save_text_heatmap` writes the same table as standalone HTML and a PNG.
+:py:func:`text_record` builds Captum's :py:class:`~captum.attr.visualization.VisualizationDataRecord`;
+:py:func:`visualize_text` shows records in a notebook like Captum's ``visualize_text`` (whose own colours are green
+for positive and red for negative; use ours so that every picture of this package reads the same), and
+:py:func:`save_text_heatmap` writes the same table as standalone HTML and a PNG.
 '''
-import colorsys
-import re
-from typing import List, Optional, Sequence
+import html
+from typing import Optional, Sequence
 
 import torch
-from captum.attr._utils.visualization import (
-    VisualizationDataRecord, _get_color, format_classname, format_word_importances,
-)
+from captum.attr._utils.visualization import VisualizationDataRecord
 
-from zennit_mamba.heatmap import Colour, save_png
+from zennit_mamba.heatmap import html_legend, html_tokens, save_png
 
 
 def text_record(
@@ -26,7 +27,29 @@ def text_record(
 ) -> VisualizationDataRecord:
     '''A Captum :py:class:`~captum.attr.visualization.VisualizationDataRecord` for one explained sequence.
 
-    The relevances are scaled by their largest absolute value, as Captum's colours expect values in [-1, 1].
+    Parameters
+    ----------
+    tokens : sequence of str
+        The tokens shown, one per relevance.
+    token_relevance : Tensor
+        Relevance per token, shape ``(len(tokens),)``; scaled by its largest absolute value (Captum's records hold
+        values in [-1, 1]).
+    explained : float
+        The explained output (e.g. the target's logit), which the relevances sum to; Captum's "attribution score".
+    predicted : int
+        The model's predicted class; Captum's "predicted label".
+    probability : float
+        The predicted class's probability.
+    label : int
+        The true class; Captum's "true label".
+    target : int
+        The explained class; Captum's "attribution label".
+    delta : float, optional
+        The convergence delta, ``sum(relevance) - explained``.
+
+    Returns
+    -------
+    VisualizationDataRecord
 
     Examples
     --------
@@ -42,41 +65,33 @@ def text_record(
 
 
 def records_to_html(records: Sequence[VisualizationDataRecord], legend: bool = True) -> str:
-    '''The table :py:func:`captum.attr.visualization.visualize_text` shows, as a standalone HTML document.'''
-    rows = ['<tr><th>True Label</th><th>Predicted Label</th><th>Attribution Label</th>'
-            '<th>Attribution Score</th><th>Word Importance</th></tr>']
+    '''The table of Captum's ``visualize_text`` (true, predicted and explained label, score, tokens) as a
+    standalone HTML document, in this package's colours.'''
+    header = ''.join(f'<th>{name}</th>' for name in (
+        'True Label', 'Predicted Label', 'Attribution Label', 'Attribution Score', 'Word Importance'))
+    rows = [f'<tr>{header}</tr>']
     for record in records:
-        rows.append(''.join([
-            '<tr>',
-            format_classname(record.true_class),
-            format_classname(f'{record.pred_class} ({record.pred_prob:.2f})'),
-            format_classname(record.attr_class),
-            format_classname(f'{record.attr_score:.2f}'),
-            format_word_importances(record.raw_input_ids, record.word_attributions),
-            '</tr>',
-        ]))
-    legend_html = ''
-    if legend:
-        swatches = ''.join(
-            f'<span style="display: inline-block; width: 10px; height: 10px; border: 1px solid; '
-            f'background-color: {_get_color(value)}"></span> {name} '
-            for value, name in zip([-1, 0, 1], ['Negative', 'Neutral', 'Positive'])
-        )
-        legend_html = f'<div style="border-top: 1px solid; margin-top: 5px; padding-top: 5px"><b>Legend: </b>{swatches}</div>'
+        cells = [str(record.true_class), f'{record.pred_class} ({record.pred_prob:.2f})', str(record.attr_class),
+                 f'{record.attr_score:.2f}']
+        tokens = html_tokens(record.raw_input_ids, [float(value) for value in record.word_attributions])
+        rows.append('<tr>' + ''.join(f'<td>{html.escape(cell)}</td>' for cell in cells) + f'<td>{tokens}</td></tr>')
     return (
-        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>MambaLRP</title></head><body>\n'
-        f'{legend_html}<table>{"".join(rows)}</table>\n</body></html>\n'
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>MambaLRP</title></head>'
+        '<body style="font-family: sans-serif; line-height: 2;">\n'
+        f'{html_legend() if legend else ""}<table>{"".join(rows)}</table>\n</body></html>\n'
     )
 
 
-def captum_colours(relevance: Sequence[float]) -> List[Colour]:
-    '''Captum's text colours (green positive, red negative) as RGB, for values in [-1, 1].'''
-    colours = []
-    for value in relevance:
-        hue, saturation, lightness = (int(part) for part in re.findall(r'\d+', _get_color(float(value))))
-        r, g, b = colorsys.hls_to_rgb(hue / 360, lightness / 100, saturation / 100)
-        colours.append((round(255 * r), round(255 * g), round(255 * b)))
-    return colours
+def visualize_text(records: Sequence[VisualizationDataRecord], legend: bool = True):
+    '''Show records in a Jupyter notebook, as Captum's ``visualize_text`` does, in this package's colours.
+
+    Returns the ``IPython.display.HTML`` object it displays.
+    '''
+    from IPython.display import HTML, display
+
+    shown = HTML(records_to_html(records, legend))
+    display(shown)
+    return shown
 
 
 def save_text_heatmap(
@@ -84,7 +99,7 @@ def save_text_heatmap(
     html_path: Optional[str] = None,
     png_path: Optional[str] = None,
 ) -> None:
-    '''Write Captum text records as standalone HTML and/or PNG, in Captum's colours.
+    '''Write Captum text records as standalone HTML and/or PNG, both with the legend.
 
     Parameters
     ----------
@@ -103,4 +118,4 @@ def save_text_heatmap(
             f'explained {record.attr_class}: {record.attr_score:.3f}, delta {record.convergence_score:.1e}'
             for record in records
         ]
-        save_png(png_path, rows, captions, colours=captum_colours)
+        save_png(png_path, rows, captions)

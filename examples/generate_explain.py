@@ -1,4 +1,5 @@
-'''Explain a generated continuation token by token: Captum's LLMGradientAttribution with LayerMambaLRP.
+'''Explain a generated continuation token by token: MambaLLMAttribution (Captum's LLMGradientAttribution) with
+LayerMambaLRP, each generated token's relevance on the prompt and on the tokens generated before it.
 
 A word-level tokenizer and a small causal Mamba LM are trained locally on generated sentences such as
 "bob has a green hat . the hat of bob is green .", so that the colour to generate is decided by one earlier word.
@@ -15,7 +16,7 @@ import random
 import time
 
 import torch
-from captum.attr import LLMGradientAttribution, TextTokenInput
+from captum.attr import TextTokenInput
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as transformers_logging
@@ -84,17 +85,20 @@ def main() -> None:
     layer_lrp = LayerMambaLRP(model, model.get_input_embeddings())
     explained = {
         'logit': MambaLLMAttribution(layer_lrp, tokenizer, target_output='logit'),
-        'log-probability': LLMGradientAttribution(layer_lrp, tokenizer),
+        'log-probability': MambaLLMAttribution(layer_lrp, tokenizer, target_output='log_prob'),
     }
     records = []
     for name, attribution in explained.items():
         result = attribution.attribute(TextTokenInput(prompt, tokenizer), target=continuation)
-        print(f'\nrelevance of the prompt tokens for each generated token ({name}):')
-        for output_token, row in zip(result.output_tokens, result.token_attr):
-            listing = ' '.join(f'{token}:{value:+.2f}' for token, value in zip(result.input_tokens, row.tolist()))
-            print(f'  {output_token!r:8s} sum {row.sum():+.3f} | {listing}')
+        print(f'\nrelevance of the prompt and the earlier generated tokens for each generated token ({name}):')
+        tokens = result.input_tokens + result.output_tokens
+        for step, (output_token, row) in enumerate(zip(result.output_tokens, result.all_token_attr)):
+            context, relevance = tokens[:len(result.input_tokens) + step], row[:len(result.input_tokens) + step]
+            listing = ' '.join(f'{token}:{value:+.2f}' for token, value in zip(context, relevance.tolist()))
+            print(f'  {output_token!r:8s} explained {result.explained[step]:+.3f}, sum {row.sum():+.3f} | {listing}')
             records.append(text_record(
-                result.input_tokens, row, row.sum().item(), output_token, 1.0, output_token, name,
+                context, relevance, result.explained[step].item(), output_token, 1.0, output_token, name,
+                delta=(row.sum() - result.explained[step]).item(),
             ))
 
     os.makedirs(args.out, exist_ok=True)

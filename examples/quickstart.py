@@ -12,7 +12,7 @@ import torch
 
 from sentiment_task import NEUTRAL, make_sentences, trained_classifier, words
 from zennit_mamba import MambaComposite
-from zennit_mamba.heatmap import html_heatmap, save_png, terminal_heatmap
+from zennit_mamba.heatmap import html_heatmap, save_png, terminal_heatmap, terminal_legend
 
 LABELS = ['negative', 'positive']
 
@@ -45,6 +45,7 @@ def main() -> None:
     print(f'share of |relevance| on the {sentiment.float().mean():.0%} sentiment words: {share:.1%}; '
           f'largest conservation error |sum R - f| / |f|: {error:.1e}\n')
 
+    print(terminal_legend(), '\n')
     rows, captions = [], []
     for index in range(6):
         relevance = token_relevance[index].tolist()
@@ -57,7 +58,7 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'quickstart.html'), 'w', encoding='utf-8') as file:
-        file.write(html_heatmap(rows, captions, title='MambaLRP: token relevance (red positive, blue negative)'))
+        file.write(html_heatmap(rows, captions, title='MambaLRP: token relevance'))
     save_png(os.path.join(args.out, 'quickstart.png'), rows, captions)
     print(f'wrote {args.out}/quickstart.html and quickstart.png')
 

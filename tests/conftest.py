@@ -131,6 +131,21 @@ def gradient_x_input(
     return embeddings * gradient
 
 
+#: a word-level vocabulary with the special tokens Captum's and inseq's generation use
+WORDS = '<pad> <unk> </s> the plot was good bad film very not it is great dull and but story'.split()
+
+
+def word_tokenizer(vocabulary_size: int = 40):
+    '''A Hugging Face tokenizer built here (no download): one id per whitespace-separated word.'''
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = WORDS + [f'w{index}' for index in range(vocabulary_size - len(WORDS))]
+    tokenizer = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token='<unk>'))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token='<unk>', pad_token='<pad>', eos_token='</s>')
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     '''Largest absolute difference relative to the largest absolute expected value.'''
     return ((actual - expected).abs().max() / expected.abs().max()).item()

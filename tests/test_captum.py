@@ -251,5 +251,7 @@ def test_visualisation_writes_captum_table_html_and_png(tmp_path):
     save_text_heatmap([record], str(html_path), str(png_path))
     html = html_path.read_text()
     assert html == records_to_html([record])
-    assert all(f'{word}' in html for word in ['good', 'plot', 'bad']) and 'hsl(120, 75%, 50%)' in html
+    # one colour language: Zennit's bwr, the most positive token red, the most negative half-way to blue, a legend
+    assert all(f'{word}' in html for word in ['good', 'plot', 'bad']) and 'Legend' in html
+    assert 'rgb(255,0,0);' in html and 'rgb(128,128,255);' in html and 'hsl(' not in html
     assert png_path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -23,8 +23,8 @@ def test_quickstart(tmp_path):
     share = float(re.search(r'sentiment words: ([\d.]+)%', output).group(1))
     error = float(re.search(r'\|sum R - f\| / \|f\|: ([\d.e+-]+)', output).group(1))
     assert accuracy > 80 and share > 30 and error < 1e-3
-    assert '\x1b[48;2;' in output  # coloured terminal heatmap
-    assert (tmp_path / 'quickstart.html').stat().st_size > 0
+    assert '\x1b[48;2;' in output and 'red: positive relevance' in output  # coloured terminal heatmap, legend
+    assert 'Legend' in (tmp_path / 'quickstart.html').read_text()
     assert (tmp_path / 'quickstart.png').read_bytes()[:4] == b'\x89PNG'
 
 
@@ -40,4 +40,8 @@ def test_compare_methods(tmp_path):
 def test_generate_explain(tmp_path):
     output = run_example('generate_explain.py', tmp_path)
     assert 'generated: "green ."' in output
+    # every generated token's row, earlier generated tokens included, sums to what is explained for it
+    rows = re.findall(r'explained ([+-][\d.]+), sum ([+-][\d.]+)', output)
+    assert len(rows) == 4 and all(explained == total for explained, total in rows)
+    assert re.search(r"'\.'.*\| .* green:[+-]", output)  # the second token's row names the first generated one
     assert (tmp_path / 'generate_explain.html').exists() and (tmp_path / 'generate_explain.png').exists()

@@ -1,35 +1,46 @@
-'''Token relevance heatmaps: coloured terminal text, standalone HTML and PNG.
+'''Token relevance heatmaps in one colour language: terminal text, standalone HTML and PNG.
 
-Positive relevance is red, negative blue, with the colour scaled per row by the largest absolute relevance.
+Colours come from Zennit's ``bwr`` colour map (``zennit.image.CMAPS['bwr']``, the one ``zennit.image.imgify`` uses
+for images): positive relevance red, negative blue, zero white, symmetric around zero with each row scaled by its
+largest absolute relevance. Every picture carries a legend saying so. The Captum records of
+:py:mod:`captum_mamba.visualization` use the same colours.
 '''
 import html
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from zennit.image import CMAPS
 
 Colour = Tuple[int, int, int]
-ColourMap = Callable[[Sequence[float]], List[Colour]]
+
+#: what every legend says
+LEGEND = 'red: positive relevance, blue: negative, white: zero; each row scaled by its largest |relevance|'
 
 
 def token_colours(relevance: Sequence[float]) -> List[Colour]:
-    '''RGB colours for token relevances: white at zero, red at the most positive, blue at the most negative.
+    '''RGB colours of Zennit's ``bwr`` map for token relevances, symmetric around zero per row.
 
     Examples
     --------
-    >>> token_colours([1.0, -0.5, 0.0])
-    [(255, 0, 0), (128, 128, 255), (255, 255, 255)]
+    >>> token_colours([1.0, -1.0, 0.0])
+    [(255, 0, 0), (0, 0, 255), (255, 255, 255)]
     '''
     values = torch.as_tensor(relevance, dtype=torch.float64)
     scale = values.abs().max().item() or 1.0
-    colours = []
-    for value in (values / scale).tolist():
-        fade = round(255 * (1 - abs(value)))
-        colours.append((255, fade, fade) if value >= 0 else (fade, fade, 255))
-    return colours
+    # zennit's map places white at 0x80 / 0xff of [0, 1]: zero relevance lands there exactly
+    white = 0x80 / 0xff
+    position = torch.where(values >= 0, white + (1 - white) * values / scale, white + white * values / scale)
+    rgb = CMAPS['bwr'](position.clamp(0, 1).numpy())
+    return [tuple(int(channel) for channel in colour) for colour in np.rint(255 * rgb).astype(int)]
+
+
+def _legend_values(steps: int = 9) -> List[float]:
+    return torch.linspace(-1, 1, steps).tolist()
 
 
 def terminal_heatmap(tokens: Sequence[str], relevance: Sequence[float]) -> str:
-    '''The tokens with 24-bit ANSI background colours, for printing to a terminal.'''
+    '''The tokens with 24-bit ANSI background colours, for printing to a terminal (see :py:func:`terminal_legend`).'''
     spans = (
         f'\x1b[48;2;{r};{g};{b}m\x1b[38;2;0;0;0m{token}\x1b[0m'
         for token, (r, g, b) in zip(tokens, token_colours(relevance))
@@ -37,12 +48,37 @@ def terminal_heatmap(tokens: Sequence[str], relevance: Sequence[float]) -> str:
     return ' '.join(spans)
 
 
+def terminal_legend() -> str:
+    '''One line with the colour scale from most negative to most positive, and :py:data:`LEGEND`.'''
+    scale = terminal_heatmap(['-', ' ', ' ', ' ', '0', ' ', ' ', ' ', '+'], _legend_values())
+    return f'{scale}  {LEGEND}'
+
+
+def html_legend() -> str:
+    '''An HTML line with the colour scale and :py:data:`LEGEND`.'''
+    swatches = ''.join(
+        f'<span style="display: inline-block; width: 18px; height: 12px; background-color: rgb({r},{g},{b}); '
+        f'border: 1px solid #ccc;"></span>'
+        for r, g, b in token_colours(_legend_values())
+    )
+    return f'<div style="margin: 6px 0;"><b>Legend</b> &minus; {swatches} + &nbsp;{html.escape(LEGEND)}</div>'
+
+
+def html_tokens(tokens: Sequence[str], relevance: Sequence[float]) -> str:
+    '''The tokens as HTML spans coloured by relevance; hovering shows each value.'''
+    return ' '.join(
+        f'<span title="{float(value):+.4f}" style="background-color: rgb({r},{g},{b}); padding: 1px 3px;">'
+        f'{html.escape(token)}</span>'
+        for token, value, (r, g, b) in zip(tokens, relevance, token_colours(relevance))
+    )
+
+
 def html_heatmap(
     rows: Sequence[Tuple[Sequence[str], Sequence[float]]],
     captions: Optional[Sequence[str]] = None,
     title: str = 'Token relevance',
 ) -> str:
-    '''A standalone HTML page with one coloured line of tokens per row.
+    '''A standalone HTML page with a legend and one coloured line of tokens per row.
 
     Parameters
     ----------
@@ -59,17 +95,11 @@ def html_heatmap(
         The HTML document.
     '''
     captions = captions or [''] * len(rows)
-    body = []
-    for (tokens, relevance), caption in zip(rows, captions):
-        spans = ' '.join(
-            f'<span title="{value:+.4f}" style="background-color: rgb({r},{g},{b}); padding: 1px 3px;">'
-            f'{html.escape(token)}</span>'
-            for token, value, (r, g, b) in zip(tokens, relevance, token_colours(relevance))
-        )
-        body.append(f'<p><b>{html.escape(caption)}</b><br>{spans}</p>')
+    body = [f'<p><b>{html.escape(caption)}</b><br>{html_tokens(tokens, relevance)}</p>'
+            for (tokens, relevance), caption in zip(rows, captions)]
     return (
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>\n'
-        f'<body style="font-family: sans-serif; line-height: 2;">\n<h3>{html.escape(title)}</h3>\n'
+        f'<body style="font-family: sans-serif; line-height: 2;">\n<h3>{html.escape(title)}</h3>\n{html_legend()}\n'
         + '\n'.join(body) + '\n</body></html>\n'
     )
 
@@ -79,18 +109,25 @@ def save_png(
     rows: Sequence[Tuple[Sequence[str], Sequence[float]]],
     captions: Optional[Sequence[str]] = None,
     width: float = 10.0,
-    colours: ColourMap = token_colours,
 ) -> None:
-    '''Render the same heatmap as :py:func:`html_heatmap` into a PNG file, wrapping long rows.
+    '''Render the same heatmap as :py:func:`html_heatmap` into a PNG file, wrapping long rows, with the legend.
 
-    ``colours`` maps one row's relevances to RGB colours (:py:func:`token_colours` by default).
+    Parameters
+    ----------
+    path : str
+        Where to write the PNG.
+    rows, captions
+        As for :py:func:`html_heatmap`.
+    width : float, optional
+        Figure width in inches.
     '''
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    captions = captions or [''] * len(rows)
+    legend_row = (['-', ' ', ' ', ' ', '0', ' ', ' ', ' ', '+'], _legend_values())
+    rows, captions = [legend_row] + list(rows), [f'Legend: {LEGEND}'] + list(captions or [''] * len(rows))
     line_height, font_size = 0.32, 11
     lines_per_row = [2 + sum(len(token) + 1 for token in tokens) // 90 for tokens, _ in rows]
     figure = plt.figure(figsize=(width, line_height * (sum(lines_per_row) + len(rows)) + 0.3))
@@ -101,7 +138,7 @@ def save_png(
         figure.text(0.01, y, caption, fontsize=font_size, weight='bold', va='baseline')
         y -= line_height * inches_to_figure
         x = 0.01
-        for token, (r, g, b) in zip(tokens, colours(relevance)):
+        for token, (r, g, b) in zip(tokens, token_colours(relevance)):
             text = figure.text(
                 x, y, token, fontsize=font_size, va='baseline',
                 bbox={'facecolor': (r / 255, g / 255, b / 255), 'edgecolor': 'none', 'pad': 1.5},
