@@ -7,6 +7,7 @@ from captum.attr import (
 
 from captum_mamba import ExplainedLogits, LayerMambaLRP, MambaLRP
 from conftest import assert_snapshots_equal, make_mamba, relative_error, snapshot
+from test_cuda import make_mamba_ssm, make_mamba_ssm2, needs_mamba_ssm
 from test_families import build
 
 #: methods on embeddings, and layer methods on token ids (with the embedding layer): built from the wrapped model alone
@@ -18,6 +19,17 @@ LAYER_METHODS = {
     'LayerMambaLRP': LayerMambaLRP, 'LayerGradientXActivation': LayerGradientXActivation,
     'LayerIntegratedGradients': LayerIntegratedGradients,
 }
+
+
+def attribute_with_every_method(wrapped, embeddings, ids, forward_args=None):
+    '''The one loop: every method, the same object and the same call.'''
+    results = {}
+    for method_name, method in METHODS.items():
+        results[method_name] = method(wrapped).attribute(embeddings, target=3, additional_forward_args=forward_args)
+    for method_name, method in LAYER_METHODS.items():
+        results[method_name] = method(wrapped, wrapped.embeddings).attribute(
+            ids, target=3, additional_forward_args=forward_args)
+    return results
 
 
 def model_of(name):
@@ -34,13 +46,7 @@ def test_one_loop_over_methods_on_one_wrapped_model(name):
     embeddings = wrapped.embeddings(ids).detach()
     torch.manual_seed(0)  # NoiseTunnel's noise
 
-    results = {}
-    for method_name, method in METHODS.items():
-        results[method_name] = method(wrapped).attribute(embeddings, target=3, additional_forward_args=(mask,))
-    for method_name, method in LAYER_METHODS.items():
-        results[method_name] = method(wrapped, wrapped.embeddings).attribute(
-            ids, target=3, additional_forward_args=(mask,))
-
+    results = attribute_with_every_method(wrapped, embeddings, ids, (mask,))
     for method_name, attribution in results.items():
         assert attribution.shape == embeddings.shape and torch.isfinite(attribution).all(), method_name
         assert torch.equal(attribution[0, 4:], torch.zeros_like(attribution[0, 4:])), method_name  # pads
@@ -81,3 +87,27 @@ def test_mamba_lrp_takes_a_forward_function_with_the_model_named():
         MambaLRP(last_logits)
     with pytest.raises(TypeError, match='takes a transformers or mamba-ssm language model'):
         ExplainedLogits(torch.nn.Linear(2, 2))
+
+
+@needs_mamba_ssm
+@pytest.mark.parametrize('make', [make_mamba_ssm, make_mamba_ssm2], ids=['Mamba', 'Mamba2'])
+def test_one_loop_over_methods_on_a_mamba_ssm_model(make):
+    # mamba-ssm's backbone takes only token ids: ExplainedLogits feeds embeddings through its embedding layer
+    model = make()
+    before = snapshot(model)
+    wrapped = ExplainedLogits(model)
+    ids = torch.randint(0, 64, (2, 50), device='cuda', generator=torch.Generator('cuda').manual_seed(2))
+    embeddings = wrapped.embeddings(ids).detach()
+    torch.manual_seed(0)
+    results = attribute_with_every_method(wrapped, embeddings, ids)
+    for method_name, attribution in results.items():
+        assert attribution.shape == embeddings.shape and torch.isfinite(attribution).all(), method_name
+    # the embedding path against Captum's layer hook on the token-id path
+    assert relative_error(results['InputXGradient'], results['LayerGradientXActivation']) <= 1e-5
+    assert relative_error(results['LayerMambaLRP'], results['MambaLRP']) <= 1e-5
+    with torch.no_grad():
+        explained = model(ids).logits[:, -1, 3]
+    assert torch.allclose(results['MambaLRP'].sum((1, 2)), explained, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match='takes no attention_mask'):
+        wrapped(embeddings, torch.ones_like(ids))
+    assert_snapshots_equal(snapshot(model), before)
