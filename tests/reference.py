@@ -121,3 +121,41 @@ def reference_relevance(
     explained = logits[torch.arange(len(targets)), targets]
     gradient, = torch.autograd.grad(explained.sum(), embeddings)
     return (embeddings * gradient).detach(), explained.detach()
+
+
+def _vim_branch(x, z, conv, x_proj, dt_proj, A_log, D, rules):
+    '''One direction of Vim's mixer on ``(batch, length, channels)`` halves of in_proj's output: conv, SiLU,
+    selection, per-timestep scan, gate.'''
+    x = _silu(_causal_depthwise_conv(x, conv), 'silu' in rules)
+    state_size = A_log.shape[1]
+    rank = x_proj.weight.shape[0] - 2 * state_size
+    dt, B, C = torch.split(x @ x_proj.weight.T, [rank, state_size, state_size], dim=-1)
+    delta = F.softplus(dt @ dt_proj.weight.T + dt_proj.bias)
+    if 'ssm' in rules:
+        delta, B, C = delta.detach(), B.detach(), C.detach()
+    y = _sequential_scan(x, delta, -torch.exp(A_log).to(x.dtype), B, C, D.to(x.dtype))
+    gated = y * _silu(z, 'silu' in rules)
+    if 'gate' in rules:
+        gated = 0.5 * gated + 0.5 * gated.detach()
+    return gated
+
+
+def vim_reference_relevance(
+    model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, rules: Collection[str] = ALL_RULES,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''Relevance of a Vision Mamba's token sequence (``model.tokens(images)``) for the logits ``targets``: the
+    bidirectional mixer written out, the backward branch on the reversed sequence with its own parameters.'''
+    tokens = tokens.detach().clone().requires_grad_()
+    residual = tokens
+    for block in model.layers:
+        mixer = block.mixer
+        x, z = (_rms_norm(block.norm, residual, 'norm' in rules) @ mixer.in_proj.weight.T).chunk(2, dim=-1)
+        forward = _vim_branch(x, z, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, rules)
+        backward = _vim_branch(x.flip(1), z.flip(1), mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b,
+                               mixer.A_b_log, mixer.D_b, rules).flip(1)
+        residual = residual + ((forward + backward) / 2) @ mixer.out_proj.weight.T
+    hidden = _rms_norm(model.norm_f, residual, 'norm' in rules)
+    logits = hidden[:, model.token_position] @ model.head.weight.T + model.head.bias
+    explained = logits[torch.arange(len(targets)), targets]
+    gradient, = torch.autograd.grad(explained.sum(), tokens)
+    return (tokens * gradient).detach(), explained.detach()

@@ -6,7 +6,7 @@ that Zennit rules such as Gamma can attach to them) or through the :py:class:`~z
 canonizer bound: the SiLUs, the scan with its selection, the gate. transformers' own forward calls functional kernels
 and ``dt_proj.weight`` directly instead.
 '''
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,27 +42,58 @@ def mamba1_mixer(
     MixerOutput
         The mixer output, the (detached) input of the convolution and the last scan state, for caches.
     '''
-    length = hidden_states.shape[1]
     dtype = hidden_states.dtype
-
     projected = mixer.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
     x, gate = projected.chunk(2, dim=1)
-    conv_input = x.detach()
+    # FalconMamba and Jamba normalise the selection
+    normalisers = (mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm) if hasattr(mixer, 'dt_layernorm') else None
+    gated, last_state = selective_branch(
+        rules, x, gate, SelectiveParts(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, normalisers),
+        time_step_rank, state_size, dtype, attention_mask,
+    )
+    return MixerOutput(mixer.out_proj(gated.transpose(1, 2).to(dtype)), x.detach(), last_state)
 
-    x = rules.activation('silu', mixer.conv1d(x.to(mixer.conv1d.weight.dtype))[..., :length]).to(dtype)
+
+class SelectiveParts(NamedTuple):
+    '''The modules and parameters of one selective-scan branch of a Mamba-1 mixer (Vim's backward direction has
+    its own).'''
+    conv1d: torch.nn.Conv1d
+    x_proj: torch.nn.Linear
+    dt_proj: torch.nn.Linear
+    A_log: torch.Tensor
+    D: torch.Tensor
+    normalisers: Optional[Tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] = None
+
+
+def selective_branch(
+    rules,
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    parts: SelectiveParts,
+    time_step_rank: int,
+    state_size: int,
+    dtype: torch.dtype,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''Convolution, SiLU, selection, scan and gate of one Mamba-1 branch under ``rules``.
+
+    ``x`` and ``gate`` are the two halves of ``in_proj``'s output, ``(batch, channels, length)``. Returns the gated
+    scan output ``(batch, channels, length)`` and the scan's last state.
+    '''
+    length = x.shape[-1]
+    x = rules.activation('silu', parts.conv1d(x.to(parts.conv1d.weight.dtype))[..., :length]).to(dtype)
     x = mask_padding(x.transpose(1, 2), attention_mask)
-    time_step, B, C = torch.split(mixer.x_proj(x), [time_step_rank, state_size, state_size], dim=-1)
-    if hasattr(mixer, 'dt_layernorm'):
-        # FalconMamba and Jamba normalise the selection; behind the SSM rule it takes no relevance
-        time_step, B, C = mixer.dt_layernorm(time_step), mixer.b_layernorm(B), mixer.c_layernorm(C)
-    delta = F.softplus(mixer.dt_proj(time_step))
+    time_step, B, C = torch.split(parts.x_proj(x), [time_step_rank, state_size, state_size], dim=-1)
+    if parts.normalisers is not None:
+        # behind the SSM rule the selection's normalisation takes no relevance
+        time_step, B, C = (norm(value) for norm, value in zip(parts.normalisers, (time_step, B, C)))
+    delta = F.softplus(parts.dt_proj(time_step))
 
-    A, D = -torch.exp(mixer.A_log.float()), mixer.D.float()
+    A, D = -torch.exp(parts.A_log.float()), parts.D.float()
     scanned, last_state = rules.scan(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
                                      C.transpose(1, 2), D)
     gate = rules.activation('silu', gate)
-    gated = rules.gate(scanned.to(torch.promote_types(scanned.dtype, gate.dtype)), gate)
-    return MixerOutput(mixer.out_proj(gated.transpose(1, 2).to(dtype)), conv_input, last_state)
+    return rules.gate(scanned.to(torch.promote_types(scanned.dtype, gate.dtype)), gate), last_state
 
 
 def transformers_forward(

@@ -10,7 +10,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import hybrid, mamba1, mamba2, mamba_ssm_blocks
+from . import hybrid, mamba1, mamba2, mamba_ssm_blocks, vim
 from ._optional import optional_class as module_class
 from .instance import is_canonized
 
@@ -47,6 +47,7 @@ FAMILIES: Tuple[Family, ...] = (
     Family('Mamba (mamba_simple)', 'mamba-ssm', 'mamba_ssm.modules.mamba_simple', 'Mamba', mamba1.mamba_ssm_forward,
            False),
     Family('Mamba-2', 'mamba-ssm', 'mamba_ssm.modules.mamba2', 'Mamba2', mamba2.mamba_ssm_forward, False),
+    Family('Vision Mamba (Vim)', 'mamba-lrp', 'zennit_mamba.vim', 'BidirectionalMamba', vim.canonized_forward, False),
 )
 
 #: mamba-ssm's blocks and backbone, canonized beside its mixers: (module, class, forward, parameters it adds)
