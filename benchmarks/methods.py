@@ -16,6 +16,8 @@ Method = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 RELEVANCE_METHODS = {
     'InputXGradient', 'IntegratedGradients', 'LRP (LN-rule)', 'MambaLRP',
     'MambaLRP w/o SiLU rule', 'MambaLRP w/o SSM rule', 'MambaLRP w/o gate rule',
+    'MambaLRP + gamma (in/out proj)', 'MambaLRP + gamma (conv1d)', 'MambaLRP + gamma (patch embedding)',
+    'MambaLRP + gamma (all)',
 }
 
 
@@ -68,32 +70,44 @@ def _rollout(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
         for instance in instances:
             instance.remove()
     attentions = rules.attentions
+    if gradient:
+        attentions = [alpha * grad for alpha, grad in zip(attentions, gradients)]
+    position = getattr(model, 'token_position', -1)
+    if getattr(model, 'bidirectional', False):
+        # Vim: each layer's backward branch scans the reversed sequence; in the sequence's order its attention is
+        # flipped in both axes, and the branches' outputs are averaged
+        attentions = [(forward + backward.flip(-1).flip(-2)) / 2
+                      for forward, backward in zip(attentions[0::2], attentions[1::2])]
 
-    length = inputs.shape[1]
+    length = attentions[0].shape[-1]
     identity = torch.eye(length, dtype=attentions[0].dtype)
     rollout = identity.expand(len(inputs), length, length)
-    for index, alpha in enumerate(attentions):
+    for alpha in attentions:
         if gradient:
-            layer = identity + (alpha * gradients[index]).clamp(min=0).mean(1)
+            layer = identity + alpha.detach().clamp(min=0).mean(1)
         else:
             layer = alpha.detach().abs().mean(1)
             layer = 0.5 * layer / layer.sum(-1, keepdim=True).clamp(min=1e-12) + 0.5 * identity
         rollout = layer @ rollout
-    return rollout[:, -1]
+    scores = rollout[:, position]
+    if length != inputs.shape[1]:  # a class token among the positions: score the inputs only
+        scores = torch.cat([scores[:, :position], scores[:, position + 1:]], dim=1)
+    return scores
 
 
 def _per_position(attributions: torch.Tensor) -> torch.Tensor:
     return attributions.detach().flatten(2).sum(-1)
 
 
-def methods(quick: bool) -> Dict[str, Method]:
-    '''Name to method, in the order of the tables.'''
+def methods(quick: bool, vision: bool = False) -> Dict[str, Method]:
+    '''Name to method, in the order of the tables; for a Vision Mamba (``vision``) also the gamma composites of the
+    paper's Vim ablation.'''
     ig_steps, noise_samples = (20, 5) if quick else (50, 10)
 
-    def mamba_lrp(rules):
-        return lambda model, x, t: _per_position(MambaLRP(model, rules=rules).attribute(x, target=t))
+    def mamba_lrp(rules, gamma=None):
+        return lambda model, x, t: _per_position(MambaLRP(model, rules=rules, gamma=gamma).attribute(x, target=t))
 
-    return {
+    chosen = {
         'Random': lambda model, x, t: torch.rand(x.shape[:2], dtype=x.dtype),  # seeded per chunk by the caller
         'Saliency': lambda model, x, t: _per_position(Saliency(model).attribute(x, target=t)),
         'InputXGradient': lambda model, x, t: _per_position(InputXGradient(model).attribute(x, target=t)),
@@ -109,3 +123,15 @@ def methods(quick: bool) -> Dict[str, Method]:
         'MambaLRP w/o SSM rule': mamba_lrp(MAMBA_LRP_RULES - {'ssm'}),
         'MambaLRP w/o gate rule': mamba_lrp(MAMBA_LRP_RULES - {'gate'}),
     }
+    if vision:
+        chosen.update({name: mamba_lrp(MAMBA_LRP_RULES, gamma) for name, gamma in VIM_GAMMA_COMPOSITES.items()})
+    return chosen
+
+
+#: the gamma composites of the Vim ablation: which layer types take the gamma rule instead of LRP-0
+VIM_GAMMA_COMPOSITES = {
+    'MambaLRP + gamma (in/out proj)': {'in_proj': 0.25, 'out_proj': 0.25},
+    'MambaLRP + gamma (conv1d)': {torch.nn.Conv1d: 0.25},
+    'MambaLRP + gamma (patch embedding)': {torch.nn.Conv2d: 0.25},
+    'MambaLRP + gamma (all)': 0.25,
+}

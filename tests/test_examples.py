@@ -45,3 +45,16 @@ def test_generate_explain(tmp_path):
     assert len(rows) == 4 and all(explained == total for explained, total in rows)
     assert re.search(r"'\.'.*\| .* green:[+-]", output)  # the second token's row names the first generated one
     assert (tmp_path / 'generate_explain.html').exists() and (tmp_path / 'generate_explain.png').exists()
+
+
+def test_explain_image(tmp_path):
+    environment = dict(os.environ, PYTHONPATH=ROOT)
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'examples', 'explain_image.py'), '--out', str(tmp_path), '--quick'],
+        capture_output=True, text=True, env=environment, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    accuracy = float(re.search(r'test accuracy ([\d.]+)%', completed.stdout).group(1))
+    assert accuracy > 70
+    for name in ('explain_image.png', 'explain_image_captum.png'):
+        assert (tmp_path / name).read_bytes()[:4] == b'\x89PNG'

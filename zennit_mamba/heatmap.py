@@ -18,6 +18,16 @@ Colour = Tuple[int, int, int]
 LEGEND = 'red: positive relevance, blue: negative, white: zero; each row scaled by its largest |relevance|'
 
 
+def _bwr(relevance: torch.Tensor) -> np.ndarray:
+    '''Zennit's ``bwr`` colours ``(..., 3)`` in [0, 1], scaled symmetrically by the largest absolute value.'''
+    values = torch.as_tensor(relevance, dtype=torch.float64)
+    scale = values.abs().max().item() or 1.0
+    # zennit's map places white at 0x80 / 0xff of [0, 1]: zero relevance lands there exactly
+    white = 0x80 / 0xff
+    position = torch.where(values >= 0, white + (1 - white) * values / scale, white + white * values / scale)
+    return CMAPS['bwr'](position.clamp(0, 1).numpy())
+
+
 def token_colours(relevance: Sequence[float]) -> List[Colour]:
     '''RGB colours of Zennit's ``bwr`` map for token relevances, symmetric around zero per row.
 
@@ -26,13 +36,19 @@ def token_colours(relevance: Sequence[float]) -> List[Colour]:
     >>> token_colours([1.0, -1.0, 0.0])
     [(255, 0, 0), (0, 0, 255), (255, 255, 255)]
     '''
-    values = torch.as_tensor(relevance, dtype=torch.float64)
-    scale = values.abs().max().item() or 1.0
-    # zennit's map places white at 0x80 / 0xff of [0, 1]: zero relevance lands there exactly
-    white = 0x80 / 0xff
-    position = torch.where(values >= 0, white + (1 - white) * values / scale, white + white * values / scale)
-    rgb = CMAPS['bwr'](position.clamp(0, 1).numpy())
-    return [tuple(int(channel) for channel in colour) for colour in np.rint(255 * rgb).astype(int)]
+    return [tuple(int(channel) for channel in colour) for colour in np.rint(255 * _bwr(relevance)).astype(int)]
+
+
+def relevance_image(relevance: torch.Tensor) -> np.ndarray:
+    '''An ``(height, width)`` relevance map as an RGB image ``(height, width, 3)`` of ``uint8``, in Zennit's ``bwr``
+    symmetric around zero: what ``zennit.image.imgify(relevance, symmetric=True, cmap='bwr')`` draws, as an array.
+
+    Examples
+    --------
+    >>> relevance_image(torch.tensor([[2.0, -2.0], [0.0, 1.0]]))[..., 0].tolist()
+    [[255, 0], [255, 255]]
+    '''
+    return np.rint(255 * _bwr(relevance.detach().cpu())).astype(np.uint8)
 
 
 def _legend_values(steps: int = 9) -> List[float]:

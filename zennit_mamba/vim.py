@@ -20,6 +20,7 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .mamba1 import SelectiveParts, selective_branch
 from .rules import RuleSet
@@ -213,6 +214,18 @@ class VisionMamba(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(self.tokens(images))
+
+    def patch_map(self, token_relevance: torch.Tensor) -> torch.Tensor:
+        '''Token relevance ``(batch, tokens)`` (e.g. ``LayerMambaLRP(model, model.pos_drop)`` summed over the last
+        dimension) as a ``(batch, height, width)`` map: each patch's relevance spread evenly over its pixels (summed
+        where patches overlap), the class token left out. The map sums to the patches' relevance.'''
+        patches = torch.cat([token_relevance[:, :self.token_position], token_relevance[:, self.token_position + 1:]],
+                            dim=1)
+        conv = self.patch_embed.proj
+        size, stride = conv.kernel_size[0], conv.stride[0]
+        per_pixel = patches.transpose(0, 1).reshape(-1, 1).expand(-1, size * size) / (size * size)
+        columns = per_pixel.reshape(patches.shape[1], len(patches), size * size).permute(1, 2, 0)
+        return F.fold(columns, self.patch_embed.img_size, size, stride=stride)[:, 0]
 
 
 def _vim(embed_dim: int, options: dict) -> VisionMamba:
