@@ -78,6 +78,9 @@ def test_forward_unchanged_model_restored_and_token_relevance_matches_the_refere
     relevance = LayerMambaLRP(model, model.pos_drop, epsilon=1e-12).attribute(inputs, target=targets)
     expected, explained = vim_reference_relevance(model, model.tokens(inputs), targets)
     assert relative_error(relevance, expected) <= 1e-8  # epsilon 1e-12 against logits of 1e-2 to 1
+    # the same from the token sequence given to the model
+    tokens = model.tokens(inputs).detach()
+    assert relative_error(MambaLRP(model, epsilon=1e-12).attribute(tokens, target=targets), expected) <= 1e-8
     # the biases (head, convolutions) take their share: most, not all, of the logit reaches the tokens
     assert ((relevance.sum((1, 2)) - explained).abs() < 0.2 * explained.abs()).all()
     assert_snapshots_equal(snapshot(model), before)

@@ -203,17 +203,16 @@ class VisionMamba(torch.nn.Module):
         return self.pos_drop(torch.cat([patches[:, :position], cls_token, patches[:, position:]], dim=1)
                              + self.pos_embed)
 
-    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        '''Logits from a token sequence (e.g. :py:meth:`tokens`' output): the blocks, the final norm, the head.'''
-        hidden_states, residual = tokens, None
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        '''Logits from images ``(batch, channels, height, width)`` or from a token sequence ``(batch, tokens,
+        dim)`` such as :py:meth:`tokens` returns, whose relevance MambaLRP then gives directly (one call of the
+        model, so that relevance enters and leaves at its ends).'''
+        hidden_states, residual = (inputs if inputs.dim() == 3 else self.tokens(inputs)), None
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, residual)
         residual = residual + hidden_states
         hidden_states = self.norm_f(residual.to(self.norm_f.weight.dtype))
         return self.head(hidden_states[:, self.token_position])
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(self.tokens(images))
 
     def patch_map(self, token_relevance: torch.Tensor) -> torch.Tensor:
         '''Token relevance ``(batch, tokens)`` (e.g. ``LayerMambaLRP(model, model.pos_drop)`` summed over the last
