@@ -207,6 +207,7 @@ class ExplainedForward:
         return next((argument for argument in args[1:] if torch.is_tensor(argument) and argument.shape == shape
                      and not argument.is_floating_point()), None)
 
+
 def logits_at(logits: Tensor, position: int, mask: Optional[Tensor] = None) -> Tensor:
     '''The ``(batch, classes)`` logits at ``position`` of ``(batch, length, classes)`` logits; with a padding mask and
     ``position=-1``, each example's last real token (right padding would otherwise explain a pad).'''

@@ -1,9 +1,13 @@
 '''MambaLRP as an inseq attribution method: importing this module registers ``"mamba_lrp"``.
 
->>> import inseq
->>> import captum_mamba.inseq_method  # doctest: +SKIP
->>> model = inseq.load_model(hf_model, 'mamba_lrp', tokenizer=tokenizer)  # doctest: +SKIP
->>> model.attribute('The plot was', attributed_fn='logit', generation_args={'max_new_tokens': 5}).show()  # doctest: +SKIP
+.. code-block:: python
+
+    import inseq
+    import captum_mamba.inseq_method
+
+    model = inseq.load_model(hf_model, 'mamba_lrp', tokenizer=tokenizer)
+    output = model.attribute('The plot was', attributed_fn='logit', generation_args={'max_new_tokens': 5})
+    output.show()
 
 inseq attributes each generated token to the prompt and to the tokens generated before it (its "target"
 attributions for decoder-only models), so with ``attributed_fn='logit'`` every step's relevances sum to that token's

@@ -1,6 +1,7 @@
 '''One module for every Captum method: a language model with embeddings (or token ids) in and the explained logits
 out.'''
 import inspect
+import threading
 from typing import Optional
 
 import torch
@@ -88,8 +89,11 @@ class ExplainedLogits(torch.nn.Module):
             raise ValueError(MAMBA_SSM_TAKES_NO_MASK)
         if not inputs.is_floating_point():
             return self.model(inputs).logits
-        # mamba-ssm's backbone takes only token ids: its embedding layer's output is replaced by the inputs
-        handle = self.embeddings.register_forward_hook(lambda module, args, output: inputs)
+        # mamba-ssm's backbone takes only token ids: its embedding layer's output is replaced by the inputs, in this
+        # thread only (another may be running the same model meanwhile)
+        caller = threading.get_ident()
+        handle = self.embeddings.register_forward_hook(
+            lambda module, args, output: inputs if threading.get_ident() == caller else output)
         try:
             ids = torch.zeros(inputs.shape[:2], dtype=torch.long, device=inputs.device)
             return self.model(ids).logits

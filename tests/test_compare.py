@@ -1,4 +1,4 @@
-'''Comparing methods in one loop: Captum's own methods and MambaLRP on one ExplainedLogits, the same attribute() call.'''
+'''Comparing methods in one loop: Captum's own methods and MambaLRP on one ExplainedLogits, one attribute() call.'''
 import pytest
 import torch
 from captum.attr import (

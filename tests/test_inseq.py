@@ -4,7 +4,7 @@ import torch
 
 inseq = pytest.importorskip('inseq')
 
-import captum_mamba.inseq_method  # noqa: E402,F401  (registers 'mamba_lrp')
+from captum_mamba import inseq_method  # noqa: E402  (importing it registers 'mamba_lrp')
 from captum_mamba import ExplainedLogits, MambaLRP  # noqa: E402
 from conftest import assert_snapshots_equal, make_mamba, snapshot, word_tokenizer  # noqa: E402
 from test_families import build  # noqa: E402
@@ -15,7 +15,8 @@ def test_inseq_mamba_lrp_rows_sum_to_each_generated_logit(name):
     model = make_mamba(layers=2) if name == 'Mamba' else build(name)
     before = snapshot(model)
     tokenizer = word_tokenizer()
-    attribution_model = inseq.load_model(model, 'mamba_lrp', tokenizer=tokenizer, epsilon=1e-12)
+    attribution_model = inseq.load_model(model, inseq_method.MambaLRPAttribution.method_name, tokenizer=tokenizer,
+                                         epsilon=1e-12)
     output = attribution_model.attribute('the plot was', 'the plot was good film but', attributed_fn='logit',
                                          step_scores=['logit'], show_progress=False)
     attribution = output.sequence_attributions[0]

@@ -16,7 +16,8 @@ def official_shapes(dim: int, depth: int = 24, classes: int = 1000, patches: int
     inner, rank = 2 * dim, -(-dim // 16)
     shapes = {
         'cls_token': (1, 1, dim), 'pos_embed': (1, patches + 1, dim), 'patch_embed.proj.weight': (dim, 3, patch, patch),
-        'patch_embed.proj.bias': (dim,), 'norm_f.weight': (dim,), 'head.weight': (classes, dim), 'head.bias': (classes,),
+        'patch_embed.proj.bias': (dim,), 'norm_f.weight': (dim,), 'head.weight': (classes, dim),
+        'head.bias': (classes,),
     }
     for layer in range(depth):
         prefix = f'layers.{layer}.'
