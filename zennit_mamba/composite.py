@@ -188,9 +188,9 @@ class MambaComposite(Composite):
     def _rule_for(self, module: torch.nn.Module) -> Optional[Hook]:
         if isinstance(module, hybrid.activation_types()):
             return self.rule_set.rule('silu')
-        if hybrid.is_rms_norm(module):
+        if hybrid.is_rms_norm(module) or isinstance(module, torch.nn.LayerNorm):
             return self.rule_set.rule('norm')
-        if hybrid.is_attention(module) or type(module).__name__.endswith('Router'):
+        if hybrid.is_attention(module) or type(module).__name__.endswith('Router') or hybrid.is_excitation(module):
             return self.rule_set.rule('attention')
         if hybrid.is_experts(module) or hybrid.gated_mlp_output(module) is not None:
             return self.rule_set.rule('gate')

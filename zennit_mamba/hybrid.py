@@ -132,6 +132,11 @@ def is_attention(module: torch.nn.Module) -> bool:
     return hasattr(getattr(module, 'config', None), '_attn_implementation') and hasattr(module, 'o_proj')
 
 
+def is_excitation(module: torch.nn.Module) -> bool:
+    '''A squeeze-and-excitation module ``x * s(x)`` (timm's ``SEModule``, torchvision's ``SqueezeExcitation``).'''
+    return type(module).__name__ in ('SEModule', 'SqueezeExcite', 'SqueezeExcitation')
+
+
 def is_experts(module: torch.nn.Module) -> bool:
     '''A transformers mixture-of-experts module whose implementation is selected through its config.'''
     return hasattr(module, 'has_gate') and hasattr(getattr(module, 'config', None), '_experts_implementation')

@@ -119,12 +119,39 @@ class SiLUIdentity(_ConstantFactor):
 
 
 class LNRule(_ConstantFactor):
-    '''LN-rule for RMSNorm: ``u = w * h * r`` with ``r = rsqrt(mean(h^2) + eps)`` held constant.
+    '''LN-rule: the normalisation's denominator held constant.
 
-    The normalisation is then diagonal in ``h``: ``R(h_i) = R(u_i)`` (``u / h`` held constant).
+    RMSNorm ``u = w * h * r`` with ``r = rsqrt(mean(h^2) + eps)`` constant is diagonal in ``h``: ``R(h_i) = R(u_i)``
+    (``u / h`` held constant). LayerNorm ``u = w * (h - mean(h)) * r + b`` with ``r = rsqrt(var(h) + eps)`` constant
+    is linear in ``h``, the centring included (:py:meth:`apply_centred`).
     '''
 
     name = 'norm'
+
+    @staticmethod
+    def apply_centred(h: torch.Tensor, u: torch.Tensor, dims: Tuple[int, ...], weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+        '''``u`` of a LayerNorm of ``h`` over ``dims`` (its affine ``weight`` and ``bias`` already broadcastable),
+        with the gradient of ``w * (h - mean(h)) * r + b`` for a constant ``r``.'''
+        scale = torch.rsqrt(h.var(dims, unbiased=False, keepdim=True) + eps).detach()
+        linear = (h - h.mean(dims, keepdim=True)) * scale
+        if weight is not None:
+            linear = linear * weight
+        if bias is not None:
+            linear = linear + bias
+        return linear + (u - linear).detach()
+
+    def on_output(self, module, args, output):
+        if not isinstance(module, torch.nn.LayerNorm):
+            return self.apply(args[0], output)
+        h, count = args[0], len(module.normalized_shape)
+        if type(module).__name__.endswith('2d'):
+            # timm's LayerNorm2d normalises the channels of (batch, channels, height, width)
+            shape, dims = (-1, 1, 1), (1,)
+        else:
+            shape, dims = module.normalized_shape, tuple(range(-count, 0))
+        weight, bias = (None if value is None else value.view(shape) for value in (module.weight, module.bias))
+        return self.apply_centred(h, output, dims, weight, bias, module.eps)
 
 
 class HalfRule(Rule):
@@ -173,8 +200,8 @@ class DetachSelection(Rule):
 
 class AttentionRule(Rule):
     '''CP-LRP for the attention of hybrids, the analogue of the SSM rule: ``o = P V`` with the probabilities ``P``
-    held constant, so relevance flows through the values only; the routing weights of mixtures of experts are held
-    constant likewise.
+    held constant, so relevance flows through the values only; the routing weights of mixtures of experts and the
+    scales ``s(x)`` of squeeze-and-excitation ``x * s(x)`` (EfficientViM) are held constant likewise.
     '''
 
     name = 'attention'
@@ -192,6 +219,9 @@ class AttentionRule(Rule):
         return handles
 
     def on_output(self, module, args, output):
+        if hybrid.is_excitation(module):
+            # squeeze-and-excitation x * s(x): the per-channel scale s = output / x held constant
+            return identity_rule(args[0], output)
         # a router: every output (weights, indices) held constant
         return tuple(self.apply(value) if torch.is_tensor(value) else value for value in output)
 

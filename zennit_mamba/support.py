@@ -10,7 +10,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import hybrid, mamba1, mamba2, mamba_ssm_blocks, vim
+from . import efficientvim, hybrid, mamba1, mamba2, mamba_ssm_blocks, vim
 from ._optional import optional_class as module_class
 from .instance import is_canonized
 
@@ -48,6 +48,7 @@ FAMILIES: Tuple[Family, ...] = (
            False),
     Family('Mamba-2', 'mamba-ssm', 'mamba_ssm.modules.mamba2', 'Mamba2', mamba2.mamba_ssm_forward, False),
     Family('Vision Mamba (Vim)', 'mamba-lrp', 'zennit_mamba.vim', 'BidirectionalMamba', vim.canonized_forward, False),
+    Family('EfficientViM', 'timm', 'timm.models.efficientvim', 'HSMSSD', efficientvim.hsmssd_forward, False),
 )
 
 #: mamba-ssm's blocks and backbone, canonized beside its mixers: (module, class, forward, parameters it adds)
