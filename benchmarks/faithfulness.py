@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,17 +74,44 @@ def explain_chunk(model, task: Task, chunk: slice, quick: bool) -> List[dict]:
     return records
 
 
+def bootstrap_interval(values: List[float], resamples: int = 2000, seed: int = 0) -> Tuple[float, float]:
+    '''The 95 % percentile bootstrap interval of the mean of ``values`` (fixed seed: the same for the same values).'''
+    values = torch.tensor(values, dtype=torch.float64)
+    picks = torch.randint(0, len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
+    means = values[picks].mean(1)
+    return means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
+def win_rates(records: List[dict]) -> Dict[Tuple[str, str], float]:
+    '''Per (task, method): the share of the task's examples on which the method's dA_F is the highest of all
+    methods (ties shared).'''
+    per_example = defaultdict(dict)
+    for record in records:
+        per_example[(record['task'], record['example'])][record['method']] = record['delta_af']
+    wins, examples = defaultdict(float), defaultdict(int)
+    for (task, _), scores in per_example.items():
+        best = max(scores.values())
+        winners = [method for method, score in scores.items() if score == best]
+        for method in scores:
+            wins[(task, method)] += (method in winners) / len(winners)
+        examples[task] += 1
+    return {(task, method): count / examples[task] for (task, method), count in wins.items()}
+
+
 def summarise(records: List[dict], quick: bool) -> Dict[str, List[dict]]:
-    '''One row per (task, method): means over examples.'''
+    '''One row per (task, method): means over examples, the 95 % bootstrap interval of dA_F and the win rate.'''
     groups = defaultdict(list)
     for record in records:
         groups[(record['task'], record['method'])].append(record)
+    wins = win_rates(records)
     tables = defaultdict(list)
     for (task, method), rows in groups.items():
         count = len(rows)
+        low, high = bootstrap_interval([r['delta_af'] for r in rows])
         row = {
             'task': task, 'method': method, 'examples': count,
             'delta_af': sum(r['delta_af'] for r in rows) / count,
+            'delta_af_low': low, 'delta_af_high': high, 'win_rate': wins[(task, method)],
             'area_morf': sum(r['area_morf'] for r in rows) / count,
             'area_lerf': sum(r['area_lerf'] for r in rows) / count,
             # median over chunks: the first chunk of each method pays one-off warm-up costs
@@ -106,14 +133,15 @@ def markdown(tables: Dict[str, List[dict]], accuracies: Dict[str, float]) -> str
     for task, rows in tables.items():
         needle = 'needle_share' in rows[0]
         lines += [f'### {task} (test accuracy {accuracies[task]:.1%}, {rows[0]["examples"]} explained examples)', '',
-                  '| method | dA_F | A_MoRF | A_LeRF | s / explanation | conservation error |'
+                  '| method | dA_F | 95 % interval | wins | A_MoRF | A_LeRF | s / explanation | conservation error |'
                   + (' relevance on needle |' if needle else ''),
-                  '|---|---:|---:|---:|---:|---:|' + ('---:|' if needle else '')]
+                  '|---|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if needle else '')]
         for row in rows:
             conservation = '—' if row['conservation_error'] != row['conservation_error'] else \
                 f'{row["conservation_error"]:.1e}'
             lines.append(
-                f'| {row["method"]} | {row["delta_af"]:.3f} | {row["area_morf"]:.3f} | {row["area_lerf"]:.3f} | '
+                f'| {row["method"]} | {row["delta_af"]:.3f} | {row["delta_af_low"]:.3f} to {row["delta_af_high"]:.3f} | '
+                f'{row["win_rate"]:.0%} | {row["area_morf"]:.3f} | {row["area_lerf"]:.3f} | '
                 f'{row["seconds_per_explanation"]:.4f} | {conservation} |'
                 + (f' {row["needle_share"]:.1%} |' if needle else '')
             )

@@ -11,6 +11,7 @@ from zennit_mamba import selective_scan
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
+from faithfulness import bootstrap_interval, win_rates  # noqa: E402
 from methods import hidden_attention  # noqa: E402
 
 
@@ -101,3 +102,14 @@ def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(t
     error = float(table.split('relative conservation error ')[1].split()[0])
     assert error < 1e-4
     assert len((tmp_path / 'speed_cpu.csv').read_text().splitlines()) == 1 + 4 * len(speed.METHODS)
+
+
+def test_win_rates_share_ties_and_bootstrap_intervals_bracket_the_mean():
+    records = [{'task': 't', 'example': 0, 'method': 'A', 'delta_af': 1.0},
+               {'task': 't', 'example': 0, 'method': 'B', 'delta_af': 2.0},
+               {'task': 't', 'example': 1, 'method': 'A', 'delta_af': 3.0},
+               {'task': 't', 'example': 1, 'method': 'B', 'delta_af': 3.0}]
+    assert win_rates(records) == {('t', 'A'): 0.25, ('t', 'B'): 0.75}
+    assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    low, high = bootstrap_interval([0.0, 1.0] * 20)
+    assert 0.3 < low < 0.5 < high < 0.7 and bootstrap_interval([0.0, 1.0] * 20) == (low, high)
