@@ -117,6 +117,13 @@ def test_relevance_is_conserved_down_to_the_pixels():
     assert relative_error(patches, token_patches) <= 1e-10
 
 
+def test_recomputing_the_mixers_in_the_backward_pass_gives_the_same_relevance():
+    model = tiny_vim()
+    stored = LayerMambaLRP(model, model.pos_drop, epsilon=1e-12).attribute(images(), target=2)
+    recomputed = LayerMambaLRP(model, model.pos_drop, epsilon=1e-12, recompute=True).attribute(images(), target=2)
+    assert relative_error(recomputed, stored) <= 1e-12
+
+
 @pytest.mark.parametrize('gamma', [{'in_proj': 0.25, 'out_proj': 0.25}, {torch.nn.Conv1d: 0.5},
                                    {torch.nn.Conv2d: 0.25, 'head': 0.1}, 0.25],
                          ids=['mixer-projections', 'convolutions', 'patches-and-head', 'all'])

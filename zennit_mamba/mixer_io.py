@@ -1,6 +1,6 @@
 '''What every canonized mixer shares around its computation: padding masks, refused arguments, caches filled as the
 original forward fills them, and recomputation in the backward pass.'''
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,9 @@ from torch.utils.checkpoint import checkpoint
 LAYER_KEYWORDS = frozenset({
     'position_embeddings', 'position_ids', 'cache_position', 'output_attentions', 'output_router_logits', 'use_cache',
 })
+
+#: what a mixer function returns (a MixerOutput, or the output tensor itself)
+T = TypeVar('T')
 
 
 class MixerOutput(NamedTuple):
@@ -57,7 +60,7 @@ def refuse_continuation() -> RuntimeError:
     )
 
 
-def run_mixer(rules, function: Callable[..., MixerOutput], mixer: torch.nn.Module, *arguments) -> MixerOutput:
+def run_mixer(rules, function: Callable[..., T], mixer: torch.nn.Module, *arguments) -> T:
     '''``function(rules, mixer, *arguments)``, recomputed in the backward pass where ``rules.recompute``.'''
     if rules.recompute and torch.is_grad_enabled():
         return checkpoint(function, rules, mixer, *arguments, use_reentrant=False)

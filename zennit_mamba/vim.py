@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .mamba1 import SelectiveParts, selective_branch
+from .mixer_io import run_mixer
 from .rules import RuleSet
 
 #: the plain computation: the mixer's own forward
@@ -101,10 +102,9 @@ def bidirectional_mixer(rules: RuleSet, mixer: BidirectionalMamba, hidden_states
 
 
 def canonized_forward(rules: RuleSet, self: BidirectionalMamba, hidden_states: torch.Tensor) -> torch.Tensor:
-    '''Forward of a :py:class:`BidirectionalMamba` under :py:class:`~zennit_mamba.MambaComposite`.'''
-    if rules.recompute and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(bidirectional_mixer, rules, self, hidden_states, use_reentrant=False)
-    return bidirectional_mixer(rules, self, hidden_states)
+    '''Forward of a :py:class:`BidirectionalMamba` under :py:class:`~zennit_mamba.MambaComposite` (recomputed in
+    the backward pass where the composite was made with ``recompute=True``).'''
+    return run_mixer(rules, bidirectional_mixer, self, hidden_states)
 
 
 class VimBlock(torch.nn.Module):
