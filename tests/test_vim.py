@@ -117,6 +117,16 @@ def test_relevance_is_conserved_down_to_the_pixels():
     assert relative_error(patches, token_patches) <= 1e-10
 
 
+def test_a_float_gamma_reaches_both_directions():
+    model = tiny_vim()
+    names = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj')
+    both = {name: 0.5 for name in names + ('conv1d_b', 'x_proj_b', 'dt_proj_b')}
+    relevance = {key: LayerMambaLRP(model, model.pos_drop, epsilon=1e-12, gamma=gamma).attribute(images(), target=2)
+                 for key, gamma in (('float', 0.5), ('both', both), ('forward', {name: 0.5 for name in names}))}
+    assert relative_error(relevance['float'], relevance['both']) <= 1e-12
+    assert relative_error(relevance['float'], relevance['forward']) > 1e-3
+
+
 def test_recomputing_the_mixers_in_the_backward_pass_gives_the_same_relevance():
     model = tiny_vim()
     stored = LayerMambaLRP(model, model.pos_drop, epsilon=1e-12).attribute(images(), target=2)

@@ -20,7 +20,8 @@ from .rules import MAMBA_LRP_RULES, Rule, RuleSet
 from .support import check_supported, mixer_types
 
 #: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
-PROJECTIONS = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj')
+# Vim's backward branch has its own convolution and selection projections (conv1d_b, x_proj_b, dt_proj_b)
+PROJECTIONS = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj', 'conv1d_b', 'x_proj_b', 'dt_proj_b')
 
 GammaSpec = Union[None, float, Mapping[Union[str, type], float]]
 LayerMap = List[Tuple[Tuple[type, ...], Optional[Hook]]]
@@ -62,7 +63,8 @@ class MambaComposite(Composite):
         Stabiliser of the division by the explained output (and of ``gamma``'s Gamma rules).
     gamma : float or mapping, optional
         The generalised gamma rule on projections instead of LRP-0. A float applies it to all projections of the
-        mixers (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``). A mapping selects linear and
+        mixers (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``, and Vim's ``conv1d_b``, ``x_proj_b``,
+        ``dt_proj_b``). A mapping selects linear and
         convolution layers by module type, by attribute name (``'out_proj'``) or by a pattern on the qualified name
         (``'backbone.layers.0.*'``), each with its own gamma.
     rules : collection of str, optional
