@@ -87,7 +87,11 @@ def visualize_text(records: Sequence[VisualizationDataRecord], legend: bool = Tr
 
     Returns the ``IPython.display.HTML`` object it displays.
     '''
-    from IPython.display import HTML, display
+    try:
+        from IPython.display import HTML, display
+    except ImportError as error:
+        raise ImportError('visualize_text shows records in a notebook and needs IPython; elsewhere write them with '
+                          'save_text_heatmap(records, html_path, png_path).') from error
 
     shown = HTML(records_to_html(records, legend))
     display(shown)

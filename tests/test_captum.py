@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerFast
 
 from captum_mamba import LayerMambaLRP, MambaLRP
 from captum_mamba.llm import MambaLLMAttribution
-from captum_mamba.visualization import records_to_html, save_text_heatmap, text_record
+from captum_mamba.visualization import records_to_html, save_text_heatmap, text_record, visualize_text
 from conftest import assert_snapshots_equal, embed, explain, last_logits, make_mamba, relative_error, snapshot
 
 
@@ -255,3 +255,14 @@ def test_visualisation_writes_captum_table_html_and_png(tmp_path):
     assert all(f'{word}' in html for word in ['good', 'plot', 'bad']) and 'Legend' in html
     assert 'rgb(255,0,0);' in html and 'rgb(128,128,255);' in html and 'hsl(' not in html
     assert png_path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_visualize_text_shows_the_same_table_or_says_what_it_needs():
+    record = text_record(['good', 'bad'], torch.tensor([1.0, -1.0]), 0.5, 1, 0.9, 1, 1)
+    try:
+        import IPython  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match='needs IPython; elsewhere write them with save_text_heatmap'):
+            visualize_text([record])
+    else:
+        assert visualize_text([record]).data == records_to_html([record])
