@@ -1,4 +1,6 @@
 '''The Captum front end: agreement with the Zennit core, Captum conventions, bad input, LLM attribution.'''
+import importlib.util
+
 import pytest
 import torch
 from captum.attr import InputXGradient, LLMGradientAttribution, NoiseTunnel, TextTokenInput
@@ -259,9 +261,7 @@ def test_visualisation_writes_captum_table_html_and_png(tmp_path):
 
 def test_visualize_text_shows_the_same_table_or_says_what_it_needs():
     record = text_record(['good', 'bad'], torch.tensor([1.0, -1.0]), 0.5, 1, 0.9, 1, 1)
-    try:
-        import IPython  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec('IPython') is None:
         with pytest.raises(ImportError, match='needs IPython; elsewhere write them with save_text_heatmap'):
             visualize_text([record])
     else:
