@@ -154,10 +154,14 @@ class PatchVim(torch.nn.Module):
     def token_position(self) -> int:
         return self.vim.token_position
 
-    def forward(self, patches: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def images(self, patches: torch.Tensor) -> torch.Tensor:
+        '''The ``(batch, 1, size, size)`` images whose row-major patches ``patches`` are.'''
         grid = self.image_size // self.patch
         images = patches.reshape(len(patches), grid, grid, self.patch, self.patch).permute(0, 1, 3, 2, 4)
-        return self.vim(images.reshape(len(patches), 1, self.image_size, self.image_size))
+        return images.reshape(len(patches), 1, self.image_size, self.image_size)
+
+    def forward(self, patches: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.vim(self.images(patches))
 
 
 def vim_digits_task(quick: bool, seed: int = 0) -> Task:

@@ -65,9 +65,9 @@ def main() -> None:
     torch.manual_seed(0)  # SmoothGrad's noise
     chosen = methods(quick=False, vision=True)
     maps = {name: to_pixels(model, chosen[name](model, patches, targets)) for name in COLUMNS}
-    images = model.vim  # the Vim itself takes (batch, 1, 16, 16) images
-    pixels = patches.reshape(-1, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(-1, 1, 16, 16)
-    pixel_relevance = MambaLRP(images).attribute(pixels, target=targets)
+    vim = model.vim  # the Vim itself takes (batch, 1, 16, 16) images
+    pixels = model.images(patches)
+    pixel_relevance = MambaLRP(vim).attribute(pixels, target=targets)
     maps['MambaLRP (pixels)'] = pixel_relevance[:, 0]
     explained = logits[torch.arange(len(targets)), targets]
     print('MambaLRP: pixel relevance / explained logit (the rest sits on the class token, position embedding and '

@@ -51,8 +51,9 @@ def relevance_image(relevance: torch.Tensor) -> np.ndarray:
     return np.rint(255 * _bwr(relevance.detach().cpu())).astype(np.uint8)
 
 
-def _legend_values(steps: int = 9) -> List[float]:
-    return torch.linspace(-1, 1, steps).tolist()
+def _legend_row() -> Tuple[List[str], List[float]]:
+    '''The colour scale drawn by every legend: labels and values from -1 to 1.'''
+    return ['-', ' ', ' ', ' ', '0', ' ', ' ', ' ', '+'], torch.linspace(-1, 1, 9).tolist()
 
 
 def terminal_heatmap(tokens: Sequence[str], relevance: Sequence[float]) -> str:
@@ -66,7 +67,7 @@ def terminal_heatmap(tokens: Sequence[str], relevance: Sequence[float]) -> str:
 
 def terminal_legend() -> str:
     '''One line with the colour scale from most negative to most positive, and :py:data:`LEGEND`.'''
-    scale = terminal_heatmap(['-', ' ', ' ', ' ', '0', ' ', ' ', ' ', '+'], _legend_values())
+    scale = terminal_heatmap(*_legend_row())
     return f'{scale}  {LEGEND}'
 
 
@@ -75,7 +76,7 @@ def html_legend() -> str:
     swatches = ''.join(
         f'<span style="display: inline-block; width: 18px; height: 12px; background-color: rgb({r},{g},{b}); '
         f'border: 1px solid #ccc;"></span>'
-        for r, g, b in token_colours(_legend_values())
+        for r, g, b in token_colours(_legend_row()[1])
     )
     return f'<div style="margin: 6px 0;"><b>Legend</b> &minus; {swatches} + &nbsp;{html.escape(LEGEND)}</div>'
 
@@ -142,8 +143,7 @@ def save_png(
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    legend_row = (['-', ' ', ' ', ' ', '0', ' ', ' ', ' ', '+'], _legend_values())
-    rows, captions = [legend_row] + list(rows), [f'Legend: {LEGEND}'] + list(captions or [''] * len(rows))
+    rows, captions = [_legend_row()] + list(rows), [f'Legend: {LEGEND}'] + list(captions or [''] * len(rows))
     line_height, font_size = 0.32, 11
     lines_per_row = [2 + sum(len(token) + 1 for token in tokens) // 90 for tokens, _ in rows]
     figure = plt.figure(figsize=(width, line_height * (sum(lines_per_row) + len(rows)) + 0.3))
