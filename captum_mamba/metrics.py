@@ -1,10 +1,17 @@
 '''Faithfulness of attributions by input perturbation (MoRF / LeRF curves), in the style of ``captum.metrics``.
 
 Features are positions along dimension 1 (tokens, patches); a position's score is the sum of its attributions over
-the remaining dimensions. Removing a feature replaces it by ``replacement``. The curves record the explained output
-after removing 0, ``step``, ``2 * step``, ... features, most relevant first (MoRF) or least relevant first (LeRF);
-the areas are taken over the fraction removed, from 0 to 1, and ``delta_af = area_lerf - area_morf`` is higher for
-more faithful attributions (Rezaei Jafari et al., 2024).
+the remaining dimensions (signed: the most relevant feature is the one with the highest score).
+
+* Deletion ("flipping"): removing a feature replaces it by ``replacement``. The curves record the explained output
+  after removing 0, ``step``, ``2 * step``, ... features, most relevant first (MoRF) or least relevant first (LeRF);
+  the areas are taken over the fraction removed, from 0 to 1, and ``delta_af = area_lerf - area_morf``.
+* Insertion: starting from ``insertion_baseline`` at every position, the features are put back, most relevant
+  first (MoRF) or least relevant first (LeRF), and ``delta_ai = area_morf - area_lerf`` of those curves.
+
+Both are higher for more faithful attributions (Rezaei Jafari et al., 2024). Inserting the ``k`` most relevant
+features into a baseline equal to ``replacement`` is deleting the ``length - k`` least relevant ones, so with one
+value for both and ``step`` dividing the length, ``delta_ai`` equals ``delta_af``: give insertion its own baseline.
 '''
 from typing import Callable, NamedTuple, Optional, Union
 
@@ -15,13 +22,19 @@ from torch import Tensor
 
 
 class FaithfulnessResult(NamedTuple):
-    '''Perturbation curves and their areas, per example.'''
+    '''Perturbation curves and their areas, per example; the insertion fields are ``None`` unless an
+    ``insertion_baseline`` was given.'''
     morf: Tensor  #: (batch, points): output after removing the most relevant features first
     lerf: Tensor  #: (batch, points): output after removing the least relevant features first
-    fractions: Tensor  #: (points,): fraction of features removed at each point
+    fractions: Tensor  #: (points,): fraction of features removed (inserted) at each point
     area_morf: Tensor  #: (batch,)
     area_lerf: Tensor  #: (batch,)
     delta_af: Tensor  #: (batch,): ``area_lerf - area_morf``
+    insertion_morf: Optional[Tensor] = None  #: (batch, points): output after inserting the most relevant first
+    insertion_lerf: Optional[Tensor] = None  #: (batch, points): output after inserting the least relevant first
+    area_insertion_morf: Optional[Tensor] = None  #: (batch,)
+    area_insertion_lerf: Optional[Tensor] = None  #: (batch,)
+    delta_ai: Optional[Tensor] = None  #: (batch,): ``area_insertion_morf - area_insertion_lerf``
 
 
 def _removal_counts(length: int, step: int) -> Tensor:
@@ -29,14 +42,15 @@ def _removal_counts(length: int, step: int) -> Tensor:
     return torch.tensor(counts)
 
 
-def _perturbed(inputs: Tensor, order: Tensor, counts: Tensor, replacement: Tensor) -> Tensor:
-    '''All perturbed copies: (batch * points, length, ...), example-major.'''
+def _perturbed(inputs: Tensor, order: Tensor, counts: Tensor, replacement: Tensor, insert: bool) -> Tensor:
+    '''All perturbed copies: (batch * points, length, ...), example-major. The first ``count`` features in ``order``
+    are replaced (deletion) or are the only ones not replaced (insertion).'''
     batch, length = inputs.shape[:2]
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(length, device=order.device).expand(batch, -1))
-    removed = rank[:, None, :] < counts.to(rank.device)[None, :, None]  # (batch, points, length)
-    removed = removed.reshape(removed.shape + (1,) * (inputs.dim() - 2))
-    replaced = torch.where(removed, replacement.unsqueeze(1), inputs.unsqueeze(1))
+    chosen = rank[:, None, :] < counts.to(rank.device)[None, :, None]  # (batch, points, length)
+    chosen = chosen.reshape(chosen.shape + (1,) * (inputs.dim() - 2))
+    replaced = torch.where(chosen != insert, replacement.unsqueeze(1), inputs.unsqueeze(1))
     return replaced.flatten(0, 1)
 
 
@@ -46,6 +60,7 @@ def _curve(
     order: Tensor,
     counts: Tensor,
     replacement: Tensor,
+    insert: bool,
     target: TargetType,
     additional_forward_args: Optional[object],
     max_examples_per_batch: int,
@@ -54,7 +69,7 @@ def _curve(
     outputs = []
     for start in range(0, len(inputs), max_examples_per_batch):
         stop = start + max_examples_per_batch
-        chunk = _perturbed(inputs[start:stop], order[start:stop], counts, replacement[start:stop])
+        chunk = _perturbed(inputs[start:stop], order[start:stop], counts, replacement[start:stop], insert)
         chunk_target = target[start:stop] if isinstance(target, (list, Tensor)) and not _is_scalar(target) else target
         chunk_arguments = _slice_arguments(additional_forward_args, start, stop)
         with torch.no_grad():
@@ -87,8 +102,10 @@ def faithfulness(
     replacement: Union[float, Tensor] = 0.0,
     step: int = 1,
     max_examples_per_batch: Optional[int] = None,
+    insertion_baseline: Optional[Union[float, Tensor]] = None,
 ) -> FaithfulnessResult:
-    '''MoRF and LeRF perturbation curves of the explained output, and ``delta_af``.
+    '''MoRF and LeRF deletion curves of the explained output and ``delta_af``; with ``insertion_baseline`` also the
+    insertion curves and ``delta_ai``.
 
     Parameters
     ----------
@@ -109,6 +126,8 @@ def faithfulness(
         Features removed per step.
     max_examples_per_batch : int, optional
         Examples whose perturbed copies are evaluated in one forward call (all by default).
+    insertion_baseline : float or Tensor, optional
+        The input insertion starts from, shaped like ``replacement``. Not given: no insertion curves.
 
     Returns
     -------
@@ -124,6 +143,12 @@ def faithfulness(
     ([[2.0, -1.0, -2.0, 0.0]], [[2.0, 4.0, 3.0, 0.0]])
     >>> round(result.delta_af.item(), 4)
     3.3333
+    >>> inserted = faithfulness(lambda x: (x * weights).sum(1, keepdim=True), inputs, inputs, target=0,
+    ...                         insertion_baseline=1.0)
+    >>> inserted.insertion_morf.tolist(), inserted.insertion_lerf.tolist()
+    ([[3.0, 5.0, 5.0, 2.0]], [[3.0, 0.0, 0.0, 2.0]])
+    >>> round(inserted.delta_ai.item(), 4)  # an additive model: the same as delta_af, whatever the baselines
+    3.3333
     '''
     if step < 1:
         raise ValueError(f'step must be a positive number of features, got {step}')
@@ -134,13 +159,23 @@ def faithfulness(
         )
     batch, length = inputs.shape[:2]
     scores = attributions.detach().reshape(batch, length, -1).sum(-1)
-    replacement = torch.as_tensor(replacement, dtype=inputs.dtype, device=inputs.device).expand_as(inputs)
     counts = _removal_counts(length, step)
     fractions = counts.to(torch.float64) / length
-    arguments = (counts, replacement, target, additional_forward_args, max_examples_per_batch or batch)
     inputs = inputs.detach()
-    morf = _curve(forward_func, inputs, scores.argsort(dim=1, descending=True, stable=True), *arguments)
-    lerf = _curve(forward_func, inputs, scores.argsort(dim=1, stable=True), *arguments)
-    area_morf = torch.trapezoid(morf.double(), fractions.to(morf.device), dim=1)
-    area_lerf = torch.trapezoid(lerf.double(), fractions.to(lerf.device), dim=1)
-    return FaithfulnessResult(morf, lerf, fractions, area_morf, area_lerf, area_lerf - area_morf)
+    most_first = scores.argsort(dim=1, descending=True, stable=True)
+    least_first = scores.argsort(dim=1, stable=True)
+
+    def curves(baseline, insert):
+        baseline = torch.as_tensor(baseline, dtype=inputs.dtype, device=inputs.device).expand_as(inputs)
+        arguments = (counts, baseline, insert, target, additional_forward_args, max_examples_per_batch or batch)
+        morf = _curve(forward_func, inputs, most_first, *arguments)
+        lerf = _curve(forward_func, inputs, least_first, *arguments)
+        areas = [torch.trapezoid(curve.double(), fractions.to(curve.device), dim=1) for curve in (morf, lerf)]
+        return morf, lerf, areas[0], areas[1]
+
+    morf, lerf, area_morf, area_lerf = curves(replacement, insert=False)
+    deletion = (morf, lerf, fractions, area_morf, area_lerf, area_lerf - area_morf)
+    if insertion_baseline is None:
+        return FaithfulnessResult(*deletion)
+    morf, lerf, area_morf, area_lerf = curves(insertion_baseline, insert=True)
+    return FaithfulnessResult(*deletion, morf, lerf, area_morf, area_lerf, area_morf - area_lerf)

@@ -60,15 +60,23 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_writes_tables_and_plots(quick_run):
     out, output = quick_run
-    for task in ('sentiment', 'digits', 'needle', 'vim-digits'):
+    for task in ('sst2', 'digits', 'needle', 'vim-digits'):
         assert f'### {task}' in output
         assert (out / f'curves_{task}.png').exists() and (out / f'conservation_{task}.png').exists()
     rows = read_rows(out / 'results.csv', 'needle')
     methods = {row['method']: row for row in rows}
-    assert len(methods) == 12
+    assert len(methods) == 12 and 'MambaAttr' in methods
     assert float(methods['MambaLRP']['conservation_error']) < 1e-4
     assert float(methods['InputXGradient']['conservation_error']) > 1e-3
     assert 0.0 <= float(methods['MambaLRP']['needle_share']) <= 1.0
+    for row in rows:  # both scores, each inside its bootstrap interval, with a win rate
+        for key in ('delta_af', 'delta_ai'):
+            assert float(row[f'{key}_low']) <= float(row[key]) <= float(row[f'{key}_high'])
+            assert 0.0 <= float(row[f'{key}_win_rate']) <= 1.0
+    assert sum(float(row['delta_ai_win_rate']) for row in rows) == pytest.approx(1.0)
+    # SST-2 on the shipped classifier: relevance conserved (no convolution bias), every sentence of one length
+    sst2 = {row['method']: row for row in read_rows(out / 'results.csv', 'sst2')}
+    assert float(sst2['MambaLRP']['conservation_error']) < 1e-4 and sst2['MambaLRP']['examples'] == '12'
     assert (out / 'results.md').read_text().count('| MambaLRP |') == 4
     # the Vision Mamba task adds the gamma composites of the paper's Vim ablation
     vim_methods = {row['method'] for row in read_rows(out / 'results.csv', 'vim-digits')}
@@ -104,12 +112,46 @@ def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(t
     assert len((tmp_path / 'speed_cpu.csv').read_text().splitlines()) == 1 + 4 * len(speed.METHODS)
 
 
+def test_shipped_classifiers_meet_their_accuracy():
+    '''The weights in benchmarks/weights, on the CPU: SST-2 validation >= 80 %, the 1,024-token needle >= 95 %.'''
+    import tasks
+
+    sst2_task = tasks.TASKS['sst2'](False)
+    assert len(sst2_task.test_labels) == 872
+    assert tasks.accuracy(tasks.trained_model(sst2_task, False, ''), sst2_task) >= 0.80
+    needle = tasks.TASKS['needle'](False)
+    assert needle.test_inputs.shape[1] == 1024 and int(needle.needle_positions.max()) <= 1024 - 512 - 1
+    needle.test_inputs, needle.test_labels = needle.test_inputs[:64], needle.test_labels[:64]
+    assert tasks.accuracy(tasks.trained_model(needle, False, ''), needle) >= 0.95
+
+
+def test_sst2_sentences_are_found_in_rotten_tomatoes_despite_tokenisation():
+    from sst2 import words
+
+    assert words("he doesn't like it's") == words("he does n't like it 's") == "he does n ' t like it ' s"
+    assert words('-lrb- w -rrb- hile ``elling\'\'') == words('(w)hile "elling"')
+
+
+def test_example_batches_group_one_length_and_cover_each_example_once():
+    import tasks
+
+    lengths = [3, 5, 3, 3, 5, 2, 3]
+    task = tasks.Task('t', torch.zeros(0), torch.zeros(0), None, [torch.arange(n) for n in lengths],
+                      torch.zeros(7), 2, vocab_size=10)
+    batches = list(tasks.example_batches(task, 6, 2))
+    assert [indices for indices, _ in batches] == [[5], [0, 2], [3], [1, 4]]
+    assert all(inputs.shape == (len(indices), lengths[indices[0]]) for indices, inputs in batches)
+
+
 def test_win_rates_share_ties_and_bootstrap_intervals_bracket_the_mean():
     records = [{'task': 't', 'example': 0, 'method': 'A', 'delta_af': 1.0},
                {'task': 't', 'example': 0, 'method': 'B', 'delta_af': 2.0},
                {'task': 't', 'example': 1, 'method': 'A', 'delta_af': 3.0},
                {'task': 't', 'example': 1, 'method': 'B', 'delta_af': 3.0}]
     assert win_rates(records) == {('t', 'A'): 0.25, ('t', 'B'): 0.75}
+    for record in records:
+        record['delta_ai'] = -record['delta_af']
+    assert win_rates(records, 'delta_ai') == {('t', 'A'): 0.75, ('t', 'B'): 0.25}
     assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
     low, high = bootstrap_interval([0.0, 1.0] * 20)
     assert 0.3 < low < 0.5 < high < 0.7 and bootstrap_interval([0.0, 1.0] * 20) == (low, high)

@@ -57,13 +57,48 @@ def test_batches_targets_and_forward_arguments_are_kept_per_example():
     one_by_one = faithfulness(model, inputs, attributions, target=targets, additional_forward_args=(scale,),
                               max_examples_per_batch=2)
     for first, second in zip(whole, one_by_one):
-        assert torch.allclose(first, second)
+        assert (first is None and second is None) or torch.allclose(first, second)
     for index, target in enumerate(targets):
         single = faithfulness(model, inputs[index:index + 1], attributions[index:index + 1], target=target,
                               additional_forward_args=(scale[index:index + 1],))
         assert torch.allclose(single.morf, whole.morf[index:index + 1])
     # the unperturbed point is the explained output
     assert torch.allclose(whole.morf[:, 0], model(inputs, scale)[torch.arange(5), targets])
+
+
+class LargestToken(torch.nn.Module):
+    '''f(x) = max_t x_t (one feature): not additive, so insertion and deletion differ.'''
+
+    def forward(self, x):
+        return x[..., 0].max(1).values[:, None]
+
+
+def test_insertion_hand_computed_on_a_nonadditive_model():
+    inputs = torch.tensor([[[3.0], [1.0], [-2.0]]], dtype=torch.float64)
+    result = faithfulness(LargestToken(), inputs, inputs, target=0, replacement=0.0, insertion_baseline=-5.0)
+    # deletion to 0: MoRF removes 3 (max 1), 1 (max 0), -2 (max 0); LeRF removes -2 (3), 1 (3), 3 (0)
+    assert result.morf.tolist() == [[3.0, 1.0, 0.0, 0.0]]
+    assert result.lerf.tolist() == [[3.0, 3.0, 3.0, 0.0]]
+    # insertion into -5: MoRF puts back 3 (max 3), ...; LeRF puts back -2 (max -2), 1 (1), 3 (3)
+    assert result.insertion_morf.tolist() == [[-5.0, 3.0, 3.0, 3.0]]
+    assert result.insertion_lerf.tolist() == [[-5.0, -2.0, 1.0, 3.0]]
+    third = 1 / 3
+    assert result.area_insertion_morf.item() == pytest.approx(third * (-1.0 + 3.0 + 3.0))
+    assert result.area_insertion_lerf.item() == pytest.approx(third * (-3.5 - 0.5 + 2.0))
+    assert result.delta_ai.item() == pytest.approx(third * 7.0)
+    assert result.delta_af.item() == pytest.approx(third * (3.0 + 3.0 + 1.5 - 2.0 - 0.5 - 0.0))
+
+
+def test_insertion_into_the_deletion_value_mirrors_deletion():
+    '''Inserting the k most relevant features is deleting the length - k least relevant ones.'''
+    torch.manual_seed(2)
+    inputs = torch.randn(4, 6, 1, dtype=torch.float64)
+    scores = torch.randn(4, 6, dtype=torch.float64)
+    result = faithfulness(LargestToken(), inputs, scores, target=0, replacement=0.5, insertion_baseline=0.5, step=2)
+    assert torch.equal(result.insertion_morf, result.lerf.flip(1))
+    assert torch.equal(result.insertion_lerf, result.morf.flip(1))
+    assert torch.allclose(result.delta_ai, result.delta_af)
+    assert faithfulness(LargestToken(), inputs, scores, target=0).delta_ai is None
 
 
 def test_exact_attributions_beat_random_which_beat_reversed():
