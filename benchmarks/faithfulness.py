@@ -16,7 +16,6 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -26,8 +25,8 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from captum_mamba.metrics import faithfulness  # noqa: E402
-from zennit_mamba import MambaCanonizer, RuleSet  # noqa: E402
-from methods import RELEVANCE_METHODS, methods  # noqa: E402
+from zennit_mamba import RuleSet  # noqa: E402
+from methods import RELEVANCE_METHODS, canonized, methods  # noqa: E402
 from tasks import TASKS, Task, accuracy, example_batches, model_inputs, trained_model  # noqa: E402
 
 CHUNK = 16  # examples explained together; fixed, so results do not depend on the number of processes
@@ -52,18 +51,6 @@ def insertion_baseline(model, task: Task, inputs: torch.Tensor) -> torch.Tensor:
     return task.train_inputs.mean(0).to(inputs)
 
 
-@contextmanager
-def parallel_scan(model: torch.nn.Module):
-    '''The model's forward through this library's parallel scan with no rule: the same function as transformers'
-    step-by-step loop (to rounding), several times faster for the many perturbed copies.'''
-    instances = MambaCanonizer(RuleSet(())).apply(model)
-    try:
-        yield
-    finally:
-        for instance in instances:
-            instance.remove()
-
-
 def explain_chunk(model, task: Task, indices: List[int], token_inputs: torch.Tensor, quick: bool) -> List[dict]:
     '''Per-example records of every method on one chunk of test examples (of one length).'''
     device = next(model.parameters()).device
@@ -83,7 +70,9 @@ def explain_chunk(model, task: Task, indices: List[int], token_inputs: torch.Ten
         if device.type == 'cuda':
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / len(targets)
-        with parallel_scan(model):
+        # the perturbed copies through the parallel scan with no rule: the same function as transformers' step loop
+        # (to rounding), several times faster
+        with canonized(model, RuleSet(())):
             result = faithfulness(model, inputs, scores, target=targets, replacement=removed, step=step,
                                   insertion_baseline=inserted_into)
         for row, example in enumerate(indices):

@@ -2,7 +2,8 @@
 
 Scores are per position (token, patch): attributions summed over the feature dimension.
 '''
-from typing import Callable, Dict, List
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List
 
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
@@ -56,6 +57,18 @@ class HiddenAttentionRules(RuleSet):
         return y, super().scan(x.detach(), delta, A, B, C, D)[1]
 
 
+@contextmanager
+def canonized(model: torch.nn.Module, rules: RuleSet) -> Iterator[None]:
+    '''The model's Mamba mixers computed through this library's canonized forward with ``rules`` (none: the plain
+    model, through the parallel scan), restored on leaving.'''
+    instances = MambaCanonizer(rules).apply(model)
+    try:
+        yield
+    finally:
+        for instance in instances:
+            instance.remove()
+
+
 def _rollout(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, gradient: bool) -> torch.Tensor:
     '''Attention rollout over the hidden attention of every layer; gradient-weighted (Chefer-style, Ali et al.'s
     MambaAttr) if asked.'''
@@ -65,16 +78,11 @@ def _rollout(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
         return torch.cat([_rollout(model, inputs[start:start + per_call], targets[start:start + per_call], gradient)
                           for start in range(0, len(inputs), per_call)])
     rules = HiddenAttentionRules(gradient)
-    instances = MambaCanonizer(rules).apply(model)
-    try:
-        with torch.set_grad_enabled(gradient):
-            logits = model(inputs)
-            if gradient:
-                explained = logits[torch.arange(len(targets)), targets]
-                gradients = torch.autograd.grad(explained.sum(), rules.attentions)
-    finally:
-        for instance in instances:
-            instance.remove()
+    with canonized(model, rules), torch.set_grad_enabled(gradient):
+        logits = model(inputs)
+        if gradient:
+            explained = logits[torch.arange(len(targets)), targets]
+            gradients = torch.autograd.grad(explained.sum(), rules.attentions)
     attentions = rules.attentions
     if gradient:
         attentions = [alpha * grad for alpha, grad in zip(attentions, gradients)]

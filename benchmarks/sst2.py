@@ -50,13 +50,14 @@ class Size:
     finetune_lr: float
     finetune_epochs: int = 4
     batch: int = 32
+    bfloat16: bool = False  # autocast to bfloat16 on a GPU
 
 
 SIZES = {
     'small': Size(hidden_size=128, layers=4, tokenizer='word', pretrain_epochs=3, block=128, pretrain_lr=3e-3,
                   finetune_lr=5e-4),
     '130m': Size(hidden_size=768, layers=24, tokenizer='gpt-neox', pretrain_epochs=1, block=256, pretrain_lr=6e-4,
-                 finetune_lr=5e-5, finetune_epochs=3),
+                 finetune_lr=5e-5, finetune_epochs=3, bfloat16=True),
 }
 
 
@@ -160,9 +161,7 @@ def _schedule(optimiser, steps: int):
 
 
 def _autocast(device: torch.device, size: Size):
-    # the 130M model trains in bfloat16 on a GPU; the small one in float32 everywhere
-    enabled = device.type == 'cuda' and size.tokenizer == 'gpt-neox'
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda' and size.bfloat16)
 
 
 def pretrain(size: Size, vocabulary: int, blocks: torch.Tensor, device: torch.device, log=print) -> MambaForCausalLM:

@@ -4,7 +4,7 @@
   ``benchmarks/sst2.py`` (pretrained on movie reviews, fine-tuned on Rotten Tomatoes; weights shipped).
 * ``digits``: scikit-learn's 8x8 digits as a sequence of 8 pixel rows (patches of 8 pixels).
 * ``needle``: 1,024 random filler tokens with one "needle" token, at least 512 positions before the end, deciding the
-  label (weights trained on a GPU and shipped; ``--quick``: 64 tokens, trained here).
+  label (weights trained on a GPU and shipped; ``--quick``: 32 tokens, trained here).
 * ``vim-digits``: the digits upsampled to 16x16 and classified by a small Vision Mamba (bidirectional mixers, a
   middle class token) from their 16 patches of 4x4 pixels.
 '''
