@@ -155,3 +155,32 @@ def test_win_rates_share_ties_and_bootstrap_intervals_bracket_the_mean():
     assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
     low, high = bootstrap_interval([0.0, 1.0] * 20)
     assert 0.3 < low < 0.5 < high < 0.7 and bootstrap_interval([0.0, 1.0] * 20) == (low, high)
+
+
+def test_sst2_training_pieces_on_a_tiny_model(tmp_path):
+    '''benchmarks/sst2.py's pieces: the right-padded batch reads each sentence's last real token exactly as the
+    benchmark's unpadded forward does; pretraining and fine-tuning run; the float16 file loads back.'''
+    import sst2
+
+    size = sst2.Size(hidden_size=16, layers=1, tokenizer='word', pretrain_epochs=1, block=8, pretrain_lr=1e-3,
+                     finetune_lr=1e-3, finetune_epochs=1, batch=2)
+    texts = ['a good film', "it isn't a bad film", 'good acting', 'bad plot']
+    tokenizer = sst2.word_tokenizer(texts, vocabulary=30)
+    assert tokenizer.encode("It isn't GOOD, Sir").tokens == ['it', 'is', 'n', "'", 't', 'good', '[UNK]', '[UNK]']
+    blocks = sst2.pretraining_blocks(tokenizer, texts * 4, size.block, tokenizer.token_to_id('[EOS]'))
+    assert blocks.shape[1] == 8 and (blocks == 2).any()
+    language_model = sst2.pretrain(size, tokenizer.get_vocab_size(), blocks, torch.device('cpu'), log=lambda _: None)
+    labelled = [(ids, index % 2) for index, ids in enumerate(sst2.encode(tokenizer, texts))]
+    model = sst2.finetune(size, language_model, labelled, labelled, torch.device('cpu'), log=lambda _: None)
+    model.backbone.config.use_mambapy = False
+    ids, lengths = sst2.padded([ids for ids, _ in labelled])
+    with torch.no_grad():
+        padded_logits = sst2.classify(model, ids, lengths)
+        for row, (sentence, _) in enumerate(labelled):
+            unpadded = model(model.backbone.embeddings(torch.tensor([sentence])))
+            assert torch.allclose(padded_logits[row], unpadded[0], atol=1e-6)
+    sst2.save(model, tokenizer, 'small', str(tmp_path))
+    loaded, loaded_tokenizer = sst2.load('small', str(tmp_path))
+    assert loaded_tokenizer.get_vocab_size() == tokenizer.get_vocab_size()
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.half().float()), name
