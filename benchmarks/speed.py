@@ -19,8 +19,9 @@ estimated or first-measured time is too long to repeat within the budget is meas
 ``--long N`` also explains one N-token input with ``recompute=True`` and reports time, memory and conservation.
 
 Run: ``python benchmarks/speed.py`` (CPU: 4 layers, d_model 256) or ``python benchmarks/speed.py --device cuda``
-(24 layers, d_model 768, the 130M size); ``--quick`` for a small smoke run. Writes ``speed_<device>.md`` and
-``speed_<device>.csv`` to ``--out``.
+(24 layers, d_model 768, the 130M size); ``--families mamba mamba2 falcon_mamba bamba`` measures each family at that
+size (Bamba: its last layer attention); ``--quick`` for a small smoke run. Writes ``speed_<device>.md`` and
+``speed_<device>.csv`` (a row per family, length, batch and method; a column per ratio) to ``--out``.
 '''
 import argparse
 import csv
@@ -33,7 +34,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from captum.attr import IntegratedGradients
-from transformers import MambaConfig, MambaForCausalLM
+import transformers
+from transformers import MambaConfig
 from transformers.utils import logging as transformers_logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,14 +53,42 @@ SIZES = {'cpu': dict(hidden_size=256, num_hidden_layers=4), 'cuda': dict(hidden_
 TARGET = 7
 
 
-def build_model(device: str, quick: bool) -> MambaForCausalLM:
+#: the families the benchmark covers; ``sequential`` (tests/reference.py) exists for Mamba and Mamba2 only
+FAMILIES = ('mamba', 'mamba2', 'falcon_mamba', 'bamba')
+REFERENCE_FAMILIES = {'mamba', 'mamba2'}
+
+
+def _config(family: str, vocab_size: int, hidden_size: int, num_hidden_layers: int):
+    '''Each family at one width and depth, with its published layout's proportions (Mamba-2: heads of 64, state
+    128; Bamba: Mamba-2 layers and one attention layer, the last).'''
+    head_dim = min(64, hidden_size // 2)
+    mamba2 = dict(num_heads=2 * hidden_size // head_dim, head_dim=head_dim, n_groups=1, state_size=128,
+                  chunk_size=256, expand=2)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+    if family == 'mamba':
+        return MambaConfig(state_size=16, **common)
+    if family == 'falcon_mamba':
+        return transformers.FalconMambaConfig(state_size=16, **common)
+    if family == 'mamba2':
+        return transformers.Mamba2Config(**mamba2, **common)
+    return transformers.BambaConfig(
+        intermediate_size=2 * hidden_size, attn_layer_indices=[num_hidden_layers - 1],
+        num_attention_heads=hidden_size // head_dim, num_key_value_heads=hidden_size // head_dim,
+        mamba_n_heads=mamba2['num_heads'], mamba_d_head=head_dim, mamba_n_groups=1, mamba_d_state=128,
+        mamba_chunk_size=256, mamba_expand=2, **common)
+
+
+def build_model(device: str, quick: bool, family: str = 'mamba') -> torch.nn.Module:
+    '''The family's causal LM with random weights, float32, convolution biases zeroed (so relevance is
+    conserved).'''
     torch.manual_seed(0)
     size = dict(hidden_size=64, num_hidden_layers=2) if quick else SIZES[device]
-    config = MambaConfig(vocab_size=50280 if device == 'cuda' else 1000, state_size=16, **size)
-    model = MambaForCausalLM(config).to(device).eval()
+    config = _config(family, 50280 if device == 'cuda' else 1000, **size)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
     with torch.no_grad():
-        for layer in model.backbone.layers:
-            layer.mixer.conv1d.bias.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv1d) and module.bias is not None:
+                module.bias.zero_()
     return model
 
 
@@ -96,8 +126,8 @@ def sequential(model, embeddings: torch.Tensor) -> torch.Tensor:
     return reference_relevance(model, embeddings, torch.full((len(embeddings),), TARGET))[0]
 
 
-def method_table() -> Dict[str, Callable]:
-    return {
+def method_table(family: str = 'mamba') -> Dict[str, Callable]:
+    methods = {
         'gi': gradient_x_input,
         'gi_same_kernels': with_composite(MambaComposite(rules=())),
         'lrp_zennit': with_composite(MambaComposite()),
@@ -105,6 +135,9 @@ def method_table() -> Dict[str, Callable]:
         'ig50': integrated_gradients,
         'sequential': sequential,
     }
+    if family not in REFERENCE_FAMILIES:
+        del methods['sequential']
+    return methods
 
 
 def _synchronize(device: str) -> None:
@@ -238,7 +271,7 @@ def next_estimates(rows: Dict[str, dict], estimates: Dict[str, float], factor: f
 
 
 def ratio(rows: Dict[str, dict], name: str, base: str, key: str = 'seconds') -> Optional[float]:
-    if key not in rows[name] or key not in rows[base] or not rows[base][key] > 0:
+    if key not in rows.get(name, {}) or key not in rows.get(base, {}) or not rows[base][key] > 0:
         return None
     return rows[name][key] / rows[base][key]
 
@@ -264,68 +297,72 @@ def fmt(value: Optional[float], digits: int = 2) -> str:
     return '-' if value is None or value != value else f'{value:.{digits}f}'
 
 
-def report(results: List[dict], device: str, long_result: Optional[dict], description: str) -> str:
+def report(results: List[dict], device: str, long_results: List[dict], description: str) -> str:
     lines = [f'# MambaLRP speed, {description}', '',
              'Seconds per call (median; "1 run": too slow for repeats, measured once, its first call), and ratios '
              'of time and peak memory to gradient x input on the unmodified model (a) and on the canonized model '
-             'with the same kernels (b).', '',
-             '| L | batch | method | seconds | time / (a) | time / (b) | peak MiB | memory / (b) |',
-             '|---|---|---|---|---|---|---|---|']
+             'with the same kernels (b). "n/a": no sequential reference for the family.', '',
+             '| family | L | batch | method | seconds | time / (a) | time / (b) | peak MiB | memory / (a) | '
+             'memory / (b) |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for result in results:
-        rows = result['rows']
+        rows, size = result['rows'], f"| {result['family']} | {result['length']} | {result['batch']}"
         for name in METHODS:
-            row = rows[name]
+            row = rows.get(name, {'skipped': 'n/a'})
             if 'skipped' in row:
-                lines.append(f"| {result['length']} | {result['batch']} | {name} | skipped ({row['skipped']}) "
-                             '| | | | |')
+                reason = row['skipped'] if row['skipped'] == 'n/a' else f"skipped ({row['skipped']})"
+                lines.append(f'{size} | {name} | {reason} | | | | | |')
                 continue
             runs = ' (1 run)' if row['once'] else ''
             lines.append(
-                f"| {result['length']} | {result['batch']} | {name} | {row['seconds']:.4f}{runs} "
+                f"{size} | {name} | {row['seconds']:.4f}{runs} "
                 f"| {fmt(ratio(rows, name, 'gi'))} | {fmt(ratio(rows, name, 'gi_same_kernels'))} "
-                f"| {fmt(row['memory'], 1)} | {fmt(ratio(rows, name, 'gi_same_kernels', 'memory'))} |"
+                f"| {fmt(row['memory'], 1)} | {fmt(ratio(rows, name, 'gi', 'memory'))} "
+                f"| {fmt(ratio(rows, name, 'gi_same_kernels', 'memory'))} |"
             )
     lines += ['', '## Checks', '']
     lines += checks(results)
-    if long_result is not None:
-        lines += ['', f"Long input: {long_result['length']} tokens, batch 1, recompute=True: "
-                      f"{long_result['seconds']:.2f} s, peak {long_result['memory'] / 1024:.2f} GiB added, "
-                      f"relative conservation error {long_result['error']:.1e}"]
+    for long_result in long_results:
+        lines += ['', f"Long input ({long_result['family']}): {long_result['length']} tokens, batch 1, "
+                      f"recompute=True: {long_result['seconds']:.2f} s, peak {long_result['memory'] / 1024:.2f} GiB "
+                      f"added, relative conservation error {long_result['error']:.1e}"]
     return '\n'.join(lines) + '\n'
 
 
 def checks(results: List[dict]) -> List[str]:
     lines = []
     for result in results:
-        rows, size = result['rows'], f"L={result['length']}, batch {result['batch']}"
+        rows, size = result['rows'], f"{result['family']}, L={result['length']}, batch {result['batch']}"
         lines.append(
             f"- {size}: MambaLRP / same-kernel GI = {fmt(ratio(rows, 'lrp_zennit', 'gi_same_kernels'))} time, "
             f"{fmt(ratio(rows, 'lrp_zennit', 'gi_same_kernels', 'memory'))} memory; "
             f"MambaLRP / unmodified GI = {fmt(ratio(rows, 'lrp_zennit', 'gi'))}; "
-            f"IG-50 / MambaLRP = {fmt(ratio(rows, 'ig50', 'lrp_zennit'))}; "
-            f"sequential reference / MambaLRP = {fmt(ratio(rows, 'sequential', 'lrp_zennit'))}"
+            f"IG-50 / MambaLRP = {fmt(ratio(rows, 'ig50', 'lrp_zennit'))}"
+            + (f"; sequential reference / MambaLRP = {fmt(ratio(rows, 'sequential', 'lrp_zennit'))}"
+               if 'sequential' in rows else '')
         )
-    by_size = {(result['length'], result['batch']): result['rows'] for result in results}
-    for batch in sorted({result['batch'] for result in results}):
-        if (1024, batch) in by_size and (8192, batch) in by_size:
-            pair = {'long': by_size[(8192, batch)]['lrp_zennit'], 'short': by_size[(1024, batch)]['lrp_zennit']}
+    by_size = {(result['family'], result['length'], result['batch']): result['rows'] for result in results}
+    for family, batch in sorted({(result['family'], result['batch']) for result in results}):
+        if (family, 1024, batch) in by_size and (family, 8192, batch) in by_size:
+            pair = {'long': by_size[(family, 8192, batch)]['lrp_zennit'],
+                    'short': by_size[(family, 1024, batch)]['lrp_zennit']}
             scaling = ratio(pair, 'long', 'short')
-            lines.append(f'- scaling, batch {batch}: MambaLRP time(8192) / time(1024) = {fmt(scaling)}')
+            lines.append(f'- scaling, {family}, batch {batch}: MambaLRP time(8192) / time(1024) = {fmt(scaling)}')
     return lines
 
 
 def write_csv(results: List[dict], path: str) -> None:
     with open(path, 'w', newline='') as handle:
         writer = csv.writer(handle)
-        writer.writerow(['length', 'batch', 'method', 'seconds', 'peak_mib', 'time_vs_gi', 'time_vs_same_kernels',
-                         'memory_vs_same_kernels', 'skipped'])
+        writer.writerow(['family', 'length', 'batch', 'method', 'seconds', 'peak_mib', 'time_vs_gi',
+                         'time_vs_same_kernels', 'memory_vs_gi', 'memory_vs_same_kernels', 'skipped'])
         for result in results:
             rows = result['rows']
             for name in METHODS:
-                row = rows[name]
-                writer.writerow([result['length'], result['batch'], name, row.get('seconds', ''),
+                row = rows.get(name, {'skipped': 'n/a'})
+                writer.writerow([result['family'], result['length'], result['batch'], name, row.get('seconds', ''),
                                  row.get('memory', ''), ratio(rows, name, 'gi') or '',
-                                 ratio(rows, name, 'gi_same_kernels') or '',
+                                 ratio(rows, name, 'gi_same_kernels') or '', ratio(rows, name, 'gi', 'memory') or '',
                                  ratio(rows, name, 'gi_same_kernels', 'memory') or '', row.get('skipped', '')])
 
 
@@ -337,6 +374,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--budget', type=float, default=60.0, help='skip a method estimated to take longer (s)')
     parser.add_argument('--long', type=int, default=0, help='also explain one input of this many tokens')
+    parser.add_argument('--families', nargs='+', default=['mamba'], choices=FAMILIES)
     parser.add_argument('--quick', action='store_true', help='tiny model, short inputs, one repeat')
     parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'output'))
     args = parser.parse_args(argv)
@@ -345,28 +383,28 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     transformers_logging.set_verbosity_error()
     os.makedirs(args.out, exist_ok=True)
 
-    model = build_model(args.device, args.quick)
-    methods = method_table()
+    results, long_results = [], []
+    for family in args.families:
+        model = build_model(args.device, args.quick, family)
+        methods = method_table(family)
+        for batch in args.batches:
+            estimates, previous = {}, None
+            for length in sorted(args.lengths):
+                if previous is not None:
+                    estimates = next_estimates(results[-1]['rows'], estimates, length / previous, args.device)
+                rows = run_size(model, methods, args.device, length, batch, args.repeats, estimates, args.budget)
+                results.append({'family': family, 'length': length, 'batch': batch, 'rows': rows})
+                previous = length
+                timings = (f"{name} {row['seconds']:.3f}s" if 'seconds' in row else f'{name} skipped'
+                           for name, row in rows.items())
+                print(f'{family} L={length} batch={batch}: ' + ', '.join(timings), flush=True)
+        if args.long:
+            long_results.append(dict(family=family, length=args.long, **long_input(model, args.device, args.long)))
+            print(f'long input: {long_results[-1]}', flush=True)
     description = (f'{args.device}, {model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, '
                    f'float32, {torch.get_num_threads()} threads'
                    + (f', {torch.cuda.get_device_name()}' if args.device == 'cuda' else ''))
-    results = []
-    for batch in args.batches:
-        estimates, previous = {}, None
-        for length in sorted(args.lengths):
-            if previous is not None:
-                estimates = next_estimates(results[-1]['rows'], estimates, length / previous, args.device)
-            rows = run_size(model, methods, args.device, length, batch, args.repeats, estimates, args.budget)
-            results.append({'length': length, 'batch': batch, 'rows': rows})
-            previous = length
-            timings = (f"{name} {row['seconds']:.3f}s" if 'seconds' in row else f'{name} skipped'
-                       for name, row in rows.items())
-            print(f'L={length} batch={batch}: ' + ', '.join(timings), flush=True)
-    long_result = None
-    if args.long:
-        long_result = dict(length=args.long, **long_input(model, args.device, args.long))
-        print(f'long input: {long_result}', flush=True)
-    text = report(results, args.device, long_result, description)
+    text = report(results, args.device, long_results, description)
     print(text)
     with open(os.path.join(args.out, f'speed_{args.device}.md'), 'w') as handle:
         handle.write(text)

@@ -99,17 +99,25 @@ def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(t
     import speed
 
     # no budget: on a loaded machine the estimates would skip methods, and this run checks that each one works
-    results = speed.main(['--quick', '--out', str(tmp_path), '--long', '64', '--budget', '1e9'])
-    assert [(result['length'], result['batch']) for result in results] == [(16, 1), (64, 1), (16, 2), (64, 2)]
+    results = speed.main(['--quick', '--out', str(tmp_path), '--long', '64', '--budget', '1e9',
+                          '--families', 'mamba', 'bamba'])
+    assert [(result['family'], result['length'], result['batch']) for result in results] == [
+        (family, length, batch) for family in ('mamba', 'bamba') for batch in (1, 2) for length in (16, 64)]
     for result in results:
-        assert set(result['rows']) == set(speed.METHODS)
+        # the sequential reference exists for Mamba and Mamba2 only
+        expected = set(speed.METHODS) - ({'sequential'} if result['family'] == 'bamba' else set())
+        assert set(result['rows']) == expected
         assert all(row['seconds'] > 0 for row in result['rows'].values())
     table = (tmp_path / 'speed_cpu.md').read_text()
-    assert 'MambaLRP / same-kernel GI' in table and 'Long input: 64 tokens' in table
-    # the long input's relevance sums to its logit (conv biases are zeroed in the benchmark's model)
-    error = float(table.split('relative conservation error ')[1].split()[0])
-    assert error < 1e-4
-    assert len((tmp_path / 'speed_cpu.csv').read_text().splitlines()) == 1 + 4 * len(speed.METHODS)
+    assert 'MambaLRP / same-kernel GI' in table and 'Long input (bamba): 64 tokens' in table
+    assert '| bamba | 16 | 1 | sequential | n/a |' in table
+    # each long input's relevance sums to its logit (conv biases are zeroed in the benchmark's models)
+    for family in ('mamba', 'bamba'):
+        error = float(table.split(f'Long input ({family}): ')[1].split('relative conservation error ')[1].split()[0])
+        assert error < 1e-4
+    lines = (tmp_path / 'speed_cpu.csv').read_text().splitlines()
+    assert len(lines) == 1 + 2 * 4 * len(speed.METHODS) and lines[0].startswith('family,length,batch,method')
+    assert 'memory_vs_gi' in lines[0]
 
 
 def test_shipped_classifiers_meet_their_accuracy():
