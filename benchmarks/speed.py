@@ -301,7 +301,8 @@ def report(results: List[dict], device: str, long_results: List[dict], descripti
     lines = [f'# MambaLRP speed, {description}', '',
              'Seconds per call (median; "1 run": too slow for repeats, measured once, its first call), and ratios '
              'of time and peak memory to gradient x input on the unmodified model (a) and on the canonized model '
-             'with the same kernels (b). "n/a": no sequential reference for the family.', '',
+             'with the same kernels (b). "n/a": not measured in this run, or no sequential reference for the '
+             'family.', '',
              '| family | L | batch | method | seconds | time / (a) | time / (b) | peak MiB | memory / (a) | '
              'memory / (b) |',
              '|---|---|---|---|---|---|---|---|---|---|']
@@ -375,6 +376,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--budget', type=float, default=60.0, help='skip a method estimated to take longer (s)')
     parser.add_argument('--long', type=int, default=0, help='also explain one input of this many tokens')
     parser.add_argument('--families', nargs='+', default=['mamba'], choices=FAMILIES)
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS,
+                        help='the methods to measure (gi_same_kernels, ratio (b), is always measured)')
     parser.add_argument('--quick', action='store_true', help='tiny model, short inputs, one repeat')
     parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'output'))
     args = parser.parse_args(argv)
@@ -386,7 +389,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     results, long_results = [], []
     for family in args.families:
         model = build_model(args.device, args.quick, family)
-        methods = method_table(family)
+        methods = {name: method for name, method in method_table(family).items()
+                   if name in args.methods or name == 'gi_same_kernels'}
         for batch in args.batches:
             estimates, previous = {}, None
             for length in sorted(args.lengths):
