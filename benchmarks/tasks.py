@@ -81,7 +81,8 @@ def sst2_task(quick: bool, seed: int = 0, size: str = 'small', weights: Optional
         kept = [index for index, ids in enumerate(inputs) if len(ids) == 16][:12]
         inputs, labels = [inputs[index] for index in kept], labels[kept]
     empty = torch.zeros(0, 0, dtype=torch.long)
-    unknown = tokenizer.token_to_id('[UNK]' if size == 'small' else '<|padding|>')
+    # the word-level tokenizer has an unknown token; the GPT-NeoX BPE has none, its padding token stands in
+    unknown = tokenizer.token_to_id('[UNK]' if sst2.SIZES[size].tokenizer == 'word' else '<|padding|>')
     return Task('sst2', empty, labels[:0], None, inputs, labels, 2, vocab_size=tokenizer.get_vocab_size(),
                 replacement_token=unknown, classifier=(size, weights or sst2.WEIGHTS))
 
