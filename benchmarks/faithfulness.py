@@ -5,7 +5,7 @@ examples with every method, and measures deletion and insertion curves, MoRF and
 (``captum_mamba.metrics.faithfulness``: dA_F and dA_I per example), seconds per explanation and conservation.
 Writes ``results.md``, ``results.csv``, ``curves_<task>.png`` and ``conservation_<task>.png`` to ``--out``.
 
-Run: ``python benchmarks/faithfulness.py [--quick] [--tasks sst2 digits needle vim-digits] [--examples N]``;
+Run: ``python benchmarks/faithfulness.py [--quick] [--tasks sst2 digits needle vim-digits vim-mnist] [--examples N]``;
 data-parallel: ``torchrun --nproc_per_node 2 benchmarks/faithfulness.py ...`` (gloo on CPU, nccl on GPU) gives
 the same tables, since examples are explained in the same fixed chunks whatever the number of processes.
 '''
@@ -62,7 +62,7 @@ def explain_chunk(model, task: Task, indices: List[int], token_inputs: torch.Ten
     step = max(1, inputs.shape[1] // (8 if quick else 32))  # curves of up to 9 (quick) or 33 points
     removed, inserted_into = replacement(model, task, inputs), insertion_baseline(model, task, inputs)
     records = []
-    for number, (name, method) in enumerate(methods(quick, vision=task.name == 'vim-digits').items()):
+    for number, (name, method) in enumerate(methods(quick, vision=task.vim is not None).items()):
         # noise (SmoothGrad) depends on the chunk and method only, not on what this process did before
         torch.manual_seed(1000 * indices[0] + number)
         start = time.perf_counter()

