@@ -313,3 +313,46 @@ def test_torch_ssd_matches_mamba_ssm_kernel_forward_and_backward(selection_detac
     # which is why 'auto' keeps float32 in PyTorch
     for ours, kernel in zip(results['torch'], results['mamba_ssm']):
         assert relative_error(ours, kernel) <= 5e-3
+
+
+@cuda
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_fused_rule_factors_kernel_matches_the_torch_formula(dtype):
+    '''The Triton kernel of the fused branch's backward: 0.5 du sigmoid(c) and 0.5 g y sigmoid(z), c a slice of a
+    longer convolution output as in the mixer.'''
+    from zennit_mamba.fused import rule_factors
+
+    generator = torch.Generator('cuda').manual_seed(0)
+    gradient_u, gradient, out, gate = (torch.randn(2, 48, 37, device='cuda', generator=generator).to(dtype)
+                                       for _ in range(4))
+    conv = torch.randn(2, 48, 40, device='cuda', generator=generator).to(dtype)[..., :37]
+    fused_conv, fused_gate = rule_factors(gradient_u, conv, gradient, out, gate)
+    expected_conv = 0.5 * gradient_u.float() * torch.sigmoid(conv.float())
+    expected_gate = 0.5 * gradient.float() * out.float() * torch.sigmoid(gate.float())
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fused_conv.float(), expected_conv, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(fused_gate.float(), expected_gate, rtol=tolerance, atol=tolerance)
+    assert fused_conv.dtype == fused_gate.dtype == dtype
+
+
+@needs_mamba_ssm
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_fused_branch_is_taken_and_equals_the_operations_in_turn(dtype, monkeypatch):
+    '''All three rules on, on the GPU: each Mamba-1 branch runs the fused function, with the relevance of the rule
+    set's operations in turn (float32: 1e-5; bfloat16: rounding of the two paths differs).'''
+    import zennit_mamba.fused as fused
+    from zennit_mamba.rules import RuleSet
+
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    model = make_mamba(layers=2, hidden=32).cuda().to(dtype)
+    embeddings = embed(model, 2, 300).cuda()
+    calls = []
+    apply = fused.SiLUScanGate.apply
+    monkeypatch.setattr(fused.SiLUScanGate, 'apply', lambda *arguments: calls.append(1) or apply(*arguments))
+    relevance, explained, targets = explain(model, embeddings)
+    assert len(calls) == 2  # one per layer
+    monkeypatch.setattr(RuleSet, 'fuses_branch', lambda self: False)
+    expected, _, _ = explain(model, embeddings, targets=targets)
+    assert len(calls) == 2
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert relative_error(relevance.float(), expected.float()) <= tolerance

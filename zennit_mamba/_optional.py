@@ -43,3 +43,13 @@ def mamba_ssm_chunk_scan() -> Optional[Callable]:
     except (ImportError, OSError, RuntimeError):
         return None
     return mamba_chunk_scan_combined
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_ssm_scan_extension() -> Optional[types.ModuleType]:
+    '''mamba-ssm's CUDA extension ``selective_scan_cuda`` (``fwd``, ``bwd``), or None where it cannot be imported.'''
+    try:
+        import selective_scan_cuda
+    except (ImportError, OSError, RuntimeError):
+        return None
+    return selective_scan_cuda

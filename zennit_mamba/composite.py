@@ -17,7 +17,7 @@ from .canonizers import MambaCanonizer
 from .hooks import ExplainedModel, ZennitRule
 from .instance import InstanceAttributes, is_canonized
 from .rules import MAMBA_LRP_RULES, Rule, RuleSet
-from .support import check_supported, mixer_types
+from .support import check_recompute, check_supported, mixer_types
 
 #: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
 # Vim's backward branch has its own convolution and selection projections (conv1d_b, x_proj_b, dt_proj_b)
@@ -140,6 +140,8 @@ class MambaComposite(Composite):
             _REGISTERED[module] = self
         try:
             check_supported(module)
+            if self.rule_set.recompute:
+                check_recompute(module)
             self._registering = True
             try:
                 super().register(module)

@@ -5,6 +5,8 @@ from typing import Callable, Dict
 
 import torch
 
+from .offload import forward_slot
+
 
 class InstanceAttributes:
     '''Set instance attributes of a module; :py:meth:`remove` restores exactly what was there before.
@@ -46,10 +48,12 @@ class CanonizedForward(functools.partial):
 
 
 def bind_forward(module: torch.nn.Module, function: Callable, rules: object) -> InstanceAttributes:
-    '''Make ``function(rules, module, ...)`` the instance forward of ``module``; the result undoes it.'''
-    return InstanceAttributes(module, {'forward': types.MethodType(CanonizedForward(function, rules), module)})
+    '''Make ``function(rules, module, ...)`` the forward of ``module`` (inside an accelerate hook where one wraps
+    it, so that the hook still places inputs and weights); the result undoes it.'''
+    canonized = types.MethodType(CanonizedForward(function, rules), module)
+    return InstanceAttributes(module, {forward_slot(module): canonized})
 
 
 def is_canonized(module: torch.nn.Module) -> bool:
     '''Whether ``module`` currently runs a canonized forward.'''
-    return isinstance(getattr(module.__dict__.get('forward'), '__func__', None), CanonizedForward)
+    return isinstance(getattr(module.__dict__.get(forward_slot(module)), '__func__', None), CanonizedForward)

@@ -6,11 +6,13 @@ that Zennit rules such as Gamma can attach to them) or through the :py:class:`~z
 canonizer bound: the SiLUs, the scan with its selection, the gate. transformers' own forward calls functional kernels
 and ``dt_proj.weight`` directly instead.
 '''
+import contextlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from . import fused as fused_branch
 from .mixer_io import MixerOutput, mask_padding, run_mixer, with_mamba_ssm_cache, with_transformers_cache
 
 
@@ -81,15 +83,22 @@ def selective_branch(
     scan output ``(batch, channels, length)`` and the scan's last state.
     '''
     length = x.shape[-1]
-    x = rules.activation('silu', parts.conv1d(x.to(parts.conv1d.weight.dtype))[..., :length]).to(dtype)
-    x = mask_padding(x.transpose(1, 2), attention_mask)
-    time_step, B, C = torch.split(parts.x_proj(x), [time_step_rank, state_size, state_size], dim=-1)
-    if parts.normalisers is not None:
-        # behind the SSM rule the selection's normalisation takes no relevance
-        time_step, B, C = (norm(value) for norm, value in zip(parts.normalisers, (time_step, B, C)))
-    delta = F.softplus(parts.dt_proj(time_step))
+    conv = parts.conv1d(x.to(parts.conv1d.weight.dtype))[..., :length]
+    # on a GPU with all three rules on: one fused function, the selection computed without a graph (it is constant)
+    fused = rules.fuses_branch() and attention_mask is None and fused_branch.applies(conv)
+    with torch.no_grad() if fused else contextlib.nullcontext():
+        x = (F.silu(conv) if fused else rules.activation('silu', conv)).to(dtype)
+        x = mask_padding(x.transpose(1, 2), attention_mask)
+        time_step, B, C = torch.split(parts.x_proj(x), [time_step_rank, state_size, state_size], dim=-1)
+        if parts.normalisers is not None:
+            # behind the SSM rule the selection's normalisation takes no relevance
+            time_step, B, C = (norm(value) for norm, value in zip(parts.normalisers, (time_step, B, C)))
+        delta = F.softplus(parts.dt_proj(time_step))
 
     A, D = -torch.exp(parts.A_log.float()), parts.D.float()
+    if fused:
+        return fused_branch.SiLUScanGate.apply(conv, x.transpose(1, 2), gate, delta.transpose(1, 2), A,
+                                               B.transpose(1, 2), C.transpose(1, 2), D)
     scanned, last_state = rules.scan(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
                                      C.transpose(1, 2), D)
     gate = rules.activation('silu', gate)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .offload import weights_in_place
+
 #: keyword arguments that hybrid models pass to every layer and that neither the Mamba path nor MambaLRP's attention
 #: reads (transformers' own mixers hand them to kernels that ignore them): the only ones accepted and not used
 LAYER_KEYWORDS = frozenset({
@@ -62,9 +64,10 @@ def refuse_continuation() -> RuntimeError:
 
 def run_mixer(rules, function: Callable[..., T], mixer: torch.nn.Module, *arguments) -> T:
     '''``function(rules, mixer, *arguments)``, recomputed in the backward pass where ``rules.recompute``.'''
-    if rules.recompute and torch.is_grad_enabled():
-        return checkpoint(function, rules, mixer, *arguments, use_reentrant=False)
-    return function(rules, mixer, *arguments)
+    with weights_in_place(mixer):  # under accelerate's offloading hooks: child weights read without a call
+        if rules.recompute and torch.is_grad_enabled():
+            return checkpoint(function, rules, mixer, *arguments, use_reentrant=False)
+        return function(rules, mixer, *arguments)
 
 
 def with_transformers_cache(

@@ -104,7 +104,8 @@ class _ConstantFactor(Rule):
         return identity_rule(x, y)
 
     def on_output(self, module, args, output):
-        return self.apply(args[0], output)
+        # under accelerate's hooks a module may take its input on another device than its output's
+        return self.apply(args[0].to(output.device), output)
 
 
 class SiLUIdentity(_ConstantFactor):
@@ -143,8 +144,8 @@ class LNRule(_ConstantFactor):
 
     def on_output(self, module, args, output):
         if not isinstance(module, torch.nn.LayerNorm):
-            return self.apply(args[0], output)
-        h, count = args[0], len(module.normalized_shape)
+            return self.apply(args[0].to(output.device), output)
+        h, count = args[0].to(output.device), len(module.normalized_shape)
         if type(module).__name__.endswith('2d'):
             # timm's LayerNorm2d normalises the channels of (batch, channels, height, width)
             shape, dims = (-1, 1, 1), (1,)
@@ -282,6 +283,14 @@ class RuleSet:
     def selection(self, *selection: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         '''``delta, A, B, C`` of a scan under :py:class:`DetachSelection`.'''
         return DetachSelection.apply(*selection) if 'ssm' in self.names else selection
+
+    def fuses_branch(self) -> bool:
+        '''Whether a Mamba-1 branch's SiLU, scan and gate may run as one fused function
+        (:py:class:`~zennit_mamba.fused.SiLUScanGate`): their three rules on, and none of these operations changed
+        by a subclass (such a rule set computes them in turn).'''
+        operations = ('activation', 'selection', 'scan', 'gate')
+        return {'silu', 'ssm', 'gate'} <= self.names and all(
+            getattr(type(self), operation) is getattr(RuleSet, operation) for operation in operations)
 
     def scan(self, x, delta, A, B, C, D) -> Tuple[torch.Tensor, torch.Tensor]:
         '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.scan.selective_scan`) with the selection rule.'''

@@ -6,13 +6,14 @@ README's support table (:func:`support_table`) are built from it.
 import functools
 import re
 from collections import Counter
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import efficientvim, hybrid, mamba1, mamba2, mamba_ssm_blocks, vim
 from ._optional import optional_class as module_class
 from .instance import is_canonized
+from .offload import offloading_hooks
 
 
 class Family(NamedTuple):
@@ -92,12 +93,17 @@ class UnsupportedModelError(ValueError):
 
 def is_hybrid(model: torch.nn.Module) -> bool:
     '''Whether ``model`` holds the Mamba mixer of a hybrid (attention or MLP layers beside the Mamba layers).'''
+    return _holds_hybrid_mixer(model.named_modules())
+
+
+def _holds_hybrid_mixer(named_modules: Iterable[Tuple[str, torch.nn.Module]]) -> bool:
     types = mixer_types(hybrid_only=True)
-    return any(type(module) in types for module in model.modules())
+    return any(type(module) in types for _, module in named_modules)
 
 
-def _unsupported_mamba_ssm_parts(model: torch.nn.Module) -> List[str]:
-    '''mamba-ssm blocks and backbones whose forward the canonizers do not reproduce.'''
+def _unsupported_mamba_ssm_parts(named_modules: List[Tuple[str, torch.nn.Module]]) -> List[str]:
+    '''mamba-ssm blocks and backbones (among a model's ``named_modules``) whose forward the canonizers do not
+    reproduce.'''
     block_type = module_class('mamba_ssm.modules.block', 'Block')
     if block_type is None:
         return []
@@ -106,7 +112,7 @@ def _unsupported_mamba_ssm_parts(model: torch.nn.Module) -> List[str]:
     backbone = module_class('mamba_ssm.models.mixer_seq_simple', 'MixerModel')
     mamba2_type = module_class('mamba_ssm.modules.mamba2', 'Mamba2')
     found = []
-    for name, module in model.named_modules():
+    for name, module in named_modules:
         if isinstance(module, block_type):
             if type(module.mixer) not in mixers:
                 found.append(f'Block with mixer {type(module.mixer).__name__} at \'{name}\'')
@@ -158,17 +164,19 @@ def check_supported(model: torch.nn.Module) -> List[str]:
             'DataParallel copies the model to each device on every call, without the canonized forwards and hooks. '
             'Explain model.module on one device (split the batch yourself for several devices).'
         )
-    canonized = [name for name, module in model.named_modules() if is_canonized(module)]
+    # one walk over the model for every check (it runs on every explanation)
+    named_modules = list(model.named_modules())
+    canonized = [name for name, module in named_modules if is_canonized(module)]
     if canonized:
         raise RuntimeError(
             f'A MambaLRP composite is already registered on this model (canonized module \'{canonized[0]}\'); '
             f'leave its context or call its remove() before registering another.'
         )
     supported_types = mixer_types()
-    supported, unsupported = [], _unsupported_mamba_ssm_parts(model)
-    if is_hybrid(model):
+    supported, unsupported = [], _unsupported_mamba_ssm_parts(named_modules)
+    if _holds_hybrid_mixer(named_modules):
         unsupported += hybrid.unsupported_parts(model, supported_types)
-    for name, module in model.named_modules():
+    for name, module in named_modules:
         if type(module) in supported_types:
             supported.append(name)
         elif _MAMBA_LIKE.fullmatch(type(module).__name__):
@@ -186,3 +194,22 @@ def check_supported(model: torch.nn.Module) -> List[str]:
             f'Supported: {_supported_listing()}.'
         )
     return supported
+
+
+def check_recompute(model: torch.nn.Module) -> None:
+    '''Refuse ``recompute=True`` on a model whose weights accelerate offloads: the backward pass would recompute
+    the mixers after the hooks have moved their weights out again.
+
+    Raises
+    ------
+    ValueError
+        Naming the first offloaded module and the two ways out.
+    '''
+    offloaded = next((name for name, module in model.named_modules() if offloading_hooks(module)), None)
+    if offloaded is not None:
+        raise ValueError(
+            f'recompute=True cannot be used on a model whose weights accelerate offloads (module \'{offloaded}\' '
+            f'moves its weights in for each call only), since the backward pass recomputes the mixers without them. '
+            f'Use MambaComposite(recompute=False), or dispatch the model onto devices that hold its weights.'
+        )
+

@@ -1,0 +1,125 @@
+'''accelerate's hooks (``cpu_offload``, ``dispatch_model`` with cpu and disk entries) and MambaLRP: relevance equal
+to the model without hooks, the hooks still placing inputs and weights, and the model (hooks included) restored
+exactly; ``recompute=True`` on offloaded weights is refused.'''
+import copy
+
+import pytest
+import torch
+
+from captum_mamba import MambaLRP
+from conftest import snapshot
+from test_families import build
+
+from zennit_mamba import MambaComposite
+from zennit_mamba._optional import mamba_ssm_selective_scan
+from zennit_mamba.instance import is_canonized
+
+accelerate = pytest.importorskip('accelerate')
+
+TARGET = 3
+
+
+def assert_restored(after, before):
+    ''':py:func:`conftest.assert_snapshots_equal` for offloaded weights (on the meta device, which has no values to
+    compare): the same modules, instance attributes (accelerate's wrappers and hooks included) and state entries.'''
+    def attributes(snapshot):  # an offloading hook puts new (meta) tensor objects in at every call: keys only there
+        return {name: {key: tuple(entry for entry, _ in value) if key in ('_parameters', '_buffers') else value
+                       for key, value in attributes.items()} for name, attributes in snapshot['dicts'].items()}
+
+    assert after['modules'] == before['modules'] and attributes(after) == attributes(before)
+    assert after['hooks'] == before['hooks'] and after['instance_forwards'] == before['instance_forwards']
+    assert {key: (value.device, value.shape) for key, value in after['state'].items()} == \
+        {key: (value.device, value.shape) for key, value in before['state'].items()}
+
+
+def explain(model, embeddings, **options):
+    return MambaLRP(model, **options).attribute(embeddings, target=TARGET, return_convergence_delta=True)
+
+
+@pytest.fixture(params=['FalconMamba', 'Mamba2', 'Bamba'])
+def name(request):
+    return request.param
+
+
+def offloaded(model, how, folder):
+    model = copy.deepcopy(model)
+    if how == 'cpu_offload':
+        return accelerate.cpu_offload(model, execution_device='cpu')
+    # one layer's weights on disk, the rest on the CPU: every kind of placement hook at once
+    device_map = {name: 'cpu' for name, _ in model.named_children()}
+    base = model.base_model_prefix
+    device_map = {f'{base}.{child}': 'cpu' for child, _ in getattr(model, base).named_children()}
+    device_map.update({name: 'cpu' for name, _ in model.named_children() if name != base})
+    del device_map[f'{base}.layers']
+    layers = getattr(model, base).layers
+    device_map.update({f'{base}.layers.{index}': 'disk' if index == 0 else 'cpu' for index in range(len(layers))})
+    return accelerate.dispatch_model(model, device_map=device_map, offload_dir=str(folder))
+
+
+@pytest.mark.parametrize('how', ['cpu_offload', 'dispatch_model'])
+def test_relevance_under_accelerate_hooks_equals_the_plain_model(name, how, tmp_path):
+    model = build(name)
+    embeddings = torch.randn(2, 7, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator()
+                             .manual_seed(1))
+    expected, expected_delta = explain(model, embeddings)
+    hooked = offloaded(model, how, tmp_path)
+    mixer = next(module for module in hooked.modules() if type(module).__name__.endswith('Mixer'))
+    assert '_hf_hook' in vars(mixer) and mixer.A_log.device.type == 'meta'  # weights come in per call
+    before = snapshot(hooked)
+    attributions, delta = explain(hooked, embeddings)
+    torch.testing.assert_close(attributions, expected, rtol=1e-10, atol=1e-12)
+    assert delta.abs().max() < 1e-5 and torch.allclose(delta, expected_delta, atol=1e-12)
+    assert_restored(snapshot(hooked), before)  # accelerate's wrappers are back, nothing else changed
+    if mamba_ssm_selective_scan() is None:  # with mamba-ssm, transformers' own forward takes no CPU float64
+        with torch.no_grad():
+            torch.testing.assert_close(hooked(inputs_embeds=embeddings).logits,
+                                       model(inputs_embeds=embeddings).logits)
+
+
+def test_the_canonized_forward_runs_inside_the_hook():
+    '''The hook's wrapper stays the module's forward (it moves inputs and weights in); the canonized computation is
+    what it calls.'''
+    model = accelerate.cpu_offload(build('FalconMamba'), execution_device='cpu')
+    mixer = model.backbone.layers[0].mixer
+    wrapper, original = vars(mixer)['forward'], vars(mixer)['_old_forward']
+    with MambaComposite().context(model):
+        assert vars(mixer)['forward'] is wrapper and vars(mixer)['_old_forward'] is not original
+        assert is_canonized(mixer)
+    assert vars(mixer)['_old_forward'] is original and not is_canonized(mixer)
+
+
+def test_recompute_on_offloaded_weights_is_refused_and_the_model_kept():
+    model = accelerate.cpu_offload(build('FalconMamba'), execution_device='cpu')
+    before = snapshot(model)
+    embeddings = torch.randn(1, 5, model.config.hidden_size, dtype=torch.float64)
+    with pytest.raises(ValueError, match='recompute=True cannot be used on a model whose weights accelerate offloads'):
+        explain(model, embeddings, recompute=True)
+    assert_restored(snapshot(model), before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+@pytest.mark.parametrize('name', ['FalconMamba', 'Bamba'])
+def test_layers_sharded_across_devices_give_the_relevance_of_one_device(name):
+    '''dispatch_model with the layers split over two GPUs (or a GPU and the CPU where there is one): the same
+    relevance as the whole model on one GPU, float32.'''
+    model = build(name, dtype=torch.float32).cuda()
+    embeddings = torch.randn(2, 64, model.config.hidden_size, device='cuda', generator=torch.Generator('cuda')
+                             .manual_seed(1))
+    expected, _ = explain(model, embeddings)
+    second = 1 if torch.cuda.device_count() > 1 else 'cpu'
+    base = getattr(model, model.base_model_prefix)
+    half = len(base.layers) // 2
+    device_map = {f'{model.base_model_prefix}.{child}': 0 for child, _ in base.named_children() if child != 'layers'}
+    device_map.update({f'{model.base_model_prefix}.layers.{index}': 0 if index < half else second
+                       for index in range(len(base.layers))})
+    # the head may share its weight with the embedding: on the first device, like it
+    device_map.update({child: 0 for child, _ in model.named_children() if child != model.base_model_prefix})
+    sharded = accelerate.dispatch_model(copy.deepcopy(model).cpu(), device_map=device_map)
+    with torch.no_grad():  # accelerate settles its placement (tied weights) on the first call
+        sharded(inputs_embeds=embeddings)
+    before = snapshot(sharded)
+    attributions, delta = explain(sharded, embeddings)
+    # two GPUs run the same kernels; the CPU runs the PyTorch scan, which mamba-ssm's fast exponentials differ from
+    tolerance = 1e-5 if second == 1 else 5e-4
+    assert ((attributions.cpu() - expected.cpu()).abs().max() / expected.abs().max()).item() <= tolerance
+    assert_restored(snapshot(sharded), before)

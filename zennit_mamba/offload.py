@@ -1,0 +1,39 @@
+'''Explaining inside accelerate's hooks (``dispatch_model``, ``cpu_offload``): where a hooked module's own forward
+lives, and the weights a canonized forward reads without calling the module that holds them.
+
+accelerate wraps a module's ``forward`` in a function that moves the inputs (and offloaded weights) in, calls
+``module._old_forward`` and moves the weights out again. A canonized forward goes in ``_old_forward``, inside the
+wrapper, and reads the weights of child modules it does not call (e.g. the gated RMSNorm of Mamba-2, computed with
+the LN-rule from its weight) only while :func:`weights_in_place` holds them on the execution device.
+'''
+from contextlib import contextmanager
+from typing import Iterator, List
+
+import torch
+
+
+def forward_slot(module: torch.nn.Module) -> str:
+    '''Where the module's own forward lives: ``forward``, or ``_old_forward`` under an accelerate hook, whose
+    wrapper calls it after moving inputs and weights in.'''
+    hooked = '_hf_hook' in module.__dict__ and '_old_forward' in module.__dict__
+    return '_old_forward' if hooked else 'forward'
+
+
+def offloading_hooks(module: torch.nn.Module) -> List[object]:
+    '''The accelerate hooks on ``module`` itself that move its weights in for each call and out again.'''
+    hook = module.__dict__.get('_hf_hook')
+    return [part for part in getattr(hook, 'hooks', (hook,)) if getattr(part, 'offload', False)]
+
+
+@contextmanager
+def weights_in_place(module: torch.nn.Module) -> Iterator[None]:
+    '''The offloaded weights of every module below ``module`` on their execution device while inside (a no-op
+    without offloading hooks); moved out again on leaving, as their hooks do after a call.'''
+    placed = [(child, hook) for child in module.modules() if child is not module for hook in offloading_hooks(child)]
+    for child, hook in placed:
+        hook.pre_forward(child)
+    try:
+        yield
+    finally:
+        for child, hook in reversed(placed):
+            hook.post_forward(child, None)
