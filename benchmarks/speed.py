@@ -371,7 +371,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--lengths', type=int, nargs='+', default=[128, 1024, 8192])
-    parser.add_argument('--batches', type=int, nargs='+', default=[1, 8])
+    parser.add_argument('--batches', type=int, nargs='+', help='batch sizes (default 1 and 8; quick: 1 and 2)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--budget', type=float, default=60.0, help='skip a method estimated to take longer (s)')
     parser.add_argument('--long', type=int, default=0, help='also explain one input of this many tokens')
@@ -382,7 +382,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'output'))
     args = parser.parse_args(argv)
     if args.quick:
-        args.lengths, args.batches, args.repeats = [16, 64], [1, 2], 1
+        args.lengths, args.repeats = [16, 64], 1
+    args.batches = args.batches or ([1, 2] if args.quick else [1, 8])
     transformers_logging.set_verbosity_error()
     os.makedirs(args.out, exist_ok=True)
 
