@@ -120,3 +120,35 @@ def test_half_precision_inputs_accumulate_in_float32():
     expected, _ = sequential_scan(*(tensor.bfloat16().double() for tensor in inputs))
     assert output.dtype == torch.bfloat16 and last_state.dtype == torch.float32
     assert (output.double() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+def sequential_ssd(x, dt, A, B, C, D):
+    '''Mamba-2's recurrence step by step: S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t + D x_t.'''
+    batch, length, heads, head_dim = x.shape
+    state = torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=x.dtype)
+    outputs = []
+    for t in range(length):
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, None, None, :]
+        outputs.append((state * C[:, t, None, None, :]).sum(-1) + D[:, None] * x[:, t])
+    return torch.stack(outputs, 1), state
+
+
+@pytest.mark.parametrize('whole_block', [True, False])
+def test_ssd_matches_the_recurrence_with_chunks_in_blocks_or_all_at_once(whole_block, monkeypatch):
+    '''The PyTorch SSD (70 positions, chunks of 16) equals the step-by-step recurrence, whether its within-chunk
+    products run over all chunks at once or one chunk per block.'''
+    from zennit_mamba.ssd import ssd_scan
+
+    if not whole_block:
+        monkeypatch.setitem(scan.BLOCK_ELEMENTS, 'cpu', 1)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 70, 3, 4, generator=generator, dtype=torch.float64)
+    dt = torch.rand(2, 70, 3, generator=generator, dtype=torch.float64)
+    A = -2 * torch.rand(3, generator=generator, dtype=torch.float64)
+    B, C = (torch.randn(2, 70, 1, 5, generator=generator, dtype=torch.float64) for _ in range(2))
+    D = torch.randn(3, generator=generator, dtype=torch.float64)
+    outputs, state = ssd_scan(x, dt, A, B, C, D, chunk_size=16, implementation='torch')
+    expected, expected_state = sequential_ssd(x, dt, A, B[:, :, 0], C[:, :, 0], D)
+    torch.testing.assert_close(outputs, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, expected_state, rtol=1e-10, atol=1e-10)

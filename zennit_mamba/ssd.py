@@ -15,12 +15,20 @@ import torch
 import torch.nn.functional as F
 
 from ._optional import mamba_ssm_chunk_scan
-from .scan import uses_kernel
+from .scan import BLOCK_ELEMENTS, uses_kernel
 
 
 def _chunked(tensor: torch.Tensor, chunk_size: int) -> torch.Tensor:
     '''``(batch, length, ...)`` with length a multiple of ``chunk_size`` to ``(batch, chunks, chunk_size, ...)``.'''
     return tensor.unflatten(1, (-1, chunk_size))
+
+
+def _within_chunks(log_decay, C, B, x_dt, causal) -> torch.Tensor:
+    '''The outputs of chunks from their own inputs, in the masked matrix ("attention") form.'''
+    between = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (b, c, l, s, h)
+    mixing = torch.exp(between.masked_fill(~causal[:, :, None], -torch.inf))
+    mixing = mixing * torch.einsum('bclhn,bcshn->bclsh', C, B)
+    return torch.einsum('bclsh,bcshp->bclhp', mixing, x_dt)
 
 
 def _torch_ssd(x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -37,12 +45,16 @@ def _torch_ssd(x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tenso
     B, C = _chunked(B, chunk_size), _chunked(C, chunk_size)              # (b, c, l, h, n)
     log_decay = torch.cumsum(_chunked(dt * A, chunk_size), dim=2)        # (b, c, l, h), decreasing in l
 
-    # within a chunk: y_l = sum_{s <= l} exp(log_decay_l - log_decay_s) (C_l . B_s) x_dt_s
+    # within a chunk: y_l = sum_{s <= l} exp(log_decay_l - log_decay_s) (C_l . B_s) x_dt_s, a few chunks at a time so
+    # that the (chunk_size x chunk_size) mixing matrices stay in a bounded block (time linear in the length)
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
-    between = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (b, c, l, s, h)
-    mixing = torch.exp(between.masked_fill(~causal[:, :, None], -torch.inf))
-    mixing = mixing * torch.einsum('bclhn,bcshn->bclsh', C, B)
-    outputs = torch.einsum('bclsh,bcshp->bclhp', mixing, x_dt)
+    per_chunk = batch * chunk_size * chunk_size * heads
+    step = max(1, BLOCK_ELEMENTS.get(x.device.type, BLOCK_ELEMENTS['cuda']) // per_chunk)
+    outputs = torch.cat([
+        _within_chunks(log_decay[:, start:start + step], C[:, start:start + step], B[:, start:start + step],
+                       x_dt[:, start:start + step], causal)
+        for start in range(0, x_dt.shape[1], step)
+    ], dim=1)
 
     # each chunk's own contribution to the state at its end, then the states entering each chunk
     to_end = torch.exp(log_decay[:, :, -1:] - log_decay)
