@@ -41,18 +41,23 @@ def name(request):
     return request.param
 
 
+def layer_device_map(model, layer_device, rest):
+    '''An accelerate ``device_map`` with layer ``index`` on ``layer_device(index)`` and every other module on
+    ``rest``.'''
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix)
+    device_map = {f'{prefix}.{child}': rest for child, _ in base.named_children() if child != 'layers'}
+    device_map.update({name: rest for name, _ in model.named_children() if name != prefix})
+    device_map.update({f'{prefix}.layers.{index}': layer_device(index) for index in range(len(base.layers))})
+    return device_map
+
+
 def offloaded(model, how, folder):
     model = copy.deepcopy(model)
     if how == 'cpu_offload':
         return accelerate.cpu_offload(model, execution_device='cpu')
-    # one layer's weights on disk, the rest on the CPU: every kind of placement hook at once
-    device_map = {name: 'cpu' for name, _ in model.named_children()}
-    base = model.base_model_prefix
-    device_map = {f'{base}.{child}': 'cpu' for child, _ in getattr(model, base).named_children()}
-    device_map.update({name: 'cpu' for name, _ in model.named_children() if name != base})
-    del device_map[f'{base}.layers']
-    layers = getattr(model, base).layers
-    device_map.update({f'{base}.layers.{index}': 'disk' if index == 0 else 'cpu' for index in range(len(layers))})
+    # the first layer's weights on disk, the rest on the CPU: every kind of placement hook at once
+    device_map = layer_device_map(model, lambda index: 'disk' if index == 0 else 'cpu', 'cpu')
     return accelerate.dispatch_model(model, device_map=device_map, offload_dir=str(folder))
 
 
@@ -107,13 +112,9 @@ def test_layers_sharded_across_devices_give_the_relevance_of_one_device(name):
                              .manual_seed(1))
     expected, _ = explain(model, embeddings)
     second = 1 if torch.cuda.device_count() > 1 else 'cpu'
-    base = getattr(model, model.base_model_prefix)
-    half = len(base.layers) // 2
-    device_map = {f'{model.base_model_prefix}.{child}': 0 for child, _ in base.named_children() if child != 'layers'}
-    device_map.update({f'{model.base_model_prefix}.layers.{index}': 0 if index < half else second
-                       for index in range(len(base.layers))})
-    # the head may share its weight with the embedding: on the first device, like it
-    device_map.update({child: 0 for child, _ in model.named_children() if child != model.base_model_prefix})
+    half = len(getattr(model, model.base_model_prefix).layers) // 2
+    # the head may share its weight with the embedding: both, and every other module, on the first device
+    device_map = layer_device_map(model, lambda index: 0 if index < half else second, 0)
     sharded = accelerate.dispatch_model(copy.deepcopy(model).cpu(), device_map=device_map)
     with torch.no_grad():  # accelerate settles its placement (tied weights) on the first call
         sharded(inputs_embeds=embeddings)
