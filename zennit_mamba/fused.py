@@ -23,7 +23,22 @@ from ._optional import mamba_ssm_scan_extension
 
 def applies(conv: torch.Tensor) -> bool:
     '''Whether the fused function can compute a branch whose convolution output is ``conv``: a CUDA tensor of a
-    dtype mamba-ssm's kernel takes, with mamba-ssm installed and gradients recorded.'''
+    dtype mamba-ssm's kernel takes, with mamba-ssm installed and gradients recorded.
+
+    Parameters
+    ----------
+    conv : :py:obj:`torch.Tensor`
+        The branch's convolution output ``(batch, channels, length)``.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> applies(torch.zeros(1, 2, 3))  # a CPU tensor: the rule set's operations in turn
+    False
+    '''
     return (conv.is_cuda and conv.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and torch.is_grad_enabled() and mamba_ssm_scan_extension() is not None)
 
@@ -59,7 +74,28 @@ class SiLUScanGate(torch.autograd.Function):
 def rule_factors(gradient_u: torch.Tensor, conv: torch.Tensor, gradient: torch.Tensor, out: torch.Tensor,
                  gate: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     '''``dL/dc = gradient_u / 2 * sigmoid(c)`` and ``dL/dz = dL/do / 2 * y * sigmoid(z)``, in one Triton kernel where
-    Triton is installed (one pass over five tensors instead of six element-wise kernels).'''
+    Triton is installed and the tensors are on a GPU (one pass over five tensors instead of six element-wise
+    kernels), else in PyTorch.
+
+    Parameters
+    ----------
+    gradient_u : :py:obj:`torch.Tensor`
+        The scan kernel's gradient in its input ``silu(c)`` for the whole output gradient.
+    conv, gradient, out, gate : :py:obj:`torch.Tensor`
+        ``c`` (rows of one stride, as the convolution's sliced output is), ``dL/do``, the scan output ``y`` before
+        the gate, and ``z``; all ``(batch, channels, length)``.
+
+    Returns
+    -------
+    tuple[:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`]
+        ``dL/dc`` and ``dL/dz``.
+
+    Examples
+    --------
+    >>> ones = torch.ones(1, 1, 2)
+    >>> rule_factors(ones, torch.zeros(1, 1, 2), ones, ones, torch.zeros(1, 1, 2))[0]
+    tensor([[[0.2500, 0.2500]]])
+    '''
     kernel = _triton_rule_factors()
     length = conv.shape[-1]
     # the convolution's output is a slice (batch, channels, length) of a longer contiguous one: rows of one stride

@@ -14,13 +14,40 @@ import torch
 
 def forward_slot(module: torch.nn.Module) -> str:
     '''Where the module's own forward lives: ``forward``, or ``_old_forward`` under an accelerate hook, whose
-    wrapper calls it after moving inputs and weights in.'''
+    wrapper calls it after moving inputs and weights in.
+
+    Parameters
+    ----------
+    module : :py:obj:`torch.nn.Module`
+        Any module.
+
+    Returns
+    -------
+    str
+        The name of the instance attribute to put a canonized forward in.
+
+    Examples
+    --------
+    >>> forward_slot(torch.nn.Identity())
+    'forward'
+    '''
     hooked = '_hf_hook' in module.__dict__ and '_old_forward' in module.__dict__
     return '_old_forward' if hooked else 'forward'
 
 
 def offloading_hooks(module: torch.nn.Module) -> List[object]:
-    '''The accelerate hooks on ``module`` itself that move its weights in for each call and out again.'''
+    '''The accelerate hooks on ``module`` itself that move its weights in for each call and out again.
+
+    Parameters
+    ----------
+    module : :py:obj:`torch.nn.Module`
+        Any module.
+
+    Returns
+    -------
+    list
+        Those hooks (empty without accelerate, or where the weights stay on their device).
+    '''
     hook = module.__dict__.get('_hf_hook')
     return [part for part in getattr(hook, 'hooks', (hook,)) if getattr(part, 'offload', False)]
 
@@ -28,7 +55,18 @@ def offloading_hooks(module: torch.nn.Module) -> List[object]:
 @contextmanager
 def weights_in_place(module: torch.nn.Module) -> Iterator[None]:
     '''The offloaded weights of every module below ``module`` on their execution device while inside (a no-op
-    without offloading hooks); moved out again on leaving, as their hooks do after a call.'''
+    without offloading hooks); moved out again on leaving, as their hooks do after a call.
+
+    Parameters
+    ----------
+    module : :py:obj:`torch.nn.Module`
+        A module whose computation reads the weights of children it does not call (a canonized mixer).
+
+    Examples
+    --------
+    >>> with weights_in_place(torch.nn.Linear(2, 2)):  # no accelerate hook: nothing to place
+    ...     pass
+    '''
     placed = [(child, hook) for child in module.modules() if child is not module for hook in offloading_hooks(child)]
     for child, hook in placed:
         hook.pre_forward(child)
