@@ -20,6 +20,9 @@ import torch
 
 from ._optional import mamba_ssm_scan_extension
 
+#: elements per program of the Triton kernel of :py:func:`rule_factors`
+_BLOCK = 1024
+
 
 def applies(conv: torch.Tensor) -> bool:
     '''Whether the fused function can compute a branch whose convolution output is ``conv``: a CUDA tensor of a
@@ -106,13 +109,9 @@ def rule_factors(gradient_u: torch.Tensor, conv: torch.Tensor, gradient: torch.T
     gradient_conv = torch.empty(conv.shape, dtype=conv.dtype, device=conv.device)
     gradient_gate = torch.empty_like(gate)
     count = conv.numel()
-    kernel[(triton_cdiv(count, 1024),)](gradient_u, conv, gradient, out, gate, gradient_conv, gradient_gate, count,
-                                         length, conv.stride(1), BLOCK=1024)
+    kernel[(-(-count // _BLOCK),)](gradient_u, conv, gradient, out, gate, gradient_conv, gradient_gate, count,
+                                    length, conv.stride(1), BLOCK=_BLOCK)
     return gradient_conv, gradient_gate
-
-
-def triton_cdiv(count: int, block: int) -> int:
-    return (count + block - 1) // block
 
 
 @functools.lru_cache(maxsize=None)

@@ -143,9 +143,11 @@ class LNRule(_ConstantFactor):
         return linear + (u - linear).detach()
 
     def on_output(self, module, args, output):
+        # under accelerate's hooks a module may take its input on another device than its output's
+        h = args[0].to(output.device)
         if not isinstance(module, torch.nn.LayerNorm):
-            return self.apply(args[0].to(output.device), output)
-        h, count = args[0].to(output.device), len(module.normalized_shape)
+            return self.apply(h, output)
+        count = len(module.normalized_shape)
         if type(module).__name__.endswith('2d'):
             # timm's LayerNorm2d normalises the channels of (batch, channels, height, width)
             shape, dims = (-1, 1, 1), (1,)
