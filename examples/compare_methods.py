@@ -49,12 +49,15 @@ def methods(forward: torch.nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'))
+    parser.add_argument('--weights', default=None,
+                        help='the classifier\'s weights: loaded if the file exists, else trained and saved there '
+                             '(default: sentiment_classifier.pt in --out)')
     parser.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args()
 
     # Captum's gradient methods warn that they set requires_grad on the inputs themselves
     warnings.filterwarnings('ignore', message='Input Tensor 0 did not already require gradients')
-    model = trained_classifier().eval()
+    model = trained_classifier(args.weights or os.path.join(args.out, 'sentiment_classifier.pt')).eval()
     forward = EmbeddingClassifier(model)
     ids, _ = make_sentences(16, seed=3)
     embeddings = model.backbone.embeddings(ids).detach()

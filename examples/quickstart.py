@@ -33,9 +33,12 @@ def explain(model: torch.nn.Module, ids: torch.Tensor):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'))
+    parser.add_argument('--weights', default=None,
+                        help='the classifier\'s weights: loaded if the file exists, else trained and saved there '
+                             '(default: sentiment_classifier.pt in --out)')
     args = parser.parse_args()
 
-    model = trained_classifier()
+    model = trained_classifier(args.weights or os.path.join(args.out, 'sentiment_classifier.pt'))
     test_ids, test_labels = make_sentences(500, seed=2)
     token_relevance, predicted, explained = explain(model, test_ids)
 

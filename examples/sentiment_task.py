@@ -3,8 +3,10 @@
 Sentences of neutral words with a few positive and negative words are labelled positive when positive words
 outnumber negative ones, so the words that decide the label are known.
 '''
+import os
 import random
 import time
+from typing import Optional
 
 import torch
 from transformers import MambaConfig, MambaModel
@@ -66,8 +68,12 @@ def train(model: MambaClassifier, ids: torch.Tensor, labels: torch.Tensor, epoch
     model.eval()
 
 
-def trained_classifier(epochs: int = 20, seed: int = 0) -> MambaClassifier:
-    '''A 2-layer classifier trained on 2,000 generated sentences; prints its test accuracy.'''
+def trained_classifier(weights: Optional[str] = None, epochs: int = 20, seed: int = 0) -> MambaClassifier:
+    '''A 2-layer classifier trained on 2,000 generated sentences; prints its test accuracy.
+
+    With ``weights`` (a file path) the trained weights are saved there, and loaded from there on later calls
+    (the examples share one classifier: each trains it only when the file is missing).
+    '''
     torch.manual_seed(seed)
     # conv biases off: then relevance is conserved exactly (the dt bias sits behind MambaLRP's detach)
     config = MambaConfig(
@@ -75,11 +81,20 @@ def trained_classifier(epochs: int = 20, seed: int = 0) -> MambaClassifier:
     )
     model = MambaClassifier(config)
     start = time.perf_counter()
-    train(model, *make_sentences(2000, seed=1), epochs=epochs)
+    if weights is not None and os.path.exists(weights):
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.eval()
+        done = f'loaded {weights}'
+    else:
+        train(model, *make_sentences(2000, seed=1), epochs=epochs)
+        if weights is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(weights)), exist_ok=True)
+            torch.save(model.state_dict(), weights)
+        done = f'trained in {time.perf_counter() - start:.0f} s'
     test_ids, test_labels = make_sentences(500, seed=2)
     with torch.no_grad():
         accuracy = (model(test_ids).argmax(-1) == test_labels).float().mean().item()
-    print(f'trained in {time.perf_counter() - start:.0f} s, test accuracy {accuracy:.1%}')
+    print(f'{done}, test accuracy {accuracy:.1%}')
     return model
 
 

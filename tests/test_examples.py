@@ -4,21 +4,29 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_example(name, out):
+def run_example(name, out, *arguments):
     environment = dict(os.environ, PYTHONPATH=ROOT)
     completed = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'examples', name), '--out', str(out)],
+        [sys.executable, os.path.join(ROOT, 'examples', name), '--out', str(out), *arguments],
         capture_output=True, text=True, env=environment, timeout=600,
     )
     assert completed.returncode == 0, completed.stderr
     return completed.stdout
 
 
-def test_quickstart(tmp_path):
-    output = run_example('quickstart.py', tmp_path)
+@pytest.fixture(scope='module')
+def classifier_weights(tmp_path_factory):
+    '''One file for the sentiment examples' classifier: the first example trains it, the other loads it.'''
+    return str(tmp_path_factory.mktemp('classifier') / 'sentiment_classifier.pt')
+
+
+def test_quickstart(tmp_path, classifier_weights):
+    output = run_example('quickstart.py', tmp_path, '--weights', classifier_weights)
     accuracy = float(re.search(r'test accuracy ([\d.]+)%', output).group(1))
     share = float(re.search(r'sentiment words: ([\d.]+)%', output).group(1))
     error = float(re.search(r'\|sum R - f\| / \|f\|: ([\d.e+-]+)', output).group(1))
@@ -28,8 +36,8 @@ def test_quickstart(tmp_path):
     assert (tmp_path / 'quickstart.png').read_bytes()[:4] == b'\x89PNG'
 
 
-def test_compare_methods(tmp_path):
-    output = run_example('compare_methods.py', tmp_path)
+def test_compare_methods(tmp_path, classifier_weights):
+    output = run_example('compare_methods.py', tmp_path, '--weights', classifier_weights)
     rows = {line[:38].strip(): line[38:].split() for line in output.splitlines() if line[:38].strip()}
     lrp, ixg = rows['MambaLRP'], rows['InputXGradient']
     assert float(lrp[1]) < 1e-3 < float(ixg[1])  # conservation error
