@@ -120,14 +120,32 @@ def win_rates(records: List[dict], key: str = 'delta_af') -> Dict[Tuple[str, str
     return {(task, method): count / examples[task] for (task, method), count in wins.items()}
 
 
+def paired_differences(records: List[dict], key: str = 'delta_af',
+                       reference: str = 'MambaLRP') -> Dict[Tuple[str, str], Tuple[float, float, float]]:
+    '''Per (task, method): the mean over the task's examples of the method's score ``key`` minus ``reference``'s on
+    the same example, and the 95 % bootstrap interval of that mean (the examples resampled in pairs, so what they
+    share, how hard each example is, cancels). Where the interval excludes 0 the two methods differ on these
+    examples.'''
+    per_example = defaultdict(dict)
+    for record in records:
+        per_example[(record['task'], record['example'])][record['method']] = record[key]
+    differences = defaultdict(list)
+    for (task, _), scores in sorted(per_example.items()):
+        if reference in scores:
+            for method, score in scores.items():
+                differences[(task, method)].append(score - scores[reference])
+    return {pair: (sum(values) / len(values), *bootstrap_interval(values)) for pair, values in differences.items()}
+
+
 def summarise(records: List[dict], quick: bool) -> Dict[str, List[dict]]:
-    '''One row per (task, method): means over examples, the 95 % bootstrap intervals of dA_F and dA_I and their
-    win rates.'''
+    '''One row per (task, method): means over examples, the 95 % bootstrap intervals of dA_F and dA_I, their win
+    rates, and the paired differences of dA_F from MambaLRP.'''
     groups = defaultdict(list)
     for record in records:
         groups[(record['task'], record['method'])].append(record)
     scores = ('delta_af', 'delta_ai')
     wins = {key: win_rates(records, key) for key in scores}
+    paired = paired_differences(records)
     tables = defaultdict(list)
     for (task, method), rows in groups.items():
         count = len(rows)
@@ -136,6 +154,9 @@ def summarise(records: List[dict], quick: bool) -> Dict[str, List[dict]]:
             row[key] = sum(r[key] for r in rows) / count
             row[f'{key}_low'], row[f'{key}_high'] = bootstrap_interval([r[key] for r in rows])
             row[f'{key}_win_rate'] = wins[key][(task, method)]
+        if (task, method) in paired:
+            row['delta_af_minus_lrp'], row['delta_af_minus_lrp_low'], row['delta_af_minus_lrp_high'] = \
+                paired[(task, method)]
         row.update({
             'area_morf': sum(r['area_morf'] for r in rows) / count,
             'area_lerf': sum(r['area_lerf'] for r in rows) / count,
@@ -160,15 +181,18 @@ def markdown(tables: Dict[str, List[dict]], accuracies: Dict[str, float]) -> str
     for task, rows in tables.items():
         needle = 'needle_share' in rows[0]
         lines += [f'### {task} (test accuracy {accuracies[task]:.1%}, {rows[0]["examples"]} explained examples)', '',
-                  '| method | dA_F | 95 % interval | wins | dA_I | 95 % interval | wins | s / explanation | '
-                  'conservation error |' + (' relevance on needle |' if needle else ''),
-                  '|---|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if needle else '')]
+                  '| method | dA_F | 95 % interval | wins | dA_F - MambaLRP (paired 95 % interval) | dA_I | 95 % interval '
+                  '| wins | s / explanation | conservation error |' + (' relevance on needle |' if needle else ''),
+                  '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if needle else '')]
         for row in rows:
             conservation = '—' if row['conservation_error'] != row['conservation_error'] else \
                 f'{row["conservation_error"]:.1e}'
-            scores = ''.join(
-                f' {row[key]:.3f} | {row[key + "_low"]:.3f} to {row[key + "_high"]:.3f} | {row[key + "_win_rate"]:.0%} |'
-                for key in ('delta_af', 'delta_ai'))
+            scores = [f' {row[key]:.3f} | {row[key + "_low"]:.3f} to {row[key + "_high"]:.3f} | '
+                      f'{row[key + "_win_rate"]:.0%} |' for key in ('delta_af', 'delta_ai')]
+            difference = ' — |' if 'delta_af_minus_lrp' not in row or row['method'] == 'MambaLRP' else (
+                f' {row["delta_af_minus_lrp"]:+.3f} ({row["delta_af_minus_lrp_low"]:+.3f} to '
+                f'{row["delta_af_minus_lrp_high"]:+.3f}) |')
+            scores = scores[0] + difference + scores[1]
             lines.append(f'| {row["method"]} |{scores} {row["seconds_per_explanation"]:.4f} | {conservation} |'
                          + (f' {row["needle_share"]:.1%} |' if needle else ''))
         lines.append('')

@@ -1,6 +1,7 @@
 '''Speed and memory of MambaLRP against gradient x input and Integrated Gradients, side by side in one run.
 
-Methods, on the same model and inputs (float32, random weights, conv biases zeroed so that relevance is conserved):
+Methods, on the same model and inputs (random weights, conv biases zeroed so that relevance is conserved; float32,
+or bfloat16 for the real-size configurations of ``--configs``):
 
 * ``gi``: gradient x input on the unmodified model, through transformers' own forward (on the GPU with mamba-ssm
   installed, its CUDA scan; on the CPU, transformers' per-step loop).
@@ -20,7 +21,8 @@ estimated or first-measured time is too long to repeat within the budget is meas
 
 Run: ``python benchmarks/speed.py`` (CPU: 4 layers, d_model 256) or ``python benchmarks/speed.py --device cuda``
 (24 layers, d_model 768, the 130M size); ``--families mamba mamba2 falcon_mamba bamba`` measures each family at that
-size (Bamba: its last layer attention); ``--quick`` for a small smoke run. Writes ``speed_<device>.md`` and
+size (Bamba: its last layer attention); ``--configs mamba-2.8b falcon-mamba-7b codestral-mamba-7b bamba-9b`` the
+published models' layouts in bfloat16; ``--quick`` for a small smoke run. Writes ``speed_<device>.md`` and
 ``speed_<device>.csv`` (a row per family, length, batch and method; a column per ratio) to ``--out``.
 '''
 import argparse
@@ -78,13 +80,38 @@ def _config(family: str, vocab_size: int, hidden_size: int, num_hidden_layers: i
         mamba_chunk_size=256, mamba_expand=2, **common)
 
 
+#: real-size configurations (``--configs``), explained in bfloat16 with random weights: the published models'
+#: layouts (their config.json: widths, depths, heads, state and vocabulary sizes, Bamba's attention layers)
+REAL_SIZES = {
+    'mamba-2.8b': lambda: MambaConfig(hidden_size=2560, num_hidden_layers=64, state_size=16, vocab_size=50280),
+    'falcon-mamba-7b': lambda: transformers.FalconMambaConfig(
+        hidden_size=4096, num_hidden_layers=64, state_size=16, expand=2, time_step_rank=256, vocab_size=65024),
+    'codestral-mamba-7b': lambda: transformers.Mamba2Config(
+        hidden_size=4096, num_hidden_layers=64, num_heads=128, head_dim=64, n_groups=8, state_size=128, expand=2,
+        chunk_size=256, vocab_size=32768),
+    'bamba-9b': lambda: transformers.BambaConfig(
+        hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+        num_key_value_heads=8, attn_layer_indices=[9, 18, 27], mamba_n_heads=128, mamba_d_head=64, mamba_n_groups=1,
+        mamba_d_state=128, mamba_chunk_size=256, mamba_expand=2, vocab_size=128256),
+}
+
+
 def build_model(device: str, quick: bool, family: str = 'mamba') -> torch.nn.Module:
     '''The family's causal LM with random weights, float32, convolution biases zeroed (so relevance is
-    conserved).'''
+    conserved); or a real-size configuration of :py:data:`REAL_SIZES` in bfloat16, built on ``device``.'''
     torch.manual_seed(0)
-    size = dict(hidden_size=64, num_hidden_layers=2) if quick else SIZES[device]
-    config = _config(family, 50280 if device == 'cuda' else 1000, **size)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
+    if family in REAL_SIZES:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # a 7B model's weights initialised in float32 would take 28 GB
+        try:
+            with torch.device(device):
+                model = transformers.AutoModelForCausalLM.from_config(REAL_SIZES[family]()).eval()
+        finally:
+            torch.set_default_dtype(default)
+    else:
+        size = dict(hidden_size=64, num_hidden_layers=2) if quick else SIZES[device]
+        config = _config(family, 50280 if device == 'cuda' else 1000, **size)
+        model = transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Conv1d) and module.bias is not None:
@@ -206,7 +233,8 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
              estimates: Dict[str, float], budget: float) -> Dict[str, dict]:
     '''Medians over repeats of every method that fits the budget, measured in turn.'''
     generator = torch.Generator().manual_seed(length + batch)
-    embeddings = (torch.randn(batch, length, model.config.hidden_size, generator=generator) * 0.5).to(device)
+    embeddings = (torch.randn(batch, length, model.config.hidden_size, generator=generator) * 0.5).to(
+        device, model.dtype)
     chosen = {name: method for name, method in methods.items() if estimates.get(name, 0.0) <= budget}
     # a method too slow for warm-up and repeats within the budget runs once
     once = {name for name in chosen if estimates.get(name, 0.0) * (repeats + 1) > budget}
@@ -214,8 +242,11 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
     failed, peaks = set(), {}
     for name, method in chosen.items():
         if name not in estimates:
-            # no estimate yet (the first size): one timed call tells whether repeats fit the budget
+            # no estimate yet (the first size): one timed call tells whether repeats fit the budget; on a GPU after
+            # an untimed one, which compiles and autotunes Triton kernels (mamba-ssm's SSD: 90 s on an H200)
             try:
+                if device == 'cuda':
+                    method(model, embeddings)
                 probe = measure(lambda: method(model, embeddings), device, memory=False)
             except torch.OutOfMemoryError:
                 failed.add(name)
@@ -375,7 +406,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--budget', type=float, default=60.0, help='skip a method estimated to take longer (s)')
     parser.add_argument('--long', type=int, default=0, help='also explain one input of this many tokens')
-    parser.add_argument('--families', nargs='+', default=['mamba'], choices=FAMILIES)
+    parser.add_argument('--families', nargs='+', default=None, choices=FAMILIES,
+                        help='families at the device\'s size, float32 (default: mamba, unless --configs)')
+    parser.add_argument('--configs', nargs='+', default=[], choices=sorted(REAL_SIZES),
+                        help='real-size configurations, bfloat16, random weights (a GPU\'s worth of memory)')
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS,
                         help='the methods to measure (gi_same_kernels, ratio (b), is always measured)')
     parser.add_argument('--quick', action='store_true', help='tiny model, short inputs, one repeat')
@@ -387,9 +421,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     transformers_logging.set_verbosity_error()
     os.makedirs(args.out, exist_ok=True)
 
-    results, long_results = [], []
-    for family in args.families:
+    args.families = args.families if args.families is not None else ([] if args.configs else ['mamba'])
+    results, long_results, sizes = [], [], []
+    for family in args.families + args.configs:
         model = build_model(args.device, args.quick, family)
+        sizes.append(f'{family} ({model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, '
+                     f'{str(model.dtype).replace("torch.", "")})')
         methods = {name: method for name, method in method_table(family).items()
                    if name in args.methods or name == 'gi_same_kernels'}
         for batch in args.batches:
@@ -406,8 +443,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         if args.long:
             long_results.append(dict(family=family, length=args.long, **long_input(model, args.device, args.long)))
             print(f'long input: {long_results[-1]}', flush=True)
-    description = (f'{args.device}, {model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, '
-                   f'float32, {torch.get_num_threads()} threads'
+        del model
+        if args.device == 'cuda':
+            torch.cuda.empty_cache()
+    description = (f'{args.device}, ' + ', '.join(sizes) + f', {torch.get_num_threads()} threads'
                    + (f', {torch.cuda.get_device_name()}' if args.device == 'cuda' else ''))
     text = report(results, args.device, long_results, description)
     print(text)

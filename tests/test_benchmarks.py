@@ -11,7 +11,7 @@ from zennit_mamba import selective_scan
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
-from faithfulness import bootstrap_interval, win_rates  # noqa: E402
+from faithfulness import bootstrap_interval, paired_differences, win_rates  # noqa: E402
 from methods import hidden_attention  # noqa: E402
 
 
@@ -186,6 +186,18 @@ def test_win_rates_share_ties_and_bootstrap_intervals_bracket_the_mean():
     assert bootstrap_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
     low, high = bootstrap_interval([0.0, 1.0] * 20)
     assert 0.3 < low < 0.5 < high < 0.7 and bootstrap_interval([0.0, 1.0] * 20) == (low, high)
+
+
+def test_paired_differences_subtract_mambalrp_on_the_same_example():
+    '''B - MambaLRP per example is 1.0, 0.5, 0.5: mean 2/3, every resampled mean within [0.5, 1.0]; unpaired, the
+    scores' spread (0 to 3.5) would give a far wider interval.'''
+    scores = [(1.0, 2.0), (3.0, 3.5), (0.0, 0.5)]
+    records = [{'task': 't', 'example': example, 'method': method, 'delta_af': score}
+               for example, pair in enumerate(scores) for method, score in zip(('MambaLRP', 'B'), pair)]
+    differences = paired_differences(records)
+    mean, low, high = differences[('t', 'B')]
+    assert mean == pytest.approx(2 / 3) and 0.5 <= low < mean < high <= 1.0
+    assert differences[('t', 'MambaLRP')] == (0.0, 0.0, 0.0)
 
 
 def test_sst2_training_pieces_on_a_tiny_model(tmp_path):

@@ -315,24 +315,36 @@ def test_torch_ssd_matches_mamba_ssm_kernel_forward_and_backward(selection_detac
         assert relative_error(ours, kernel) <= 5e-3
 
 
-@cuda
+@needs_mamba_ssm
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_fused_rule_factors_kernel_matches_the_torch_formula(dtype):
-    '''The Triton kernel of the fused branch's backward: 0.5 du sigmoid(c) and 0.5 g y sigmoid(z), c a slice of a
-    longer convolution output as in the mixer.'''
-    from zennit_mamba.fused import rule_factors
+def test_fused_backward_kernels_match_the_float64_computation(dtype):
+    '''The fused branch's backward on the GPU (two Triton kernels around mamba-ssm's forward scan in reversed time)
+    equals the same equations in float64 on the CPU with the PyTorch scan; one step size underflowed to 0.'''
+    from zennit_mamba.fused import _kernel_forward_scan, branch_gradients
 
     generator = torch.Generator('cuda').manual_seed(0)
-    gradient_u, gradient, out, gate = (torch.randn(2, 48, 37, device='cuda', generator=generator).to(dtype)
-                                       for _ in range(4))
-    conv = torch.randn(2, 48, 40, device='cuda', generator=generator).to(dtype)[..., :37]
-    fused_conv, fused_gate = rule_factors(gradient_u, conv, gradient, out, gate)
-    expected_conv = 0.5 * gradient_u.float() * torch.sigmoid(conv.float())
-    expected_gate = 0.5 * gradient.float() * out.float() * torch.sigmoid(gate.float())
-    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(fused_conv.float(), expected_conv, rtol=tolerance, atol=tolerance)
-    torch.testing.assert_close(fused_gate.float(), expected_gate, rtol=tolerance, atol=tolerance)
-    assert fused_conv.dtype == fused_gate.dtype == dtype
+    batch, channels, state, length = 2, 48, 16, 301
+
+    def random(*shape):
+        return torch.randn(*shape, device='cuda', generator=generator)
+
+    gradient, gate, out = (random(batch, channels, length).to(dtype) for _ in range(3))
+    conv = random(batch, channels, length + 3).to(dtype)[..., :length]
+    delta = torch.rand(batch, channels, length, device='cuda', generator=generator).to(dtype)
+    delta[0, 0, 5] = 0.0
+    A, D = -torch.rand(channels, state, device='cuda', generator=generator), random(channels)
+    B, C = (random(batch, 1, state, length).to(dtype) for _ in range(2))
+    actual = branch_gradients(gradient, conv, gate, out, delta, A, B, C, D, _kernel_forward_scan)
+
+    def torch_forward_scan(u, delta, A, B, C):
+        return selective_scan(u, delta, A, B[:, 0], C[:, 0], implementation='torch')[0]
+
+    expected = branch_gradients(*(value.cpu().double() for value in (gradient, conv, gate, out, delta, A, B, C, D)),
+                                torch_forward_scan)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip(actual, expected):
+        assert got.dtype == dtype
+        assert relative_error(got.cpu().double(), want) <= tolerance
 
 
 @needs_mamba_ssm

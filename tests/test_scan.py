@@ -123,14 +123,17 @@ def test_half_precision_inputs_accumulate_in_float32():
 
 
 def sequential_ssd(x, dt, A, B, C, D):
-    '''Mamba-2's recurrence step by step: S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t + D x_t.'''
+    '''Mamba-2's recurrence step by step: S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t + D x_t (B and C
+    one per head or shared; D per head or per channel).'''
     batch, length, heads, head_dim = x.shape
+    B, C = (matrix[:, :, None].expand(-1, -1, heads, -1) if matrix.dim() == 3 else matrix for matrix in (B, C))
+    D = D.reshape(heads, -1)
     state = torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=x.dtype)
     outputs = []
     for t in range(length):
         decay = torch.exp(dt[:, t] * A)[:, :, None, None]
-        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, None, None, :]
-        outputs.append((state * C[:, t, None, None, :]).sum(-1) + D[:, None] * x[:, t])
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        outputs.append((state * C[:, t, :, None, :]).sum(-1) + D * x[:, t])
     return torch.stack(outputs, 1), state
 
 
@@ -152,3 +155,30 @@ def test_ssd_matches_the_recurrence_with_chunks_in_blocks_or_all_at_once(whole_b
     expected, expected_state = sequential_ssd(x, dt, A, B[:, :, 0], C[:, :, 0], D)
     torch.testing.assert_close(outputs, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state, expected_state, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('skip_per_channel', [False, True])
+@pytest.mark.parametrize('whole_block', [True, False])
+def test_ssd_backward_for_a_constant_selection_is_the_transposed_scan(skip_per_channel, whole_block, monkeypatch):
+    '''With dt, A, B, C detached (the SSM rule) the SSD's backward is its own transposed scan, not autograd through
+    the chunks: its gradients in x and D equal autograd's through the step-by-step recurrence (two groups of B and C
+    for four heads, 70 positions in chunks of 16, the skip per head or per channel).'''
+    from zennit_mamba import ssd
+
+    if not whole_block:
+        monkeypatch.setitem(scan.BLOCK_ELEMENTS, 'cpu', 1)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 70, 4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    dt = torch.rand(2, 70, 4, generator=generator, dtype=torch.float64)
+    A = -2 * torch.rand(4, generator=generator, dtype=torch.float64)
+    B, C = (torch.randn(2, 70, 2, 5, generator=generator, dtype=torch.float64) for _ in range(2))
+    D = torch.randn(*((4, 3) if skip_per_channel else (4,)), generator=generator, dtype=torch.float64,
+                    requires_grad=True)
+    outputs, _ = ssd.ssd_scan(x, dt, A, B, C, D, chunk_size=16, implementation='torch')
+    assert outputs.grad_fn.name().startswith('_LinearSSD')
+    expected, _ = sequential_ssd(x, dt, A, B.repeat_interleave(2, 2), C.repeat_interleave(2, 2), D)
+    grad_outputs = torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
+    actual = torch.autograd.grad(outputs, (x, D), grad_outputs)
+    wanted = torch.autograd.grad(expected, (x, D), grad_outputs)
+    for got, want in zip(actual, wanted):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -3,24 +3,36 @@ around mamba-ssm's CUDA kernels: the same relevance as :py:class:`~zennit_mamba.
 in fewer kernel launches and autograd nodes (the selection carries no gradient, so none of it is recorded).
 
 For the convolution output ``c``, the gate input ``z`` and the (constant) selection ``delta, A, B, C``, the forward
-is mamba-ssm's ``o = scan(silu(c)) * silu(z)`` (one kernel, the skip ``D`` included). The backward applies
+is mamba-ssm's ``o = y * silu(z)`` with ``y = scan(silu(c))`` (one kernel, the skip ``D`` included). The backward
+applies
 
-* the half rule (:py:class:`~zennit_mamba.rules.HalfRule`): each factor of ``o = y * g`` gets half of ``dL/do``;
+* the half rule (:py:class:`~zennit_mamba.rules.HalfRule`): each factor of ``o = y * silu(z)`` gets half of
+  ``dL/do``, so ``dL/dy = dL/do / 2 * silu(z)``;
 * the identity rule for both SiLUs (:py:class:`~zennit_mamba.rules.SiLUIdentity`): ``dL/dx = dL/dsilu(x) *
   sigmoid(x)``, so that ``x * dL/dx = silu(x) * dL/dsilu(x)``;
-* the detached selection (:py:class:`~zennit_mamba.rules.DetachSelection`): mamba-ssm's backward kernel gives the
-  gradient of the scan in ``silu(c)`` for fixed ``delta, A, B, C``; its other gradients are discarded.
+* the detached selection (:py:class:`~zennit_mamba.rules.DetachSelection`): for constant ``delta, A, B, C`` the scan
+  ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``, ``y_t = C_t . h_t + D u_t`` is linear in ``u``, and its
+  gradient is the transposed recurrence ``lambda_t = exp(delta_{t+1} A) lambda_{t+1} + C_t dL/dy_t``,
+  ``dL/du_t = delta_t B_t . lambda_t + D dL/dy_t``. That is the same forward kernel run backwards in time with ``B``
+  and ``C`` exchanged, the step sizes moved one position and the input divided by them (the kernel multiplies its
+  input by the step size): one forward scan instead of mamba-ssm's backward kernel, which would also compute the
+  discarded gradients of ``delta, A, B, C``.
 
-So ``dL/dc = bwd_u(dL/do / 2) * sigmoid(c)`` and ``dL/dz = dL/do / 2 * y * sigmoid(z)``.
+So ``dL/dc = (delta * transposed_scan(dL/dy) + D dL/dy) * sigmoid(c)`` and ``dL/dz = dL/do / 2 * y * sigmoid(z)``.
+The reversed scan runs in float32 whatever the model's dtype. Step sizes below ``2**-64`` (a softplus that underflowed)
+are raised to it for the division: the decay ``exp(2**-64 A)`` is 1 in float32 as the original one is, for
+``|A| < 2**40``.
 '''
 import functools
-from typing import Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ._optional import mamba_ssm_scan_extension
+from .scan import SMALLEST_STEP
 
-#: elements per program of the Triton kernel of :py:func:`rule_factors`
+#: elements per program of the Triton kernels of :py:func:`branch_gradients`
 _BLOCK = 1024
 
 
@@ -57,66 +69,109 @@ class SiLUScanGate(torch.autograd.Function):
         u, delta, gate = (value.contiguous() for value in (activated, delta, gate))
         B, C = (value.contiguous().unsqueeze(1) for value in (B, C))
         out, states, gated = kernel.fwd(u, delta, A, B, C, D, gate, None, False)
-        ctx.save_for_backward(conv, u, delta, A, B, C, D, gate, states, out)
+        ctx.save_for_backward(conv, delta, A, B, C, D, gate, out)
         last_state = states[:, :, -1, 1::2]
         ctx.mark_non_differentiable(last_state)
         return gated, last_state
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor, _last_state_gradient: torch.Tensor):
-        conv, u, delta, A, B, C, D, gate, states, out = ctx.saved_tensors
-        gradient = gradient.contiguous()
-        # the kernel's gradient in u for fixed delta, A, B, C (z given: it multiplies by silu(z) itself), for the whole
-        # gradient; the half rule's factor 1/2 is applied below, with the SiLUs' factors
-        gradient_u = mamba_ssm_scan_extension().bwd(u, delta, A, B, C, D, gate, None, gradient, states, out, None,
-                                                    False, False)[0]
-        gradient_conv, gradient_gate = rule_factors(gradient_u, conv, gradient, out, gate)
+        conv, delta, A, B, C, D, gate, out = ctx.saved_tensors
+        gradient_conv, gradient_gate = branch_gradients(gradient.contiguous(), conv, gate, out, delta, A, B, C, D,
+                                                        _kernel_forward_scan)
         return gradient_conv, None, gradient_gate, None, None, None, None, None
 
 
-def rule_factors(gradient_u: torch.Tensor, conv: torch.Tensor, gradient: torch.Tensor, out: torch.Tensor,
-                 gate: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    '''``dL/dc = gradient_u / 2 * sigmoid(c)`` and ``dL/dz = dL/do / 2 * y * sigmoid(z)``, in one Triton kernel where
-    Triton is installed and the tensors are on a GPU (one pass over five tensors instead of six element-wise
-    kernels), else in PyTorch.
+def _kernel_forward_scan(u, delta, A, B, C) -> torch.Tensor:
+    '''mamba-ssm's forward scan without skip and gate, ``B`` and ``C`` of shape ``(batch, 1, state, length)``.'''
+    return mamba_ssm_scan_extension().fwd(u, delta, A, B, C, None, None, None, False)[0]
+
+
+def branch_gradients(gradient: torch.Tensor, conv: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
+                     delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+                     forward_scan: Callable[..., torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''``dL/dc`` and ``dL/dz`` of the branch ``o = scan(silu(c)) * silu(z)`` under the three rules (the module's
+    equations), with the transposed scan computed by ``forward_scan`` in reversed time.
 
     Parameters
     ----------
-    gradient_u : :py:obj:`torch.Tensor`
-        The scan kernel's gradient in its input ``silu(c)`` for the whole output gradient.
-    conv, gradient, out, gate : :py:obj:`torch.Tensor`
-        ``c`` (rows of one stride, as the convolution's sliced output is), ``dL/do``, the scan output ``y`` before
-        the gate, and ``z``; all ``(batch, channels, length)``.
+    gradient : :py:obj:`torch.Tensor`
+        ``dL/do``, contiguous ``(batch, channels, length)``.
+    conv, gate, out, delta : :py:obj:`torch.Tensor`
+        ``c`` (rows of one stride), ``z``, the scan output ``y`` before the gate (skip included) and the step sizes,
+        ``(batch, channels, length)``; all but ``c`` contiguous.
+    A, B, C, D : :py:obj:`torch.Tensor`
+        ``(channels, state)``, ``(batch, 1, state, length)`` twice, ``(channels,)``.
+    forward_scan : callable
+        ``forward_scan(u, delta, A, B, C)``: the scan's output ``C_t . h_t`` (no skip) for inputs in the layout
+        above, in float32 (float64 for float64 inputs), mamba-ssm's forward kernel on a GPU.
 
     Returns
     -------
     tuple[:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`]
-        ``dL/dc`` and ``dL/dz``.
+        ``dL/dc`` and ``dL/dz`` in the dtypes of ``c`` and ``z``.
 
     Examples
     --------
-    >>> ones = torch.ones(1, 1, 2)
-    >>> rule_factors(ones, torch.zeros(1, 1, 2), ones, ones, torch.zeros(1, 1, 2))[0]
-    tensor([[[0.2500, 0.2500]]])
+    One channel, one state, two steps: ``y_t = h_t`` with ``h_t = 0.5 h_{t-1} + u_t`` (``delta = 1``,
+    ``A = log 0.5``), and the scan written out as a loop:
+
+    >>> def loop(u, delta, A, B, C):
+    ...     h, ys = 0.0, []
+    ...     for t in range(u.shape[-1]):
+    ...         h = torch.exp(delta[..., t] * A) * h + delta[..., t] * B[..., t] * u[..., t]
+    ...         ys.append(C[..., t] * h)
+    ...     return torch.stack(ys, -1).reshape(u.shape)
+    >>> ones, zeros = torch.ones(1, 1, 2), torch.zeros(1, 1, 2)
+    >>> A, B, C, D = torch.log(torch.tensor([[0.5]])), torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), torch.zeros(1)
+    >>> big = torch.full((1, 1, 2), 50.0)  # silu(z) = z and sigmoid(z) = 1 for this gate
+    >>> branch_gradients(ones, zeros, big, ones, ones, A, B, C, D, loop)[0]  # dL/dy = 25: (25 * 1.5, 25) / 2
+    tensor([[[18.7500, 12.5000]]])
     '''
-    kernel = _triton_rule_factors()
-    length = conv.shape[-1]
-    # the convolution's output is a slice (batch, channels, length) of a longer contiguous one: rows of one stride
-    rows_of_one_stride = conv.stride(-1) == 1 and conv.stride(0) == conv.shape[1] * conv.stride(1)
-    if kernel is None or not conv.is_cuda or not rows_of_one_stride or not all(
-            value.is_contiguous() for value in (gradient_u, gradient, out, gate)):
-        return 0.5 * gradient_u * torch.sigmoid(conv), (0.5 * gradient * out * torch.sigmoid(gate)).to(gate.dtype)
-    gradient_conv = torch.empty(conv.shape, dtype=conv.dtype, device=conv.device)
-    gradient_gate = torch.empty_like(gate)
-    count = conv.numel()
-    kernel[(-(-count // _BLOCK),)](gradient_u, conv, gradient, out, gate, gradient_conv, gradient_gate, count,
-                                    length, conv.stride(1), BLOCK=_BLOCK)
-    return gradient_conv, gradient_gate
+    kernel = _triton_kernels()
+    on_triton = kernel is not None and conv.is_cuda and _rows_of_one_stride(conv)
+    # float32 (the kernel's float32 instantiation), or float64 where the tests run this on the CPU
+    dtype = torch.promote_types(conv.dtype, torch.float32)
+    B_reversed, C_reversed = (matrix.to(dtype).flip(-1) for matrix in (B, C))
+    if on_triton:
+        count, length = gradient.numel(), gradient.shape[-1]
+        u_reversed = torch.empty(gradient.shape, dtype=dtype, device=gradient.device)
+        delta_reversed, gradient_gate = torch.empty_like(u_reversed), torch.empty_like(gate)
+        grid = (-(-count // _BLOCK),)
+        kernel.reversed_inputs[grid](gradient, gate, out, delta, u_reversed, delta_reversed, gradient_gate, count,
+                                     length, SMALLEST_STEP, BLOCK=_BLOCK)
+        # C takes B's place and B C's: the output of the reversed scan is B_t . lambda_t
+        scanned_reversed = forward_scan(u_reversed, delta_reversed, A, C_reversed, B_reversed)
+        gradient_conv = torch.empty(conv.shape, dtype=conv.dtype, device=conv.device)
+        kernel.input_gradient[grid](scanned_reversed, delta, gradient, gate, D, conv, gradient_conv, count, length,
+                                    conv.shape[1], conv.stride(1), BLOCK=_BLOCK)
+        return gradient_conv, gradient_gate
+
+    gradient, gate, out, delta, conv = (value.to(dtype) for value in (gradient, gate, out, delta, conv))
+    gradient_y = 0.5 * gradient * F.silu(gate)
+    gradient_gate = 0.5 * gradient * out * torch.sigmoid(gate)
+    # the step after each position (any positive value after the last: it decays the zero state of the reversed scan)
+    later_delta = F.pad(delta[..., 1:], (0, 1), value=1.0).clamp_min(SMALLEST_STEP)
+    scanned_reversed = forward_scan((gradient_y / later_delta).flip(-1), later_delta.flip(-1), A, C_reversed,
+                                    B_reversed)
+    gradient_u = delta * scanned_reversed.flip(-1) + D[:, None] * gradient_y
+    return (gradient_u * torch.sigmoid(conv)).to(conv.dtype), gradient_gate.to(gate.dtype)
+
+
+def _rows_of_one_stride(conv: torch.Tensor) -> bool:
+    '''Whether ``conv`` is a slice ``(batch, channels, length)`` of a longer contiguous convolution output.'''
+    return conv.stride(-1) == 1 and conv.stride(0) == conv.shape[1] * conv.stride(1)
+
+
+class _TritonKernels(NamedTuple):
+    reversed_inputs: Callable
+    input_gradient: Callable
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_rule_factors():
-    '''The Triton kernel of :py:func:`rule_factors`, or None where Triton is not installed.'''
+def _triton_kernels() -> Optional[_TritonKernels]:
+    '''The two element-wise Triton kernels of :py:func:`branch_gradients`, or None where Triton is not installed.
+    Each thread block takes ``BLOCK`` elements of the reversed layout (row, reversed time); all arithmetic in float32.'''
     try:
         import triton
         import triton.language as tl
@@ -124,19 +179,40 @@ def _triton_rule_factors():
         return None
 
     @triton.jit
-    def rule_factors_kernel(gradient_u, conv, gradient, out, gate, gradient_conv, gradient_gate, count, length,
-                            conv_row_stride, BLOCK: tl.constexpr):
+    def reversed_inputs(gradient, gate, out, delta, u_reversed, delta_reversed, gradient_gate, count, length,
+                        smallest_step, BLOCK: tl.constexpr):
+        # dL/dy / delta_{t+1} and delta_{t+1}, reversed in time; dL/dz in place
         offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < count
-        conv_offsets = (offsets // length) * conv_row_stride + offsets % length
-        # computed in float32, stored in each output's dtype
-        c = tl.load(conv + conv_offsets, mask=inside).to(tl.float32)
-        z = tl.load(gate + offsets, mask=inside).to(tl.float32)
-        du = tl.load(gradient_u + offsets, mask=inside).to(tl.float32)
+        time = offsets % length
+        source = offsets - time + (length - 1 - time)
+        g = tl.load(gradient + source, mask=inside).to(tl.float32)
+        z = tl.load(gate + source, mask=inside).to(tl.float32)
+        y = tl.load(out + source, mask=inside).to(tl.float32)
+        has_later = inside & (time > 0)
+        later = tl.load(delta + source + 1, mask=has_later, other=1.0).to(tl.float32)
+        later = tl.maximum(later, smallest_step)
+        sigmoid_z = tl.sigmoid(z)
+        tl.store(u_reversed + offsets, 0.5 * g * z * sigmoid_z / later, mask=inside)
+        tl.store(delta_reversed + offsets, later, mask=inside)
+        tl.store(gradient_gate + source, (0.5 * g * y * sigmoid_z).to(gradient_gate.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def input_gradient(scanned_reversed, delta, gradient, gate, D, conv, gradient_conv, count, length, channels,
+                       conv_row_stride, BLOCK: tl.constexpr):
+        # (delta_t * scan_t + D dL/dy_t) * sigmoid(c_t)
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < count
+        time = offsets % length
+        row = offsets // length
+        scanned = tl.load(scanned_reversed + offsets - time + (length - 1 - time), mask=inside)
+        step = tl.load(delta + offsets, mask=inside).to(tl.float32)
         g = tl.load(gradient + offsets, mask=inside).to(tl.float32)
-        y = tl.load(out + offsets, mask=inside).to(tl.float32)
-        tl.store(gradient_conv + offsets, (0.5 * du * tl.sigmoid(c)).to(gradient_conv.dtype.element_ty), mask=inside)
-        tl.store(gradient_gate + offsets, (0.5 * g * y * tl.sigmoid(z)).to(gradient_gate.dtype.element_ty),
+        z = tl.load(gate + offsets, mask=inside).to(tl.float32)
+        skip = tl.load(D + row % channels, mask=inside).to(tl.float32)
+        c = tl.load(conv + row * conv_row_stride + time, mask=inside).to(tl.float32)
+        gradient_u = step * scanned + skip * 0.5 * g * z * tl.sigmoid(z)
+        tl.store(gradient_conv + offsets, (gradient_u * tl.sigmoid(c)).to(gradient_conv.dtype.element_ty),
                  mask=inside)
 
-    return rule_factors_kernel
+    return _TritonKernels(reversed_inputs, input_gradient)

@@ -26,6 +26,9 @@ MAX_CHUNK = 64
 BLOCK_ELEMENTS = {'cpu': 2 ** 22, 'cuda': 2 ** 26}
 
 IMPLEMENTATIONS = ('auto', 'torch', 'mamba_ssm')
+#: the smallest step size a transposed scan run by a forward kernel divides by (the kernels multiply their input by
+#: the step size): ``exp(2**-64 A)`` is 1 in float32, as for a step that underflowed to 0, for ``|A| < 2**40``
+SMALLEST_STEP = 2.0 ** -64
 
 
 def chunk_length(length: int) -> int:

@@ -7,7 +7,7 @@ Only decays ``exp(sum of dt A) <= 1`` are formed, so nothing overflows, and the 
 precision (at least float32): float64 models are explained in float64.
 
 The scan is differentiable in all inputs; MambaLRP detaches ``dt``, ``A``, ``B`` and ``C``, which makes it linear in
-``x``.
+``x``: then its backward is the transposed scan (:py:class:`_LinearSSD`), and nothing of the forward is kept for it.
 '''
 from typing import Tuple
 
@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from ._optional import mamba_ssm_chunk_scan
-from .scan import BLOCK_ELEMENTS, uses_kernel
+from .scan import BLOCK_ELEMENTS, SMALLEST_STEP, uses_kernel
+
+#: longest chunk of :py:class:`_LinearSSD` on the CPU: the within-chunk products cost ``length * chunk`` per head, the
+#: carried states ``length * head_dim * state`` whatever the chunk, so short chunks are cheaper there (the model's 256:
+#: 1.5x the time of 64 at 8,192 tokens, measured on one core); on a GPU fewer, larger chunks mean fewer launches.
+#: Autograd through the chunks (the selection not detached) keeps the model's chunk: it saves a state per chunk
+CPU_CHUNK = 64
 
 
 def _chunked(tensor: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -31,25 +37,26 @@ def _within_chunks(log_decay, C, B, x_dt, causal) -> torch.Tensor:
     return torch.einsum('bclsh,bcshp->bclhp', mixing, x_dt)
 
 
-def _torch_ssd(x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
-    batch, length, heads, _ = x.shape
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    x, dt, A, B, C = (tensor.to(dtype) for tensor in (x, dt, A, B, C))
-    B = B.repeat_interleave(heads // B.shape[2], dim=2)
-    C = C.repeat_interleave(heads // C.shape[2], dim=2)
+def _ssd(x_dt, log_step, B, C, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} log_step_r) (C_t . B_s) x_dt_s`` in chunks, and the last state.
 
-    # zero step sizes in the padded tail: decay 1, no input
+    ``x_dt`` is ``(batch, length, heads, head_dim)``, ``log_step`` (non-positive) ``(batch, length, heads)``, ``B``
+    and ``C`` ``(batch, length, heads, state)``, all of one dtype.
+    '''
+    batch, length, heads, _ = x_dt.shape
+    # zero inputs and log-steps in the padded tail: decay 1, no input
     padding = -length % chunk_size
-    x, dt, B, C = (F.pad(tensor, (0, 0) * (tensor.dim() - 2) + (0, padding)) for tensor in (x, dt, B, C))
-    x_dt = _chunked(x * dt[..., None], chunk_size)                       # (b, c, l, h, p)
+    x_dt, log_step, B, C = (F.pad(tensor, (0, 0) * (tensor.dim() - 2) + (0, padding))
+                            for tensor in (x_dt, log_step, B, C))
+    x_dt = _chunked(x_dt, chunk_size)                                    # (b, c, l, h, p)
     B, C = _chunked(B, chunk_size), _chunked(C, chunk_size)              # (b, c, l, h, n)
-    log_decay = torch.cumsum(_chunked(dt * A, chunk_size), dim=2)        # (b, c, l, h), decreasing in l
+    log_decay = torch.cumsum(_chunked(log_step, chunk_size), dim=2)      # (b, c, l, h), decreasing in l
 
     # within a chunk: y_l = sum_{s <= l} exp(log_decay_l - log_decay_s) (C_l . B_s) x_dt_s, a few chunks at a time so
     # that the (chunk_size x chunk_size) mixing matrices stay in a bounded block (time linear in the length)
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x_dt.device).tril()
     per_chunk = batch * chunk_size * chunk_size * heads
-    step = max(1, BLOCK_ELEMENTS.get(x.device.type, BLOCK_ELEMENTS['cuda']) // per_chunk)
+    step = max(1, BLOCK_ELEMENTS.get(x_dt.device.type, BLOCK_ELEMENTS['cuda']) // per_chunk)
     outputs = torch.cat([
         _within_chunks(log_decay[:, start:start + step], C[:, start:start + step], B[:, start:start + step],
                        x_dt[:, start:start + step], causal)
@@ -67,9 +74,75 @@ def _torch_ssd(x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tenso
         state = chunk_decay[:, chunk, :, None, None] * state + contributions[:, chunk]
     entering = torch.stack(entering, dim=1)                             # (b, c, h, p, n)
     outputs = outputs + torch.einsum('bclhn,bchpn,bclh->bclhp', C, entering, torch.exp(log_decay))
+    return outputs.flatten(1, 2)[:, :length], state
 
-    outputs = outputs.flatten(1, 2)[:, :length] + D.to(dtype).reshape(heads, -1) * x[:, :length]
-    return outputs, state
+
+def _promoted(x, dt, A, B, C):
+    '''The inputs in the computation's dtype (float32 or wider), ``B`` and ``C`` repeated from groups to heads.'''
+    heads = x.shape[2]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A, B, C = (tensor.to(dtype) for tensor in (x, dt, A, B, C))
+    return x, dt, A, B.repeat_interleave(heads // B.shape[2], dim=2), C.repeat_interleave(heads // C.shape[2], dim=2)
+
+
+def _torch_ssd(x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
+    heads = x.shape[2]
+    x, dt, A, B, C = _promoted(x, dt, A, B, C)
+    outputs, state = _ssd(x * dt[..., None], dt * A, B, C, chunk_size)
+    return outputs + D.to(x.dtype).reshape(heads, -1) * x, state
+
+
+class _LinearSSD(torch.autograd.Function):
+    '''The SSD for a constant selection ``dt, A, B, C`` (MambaLRP's SSM rule): a linear map of ``x``, whose backward is
+    the transposed map, the same scan run backwards in time with ``B`` and ``C`` exchanged.
+
+    With ``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} dt_r A) (C_t . B_s) dt_s x_s + D x_t``,
+    ``dL/dx_s = dt_s sum_{t >= s} exp(sum_{r = s+1}^{t} dt_r A) (B_s . C_t) dL/dy_t + D dL/dy_s``: in reversed time
+    ``t' = L - 1 - t`` this is the forward scan of the reversed gradient with ``C`` as the input matrix, ``B`` as the
+    output matrix and the step sizes moved one position (the decay between ``s`` and ``t`` is that of the steps after
+    ``s``). Nothing of the forward's chunked products is kept for the backward (autograd would keep every mixing
+    matrix), and the backward is one forward scan.
+
+    ``kernel`` (mamba-ssm's ``mamba_chunk_scan_combined``, or None for :py:func:`_ssd`) computes both. The kernel
+    multiplies its input by the step size, so the reversed gradient is divided by the moved steps (at least
+    ``SMALLEST_STEP``) and the scan runs in float32.
+    '''
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, chunk_size, kernel):
+        ctx.chunk_size, ctx.kernel = chunk_size, kernel
+        ctx.save_for_backward(x, dt, A, B, C, D)
+        if kernel is None:
+            outputs, state = _torch_ssd(x, dt, A, B, C, D, chunk_size)
+        else:
+            outputs, state = _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size)
+        ctx.mark_non_differentiable(state)
+        return outputs, state
+
+    @staticmethod
+    def backward(ctx, grad_outputs, _):
+        x, dt, A, B, C, D = ctx.saved_tensors
+        heads = x.shape[2]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        dt, grad_outputs = dt.to(dtype), grad_outputs.to(dtype)
+        if ctx.kernel is None:
+            _, _, A, B, C = _promoted(x, dt, A, B, C)
+            # the log-step of position t + 1 (zero after the last), reversed
+            later_log_step = F.pad((dt * A)[:, 1:], (0, 0, 0, 1)).flip(1)
+            grad_x_dt, _ = _ssd(grad_outputs.flip(1), later_log_step, C.flip(1), B.flip(1), ctx.chunk_size)
+        else:
+            # the step of position t + 1 (any positive one after the last: it decays the reversed scan's zero state)
+            later = F.pad(dt[:, 1:], (0, 0, 0, 1), value=1.0).clamp_min(SMALLEST_STEP)
+            grad_x_dt = ctx.kernel(
+                (grad_outputs / later[..., None]).flip(1).contiguous(), later.flip(1).contiguous(),
+                A.float().contiguous(), *(matrix.float().flip(1).contiguous() for matrix in (C, B)), ctx.chunk_size,
+            )
+        grad_x = grad_x_dt.flip(1) * dt[..., None] + D.to(dtype).reshape(heads, -1) * grad_outputs
+        grad_D = None
+        if ctx.needs_input_grad[5]:
+            per_channel = (grad_outputs * x.to(dtype)).sum((0, 1))              # (heads, head_dim)
+            grad_D = (per_channel if D.dim() == 2 else per_channel.sum(-1)).to(D.dtype)
+        return grad_x.to(x.dtype), None, None, None, None, grad_D, None, None
 
 
 def ssd_scan(
@@ -97,7 +170,8 @@ def ssd_scan(
     D : :py:obj:`torch.Tensor`
         Skip weights of shape ``(heads,)``, or ``(heads, head_dim)`` for one per channel.
     chunk_size : int, optional
-        Positions per chunk of the matrix form.
+        Positions per chunk of the matrix form (the model's; for a constant selection the PyTorch computation on the
+        CPU takes at most ``CPU_CHUNK``, which changes rounding only).
     implementation : {'auto', 'torch', 'mamba_ssm'}, optional
         ``'auto'`` uses mamba-ssm's ``mamba_chunk_scan_combined`` for CUDA float16/bfloat16 tensors where mamba-ssm
         is installed, and the PyTorch computation otherwise. The kernel's Triton matrix products round float32
@@ -119,7 +193,13 @@ def ssd_scan(
     tensor([1.0000, 1.5000, 1.7500])
     '''
     kernel = mamba_ssm_chunk_scan()
-    if uses_kernel(kernel, x, implementation, auto_dtypes=(torch.float16, torch.bfloat16)):
+    if not uses_kernel(kernel, x, implementation, auto_dtypes=(torch.float16, torch.bfloat16)):
+        kernel = None
+    if torch.is_grad_enabled() and not any(tensor.requires_grad for tensor in (dt, A, B, C)):
+        if x.device.type == 'cpu':
+            chunk_size = min(chunk_size, CPU_CHUNK)  # the outputs do not depend on the chunk length
+        return _LinearSSD.apply(x, dt, A, B, C, D, chunk_size, kernel)
+    if kernel is not None:
         return _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size)
     return _torch_ssd(x, dt, A, B, C, D, chunk_size)
 

@@ -1,0 +1,41 @@
+'''The fused Mamba-1 branch's backward (zennit_mamba.fused) on the CPU, in float64: its transposed scan in reversed
+time, run here by the package's PyTorch scan in place of mamba-ssm's forward kernel, gives the gradients of the rule
+set's operations in turn. tests/test_cuda.py runs the same backward with the kernels on a GPU.'''
+import pytest
+import torch
+
+from zennit_mamba.fused import branch_gradients
+from zennit_mamba.rules import RuleSet
+from zennit_mamba.scan import selective_scan
+
+
+def torch_forward_scan(u, delta, A, B, C):
+    return selective_scan(u, delta, A, B[:, 0], C[:, 0], implementation='torch')[0]
+
+
+@pytest.mark.parametrize('length', [1, 2, 37])
+def test_branch_gradients_equal_the_rule_sets_operations_in_turn(length):
+    generator = torch.Generator().manual_seed(length)
+    batch, channels, state = 2, 3, 4
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    # the convolution output as the mixer has it: a slice of a longer one
+    conv = random(batch, channels, length + 3)[..., :length].requires_grad_()
+    gate = random(batch, channels, length).requires_grad_()
+    delta = torch.rand(batch, channels, length, generator=generator, dtype=torch.float64)
+    delta[0, 0, 0] = 0.0  # an underflowed softplus: no input, decay 1
+    A, B, C, D = -torch.rand(channels, state, generator=generator, dtype=torch.float64), \
+        random(batch, state, length), random(batch, state, length), random(channels)
+    rules = RuleSet()
+    scanned, _ = rules.scan(rules.activation('silu', conv), delta, A, B, C, D)
+    output = rules.gate(scanned, rules.activation('silu', gate))
+    gradient = random(batch, channels, length)
+    expected = torch.autograd.grad(output, (conv, gate), gradient)
+
+    actual = branch_gradients(gradient, conv.detach(), gate.detach(), scanned.detach(), delta, A, B[:, None],
+                              C[:, None], D, torch_forward_scan)
+    for got, want in zip(actual, expected):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
