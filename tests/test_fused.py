@@ -4,6 +4,7 @@ set's operations in turn. tests/test_cuda.py runs the same backward with the ker
 import pytest
 import torch
 
+from zennit_mamba import MambaComposite
 from zennit_mamba.fused import branch_gradients
 from zennit_mamba.rules import RuleSet
 from zennit_mamba.scan import selective_scan
@@ -39,3 +40,35 @@ def test_branch_gradients_equal_the_rule_sets_operations_in_turn(length):
     for got, want in zip(actual, expected):
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('name', ['Mamba2', 'Bamba'])
+def test_gated_norm_fused_equals_the_rule_sets_operations_in_turn(name, monkeypatch):
+    '''Mamba-2's gated RMS normalisation as one function (fused.GatedRMSNorm) gives the relevance and the norm
+    weights' gradient of the gate, SiLU and LN rules applied in turn (float64).'''
+    from test_families import build, embeddings_for, explain, last_position_logits  # the families' float64 models
+    from zennit_mamba import fused
+
+    model = build(name)
+    embeddings = embeddings_for(model)
+    calls = []
+    apply = fused.GatedRMSNorm.apply
+    monkeypatch.setattr(fused.GatedRMSNorm, 'apply', lambda *arguments: calls.append(1) or apply(*arguments))
+
+    def relevance_and_weight_gradients():
+        relevance, _, _ = explain(model, embeddings, targets=torch.tensor([3, 5]))
+        weights = [module.weight for module in model.modules() if type(module).__name__.endswith('RMSNormGated')]
+        with MambaComposite().context(model) as modified:
+            logits = last_position_logits(modified, embeddings)
+            gradients = torch.autograd.grad(logits[:, 3].sum(), weights)
+        return relevance, gradients
+
+    fused_relevance, fused_gradients = relevance_and_weight_gradients()
+    assert calls  # the fused function ran, once a Mamba-2 layer and call
+    monkeypatch.setattr(RuleSet, 'fuses_gated_norm', lambda self: False)
+    calls.clear()
+    relevance, gradients = relevance_and_weight_gradients()
+    assert not calls
+    torch.testing.assert_close(fused_relevance, relevance, rtol=1e-10, atol=1e-12)
+    for fused_gradient, gradient in zip(fused_gradients, gradients):
+        torch.testing.assert_close(fused_gradient, gradient, rtol=1e-10, atol=1e-12)

@@ -1,4 +1,7 @@
-'''A Mamba-1 branch's SiLU, selective scan and gate under all three of their MambaLRP rules, as one autograd function
+'''Rules fused into autograd functions with hand-written backward passes: a Mamba-1 branch (:py:class:`SiLUScanGate`)
+and a Mamba-2 gated normalisation (:py:class:`GatedRMSNorm`).
+
+A Mamba-1 branch's SiLU, selective scan and gate under all three of their MambaLRP rules, as one autograd function
 around mamba-ssm's CUDA kernels: the same relevance as :py:class:`~zennit_mamba.rules.RuleSet`'s operations in turn,
 in fewer kernel launches and autograd nodes (the selection carries no gradient, so none of it is recorded).
 
@@ -216,3 +219,61 @@ def _triton_kernels() -> Optional[_TritonKernels]:
                  mask=inside)
 
     return _TritonKernels(reversed_inputs, input_gradient)
+
+
+class GatedRMSNorm(torch.autograd.Function):
+    '''Mamba-2's gated normalisation ``o = w * n(h)``, ``h = y * silu(z)``, with ``n`` the RMS normalisation over
+    groups of ``group_size`` channels, under the gate, SiLU and LN rules, in one node that keeps ``y``, ``z`` and the
+    scales (the rules applied in turn keep several float32 copies).
+
+    * LN rule (:py:class:`~zennit_mamba.rules.LNRule`): the scale ``r = rsqrt(mean_group(h^2) + eps)`` is constant,
+      so ``dL/dh = dL/do * w * r``;
+    * half rule (:py:class:`~zennit_mamba.rules.HalfRule`): ``dL/dy = dL/dh / 2 * silu(z)``,
+      ``dL/dsilu(z) = dL/dh / 2 * y``;
+    * SiLU identity rule (:py:class:`~zennit_mamba.rules.SiLUIdentity`): ``dL/dz = dL/dsilu(z) * sigmoid(z)``.
+
+    The weight's gradient is that of ``o = w * n(h)``: ``sum(dL/do * n(h))`` over batch and positions. Computed in
+    float32 (float64 for float64 inputs), returned in the dtype of ``y``.
+
+    Examples
+    --------
+    >>> y = torch.tensor([[3.0, 4.0]], requires_grad=True)
+    >>> z = torch.full((1, 2), 50.0, requires_grad=True)  # silu(z) = z, sigmoid(z) = 1
+    >>> o = GatedRMSNorm.apply(y, z, torch.ones(2), 2, 0.0)
+    >>> y_gradient, z_gradient = torch.autograd.grad(o, (y, z), o.detach())
+    >>> round(float((y * y_gradient + z * z_gradient).sum()), 4), round(float((o * o).sum()), 4)  # conserved
+    (2.0, 2.0)
+    '''
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int,
+                epsilon: float) -> torch.Tensor:
+        normalised, scale = _gated_rms(y, gate, group_size, epsilon)
+        ctx.save_for_backward(y, gate, weight, scale)
+        ctx.group_size, ctx.epsilon = group_size, epsilon
+        return (weight.to(normalised.dtype) * normalised).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        y, gate, weight, scale = ctx.saved_tensors
+        compute = scale.dtype
+        weighted = gradient.to(compute) * weight.to(compute)
+        half_h = 0.5 * (weighted.unflatten(-1, (-1, ctx.group_size)) * scale).flatten(-2)
+        z = gate.to(compute)
+        sigmoid = torch.sigmoid(z)
+        gradient_y = (half_h * z * sigmoid).to(y.dtype)
+        gradient_gate = (half_h * y.to(compute) * sigmoid).to(gate.dtype)
+        gradient_weight = None
+        if ctx.needs_input_grad[2]:
+            normalised, _ = _gated_rms(y, gate, ctx.group_size, ctx.epsilon)
+            gradient_weight = (gradient.to(compute) * normalised).flatten(0, -2).sum(0).to(weight.dtype)
+        return gradient_y, gradient_gate, gradient_weight, None, None
+
+
+def _gated_rms(y: torch.Tensor, gate: torch.Tensor, group_size: int,
+               epsilon: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''``n(y * silu(z))`` and its scales ``(..., groups, 1)``, in float32 or wider.'''
+    compute = torch.promote_types(y.dtype, torch.float32)
+    grouped = (y.to(compute) * F.silu(gate.to(compute))).unflatten(-1, (-1, group_size))
+    scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + epsilon)
+    return (grouped * scale).flatten(-2), scale

@@ -13,6 +13,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from .mixer_io import MixerOutput, mask_padding, run_mixer, with_mamba_ssm_cache, with_transformers_cache
 
 
@@ -62,16 +63,18 @@ def _gated_norm(rules, mixer: torch.nn.Module, y: torch.Tensor, gate: torch.Tens
     norm = getattr(mixer, 'norm', None)
     dtype = y.dtype
     compute = torch.promote_types(dtype, torch.float32)
-    activated = rules.activation('silu', gate.to(compute))
     if not hasattr(norm, 'weight'):
         # without a gated norm (FalconH1's mamba_rms_norm=False, mamba-ssm's rmsnorm=False) the gate acts directly
-        return rules.gate(y.to(compute), activated).to(dtype)
+        return rules.gate(y.to(compute), rules.activation('silu', gate.to(compute))).to(dtype)
     before_gate = getattr(norm, 'norm_before_gate', False)
-    hidden = y.to(compute) if before_gate else rules.gate(y.to(compute), activated)
-    width = hidden.shape[-1]
+    width = y.shape[-1]
     group_size = getattr(norm, 'group_size', None) or width // norm.n_groups
     # transformers' name, then mamba-ssm's
     epsilon = norm.variance_epsilon if hasattr(norm, 'variance_epsilon') else norm.eps
+    if rules.fuses_gated_norm() and not before_gate:
+        return fused.GatedRMSNorm.apply(y, gate, norm.weight, group_size, epsilon)
+    activated = rules.activation('silu', gate.to(compute))
+    hidden = y.to(compute) if before_gate else rules.gate(y.to(compute), activated)
     grouped = hidden.unflatten(-1, (width // group_size, group_size))
     normalised = rules.norm(grouped, grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + epsilon))
     hidden = norm.weight.to(compute) * normalised.flatten(-2)

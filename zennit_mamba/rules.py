@@ -286,13 +286,22 @@ class RuleSet:
         '''``delta, A, B, C`` of a scan under :py:class:`DetachSelection`.'''
         return DetachSelection.apply(*selection) if 'ssm' in self.names else selection
 
+    def fuses(self, rules: Collection[str], operations: Collection[str]) -> bool:
+        '''Whether a fused function with a hand-written backward may compute what ``operations`` compute under
+        ``rules``: those rules on, and none of those operations changed by a subclass (such a rule set computes them
+        in turn).'''
+        return set(rules) <= self.names and all(
+            getattr(type(self), operation) is getattr(RuleSet, operation) for operation in operations)
+
     def fuses_branch(self) -> bool:
         '''Whether a Mamba-1 branch's SiLU, scan and gate may run as one fused function
-        (:py:class:`~zennit_mamba.fused.SiLUScanGate`): their three rules on, and none of these operations changed
-        by a subclass (such a rule set computes them in turn).'''
-        operations = ('activation', 'selection', 'scan', 'gate')
-        return {'silu', 'ssm', 'gate'} <= self.names and all(
-            getattr(type(self), operation) is getattr(RuleSet, operation) for operation in operations)
+        (:py:class:`~zennit_mamba.fused.SiLUScanGate`).'''
+        return self.fuses({'silu', 'ssm', 'gate'}, ('activation', 'selection', 'scan', 'gate'))
+
+    def fuses_gated_norm(self) -> bool:
+        '''Whether a Mamba-2 gated RMS normalisation may run as one fused function
+        (:py:class:`~zennit_mamba.fused.GatedRMSNorm`).'''
+        return self.fuses({'silu', 'gate', 'norm'}, ('activation', 'gate', 'norm'))
 
     def scan(self, x, delta, A, B, C, D) -> Tuple[torch.Tensor, torch.Tensor]:
         '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.scan.selective_scan`) with the selection rule.'''
