@@ -181,8 +181,9 @@ def markdown(tables: Dict[str, List[dict]], accuracies: Dict[str, float]) -> str
     for task, rows in tables.items():
         needle = 'needle_share' in rows[0]
         lines += [f'### {task} (test accuracy {accuracies[task]:.1%}, {rows[0]["examples"]} explained examples)', '',
-                  '| method | dA_F | 95 % interval | wins | dA_F - MambaLRP (paired 95 % interval) | dA_I | 95 % interval '
-                  '| wins | s / explanation | conservation error |' + (' relevance on needle |' if needle else ''),
+                  '| method | dA_F | 95 % interval | wins | dA_F - MambaLRP (paired 95 % interval) | dA_I '
+                  '| 95 % interval | wins | s / explanation | conservation error |'
+                  + (' relevance on needle |' if needle else ''),
                   '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|' + ('---:|' if needle else '')]
         for row in rows:
             conservation = '—' if row['conservation_error'] != row['conservation_error'] else \

@@ -81,11 +81,13 @@ def _config(family: str, vocab_size: int, hidden_size: int, num_hidden_layers: i
 
 
 #: real-size configurations (``--configs``), explained in bfloat16 with random weights: the published models'
-#: layouts (their config.json: widths, depths, heads, state and vocabulary sizes, Bamba's attention layers)
+#: layouts (their config.json: widths, depths, heads, state and vocabulary sizes, Bamba's attention layers) and
+#: parameter counts (2.77, 7.27, 7.29 and 9.78 billion)
 REAL_SIZES = {
     'mamba-2.8b': lambda: MambaConfig(hidden_size=2560, num_hidden_layers=64, state_size=16, vocab_size=50280),
     'falcon-mamba-7b': lambda: transformers.FalconMambaConfig(
-        hidden_size=4096, num_hidden_layers=64, state_size=16, expand=2, time_step_rank=256, vocab_size=65024),
+        hidden_size=4096, num_hidden_layers=64, state_size=16, expand=2, time_step_rank=256, vocab_size=65024,
+        tie_word_embeddings=False),
     'codestral-mamba-7b': lambda: transformers.Mamba2Config(
         hidden_size=4096, num_hidden_layers=64, num_heads=128, head_dim=64, n_groups=8, state_size=128, expand=2,
         chunk_size=256, vocab_size=32768),

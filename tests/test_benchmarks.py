@@ -188,6 +188,20 @@ def test_win_rates_share_ties_and_bootstrap_intervals_bracket_the_mean():
     assert 0.3 < low < 0.5 < high < 0.7 and bootstrap_interval([0.0, 1.0] * 20) == (low, high)
 
 
+def test_real_size_configurations_have_the_published_parameter_counts():
+    '''speed.py --configs: each layout, built on the meta device (no memory), has its model's published size.'''
+    import speed
+    import transformers
+
+    published = {'mamba-2.8b': 2.77e9, 'falcon-mamba-7b': 7.27e9, 'codestral-mamba-7b': 7.29e9, 'bamba-9b': 9.78e9}
+    assert set(speed.REAL_SIZES) == set(published)
+    for name, make in speed.REAL_SIZES.items():
+        with torch.device('meta'):
+            model = transformers.AutoModelForCausalLM.from_config(make())
+        count = sum(parameter.numel() for parameter in model.parameters())
+        assert abs(count / published[name] - 1) < 0.01, (name, count)
+
+
 def test_paired_differences_subtract_mambalrp_on_the_same_example():
     '''B - MambaLRP per example is 1.0, 0.5, 0.5: mean 2/3, every resampled mean within [0.5, 1.0]; unpaired, the
     scores' spread (0 to 3.5) would give a far wider interval.'''

@@ -174,7 +174,7 @@ class _TritonKernels(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def _triton_kernels() -> Optional[_TritonKernels]:
     '''The two element-wise Triton kernels of :py:func:`branch_gradients`, or None where Triton is not installed.
-    Each thread block takes ``BLOCK`` elements of the reversed layout (row, reversed time); all arithmetic in float32.'''
+    Each thread block takes ``BLOCK`` elements of the reversed layout (row, reversed time); arithmetic in float32.'''
     try:
         import triton
         import triton.language as tl
@@ -241,7 +241,8 @@ class GatedRMSNorm(torch.autograd.Function):
     >>> z = torch.full((1, 2), 50.0, requires_grad=True)  # silu(z) = z, sigmoid(z) = 1
     >>> o = GatedRMSNorm.apply(y, z, torch.ones(2), 2, 0.0)
     >>> y_gradient, z_gradient = torch.autograd.grad(o, (y, z), o.detach())
-    >>> round(float((y * y_gradient + z * z_gradient).sum()), 4), round(float((o * o).sum()), 4)  # conserved
+    >>> relevance = (y * y_gradient + z * z_gradient).detach()
+    >>> round(float(relevance.sum()), 4), round(float((o * o).detach().sum()), 4)  # conserved: half to y, half to z
     (2.0, 2.0)
     '''
 
