@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2CLS
 from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
@@ -33,37 +34,19 @@ GATED_MLP_LAYOUTS = ((('gate_proj', 'up_proj', 'down_proj'), 'down_proj'),
 PLAIN_MLP_LAYOUT = ('up_proj', 'down_proj')
 
 
-def _repeat_heads(states: torch.Tensor, repeats: int) -> torch.Tensor:
-    return states if repeats == 1 else states.repeat_interleave(repeats, dim=1)
-
-
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    '''Eager attention whose probabilities pass through the rule of the module's config copy (held constant by
-    :py:class:`~zennit_mamba.rules.AttentionRule`).
+    '''transformers' SDPA attention with the probabilities passed through the rule of the module's config copy.
 
-    Accepts the masks of transformers' eager (additive) and sdpa (boolean, or None for plain causal) implementations.
+    The probabilities ``softmax(q k^T)`` are a function of the queries and keys alone, so holding them constant
+    (:py:class:`~zennit_mamba.rules.AttentionRule`) is applying the rule to ``q`` and ``k``: then ``o = P V`` with
+    relevance through ``V`` only, in SDPA's kernels, which keep no ``L x L`` probabilities for the backward pass.
     Keyword arguments it cannot honour (a sliding window, soft-capping, packed sequences) are refused, not dropped.
+    Returns no attention weights, as transformers' SDPA does.
     '''
     refuse_keywords(module, kwargs)
-    key = _repeat_heads(key, query.shape[1] // key.shape[1])
-    value = _repeat_heads(value, query.shape[1] // value.shape[1])
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    # the most negative finite value, as transformers' eager attention: a query whose keys are all masked (a left pad)
-    # gets finite probabilities, not NaN, and a masked key still gets probability 0
-    masked = torch.finfo(scores.dtype).min
-    if attention_mask is None:
-        if getattr(module, 'is_causal', True) and query.shape[2] > 1:
-            causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
-            scores = scores.masked_fill(~causal.tril(key.shape[2] - query.shape[2]), masked)
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :key.shape[2]], masked)
-    else:
-        scores = scores + attention_mask[..., :key.shape[2]]
-    probabilities = F.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
-    probabilities = _rule(module)(probabilities)
-    probabilities = F.dropout(probabilities, p=dropout, training=module.training)
-    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
+    rule = _rule(module)
+    return sdpa_attention_forward(module, rule(query), rule(key), value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
