@@ -204,8 +204,9 @@ class DetachSelection(Rule):
 class AttentionRule(Rule):
     '''CP-LRP for the attention of hybrids, the analogue of the SSM rule: ``o = P V`` with the probabilities ``P``
     held constant, so relevance flows through the values only (``P`` is computed from the queries and keys alone,
-    which :py:func:`~zennit_mamba.hybrid.attention_forward` holds constant inside SDPA); the routing weights of mixtures of experts and the
-    scales ``s(x)`` of squeeze-and-excitation ``x * s(x)`` (EfficientViM) are held constant likewise.
+    which :py:func:`~zennit_mamba.hybrid.attention_forward` holds constant inside SDPA); the routing weights of
+    mixtures of experts and the scales ``s(x)`` of squeeze-and-excitation ``x * s(x)`` (EfficientViM) are held
+    constant likewise.
     '''
 
     name = 'attention'
