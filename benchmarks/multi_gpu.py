@@ -9,10 +9,12 @@
   on one GPU, relative to the largest relevance, and each GPU's peak memory.
 
 Models: the benchmark's 130M-size Mamba (``benchmarks/speed.py``: 24 layers, width 768, random weights, float32,
-conv biases zeroed). ``--quick`` runs a 2-layer model on the CPU (gloo), to check the script.
+conv biases zeroed); for ``--mode sharded``, ``--config`` takes a real-size configuration in bfloat16 instead
+(e.g. Codestral-Mamba-7B at a length whose explanation does not fit one GPU: then it reports the out-of-memory
+on one GPU and the sharded run's conservation). ``--quick`` runs a 2-layer model on the CPU (gloo), to check the
+script.
 '''
 import argparse
-import copy
 import os
 import sys
 import time
@@ -79,28 +81,43 @@ def corpus(args, device: str) -> None:
 def sharded(args, device: str) -> None:
     import accelerate
 
-    model = build_model(device, args.quick)
+    model = build_model(device, args.quick, family=args.config or 'mamba')
     devices = list(range(torch.cuda.device_count())) if device == 'cuda' else []
     if len(devices) < 2:
         raise SystemExit('--mode sharded needs two GPUs')
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
-    single = copy.deepcopy(model).to('cuda:0')
-    expected = explain(single, single.get_input_embeddings()(ids.to('cuda:0')).detach())
-    del single
+    model = model.to('cuda:0')
+    torch.cuda.reset_peak_memory_stats(0)
+    try:
+        expected = explain(model, model.get_input_embeddings()(ids.to('cuda:0')).detach()).cpu()
+        on_one = 'fits one GPU'
+    except torch.cuda.OutOfMemoryError:
+        expected = None
+        on_one = (f'does not fit one GPU (out of memory at {torch.cuda.max_memory_allocated(0) / 2 ** 30:.1f} of '
+                  f'{torch.cuda.get_device_properties(0).total_memory / 2 ** 30:.1f} GiB)')
     torch.cuda.empty_cache()
     layers = len(model.backbone.layers)
-    # the head shares its weight with the embedding: both on cuda:0 (accelerate moves the last layer's output there)
+    # the head may share its weight with the embedding: both on cuda:0 (accelerate moves the last output there)
     device_map = {'backbone.embeddings': 0, 'backbone.norm_f': 1, 'lm_head': 0}
     device_map.update({f'backbone.layers.{index}': 0 if index < layers // 2 else 1 for index in range(layers)})
     model = accelerate.dispatch_model(model, device_map=device_map)
     for index in devices:
         torch.cuda.reset_peak_memory_stats(index)
-    relevance = explain(model, model.get_input_embeddings()(ids.to('cuda:0')).detach())
-    difference = ((relevance.cpu() - expected.cpu()).abs().max() / expected.abs().max()).item()
+    embeddings = model.get_input_embeddings()(ids.to('cuda:0')).detach()
+    relevance = explain(model, embeddings).cpu()
     peaks = ', '.join(f'cuda:{index} {torch.cuda.max_memory_allocated(index) / 2 ** 30:.2f} GiB' for index in devices)
-    print(f'sharded: {layers} layers over cuda:0 and cuda:1 (accelerate dispatch_model), batch {args.batch} of '
-          f'{args.length} tokens: largest relevance difference from one GPU {difference:.1e} (relative to the '
-          f'largest relevance); peak memory {peaks}', flush=True)
+    with torch.no_grad():
+        logit = model(inputs_embeds=embeddings, use_cache=False, logits_to_keep=1).logits[:, -1, TARGET].float()
+    conservation = ((relevance.sum(-1).to(logit.device) - logit).abs().max() / logit.abs().max()).item()
+    if expected is not None:
+        difference = ((relevance - expected).abs().max() / expected.abs().max()).item()
+        compared = f'largest relevance difference from one GPU {difference:.1e} (relative to the largest relevance)'
+    else:
+        compared = 'no single-GPU result to compare'
+    print(f'sharded: {args.config or "mamba-130m"} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B '
+          f'parameters, {next(model.parameters()).dtype}), {layers} layers over cuda:0 and cuda:1 (accelerate '
+          f'dispatch_model), batch {args.batch} of {args.length} tokens, which {on_one}: {compared}; conservation '
+          f'error {conservation:.1e} of the largest logit; peak memory {peaks}', flush=True)
 
 
 def main() -> None:
@@ -110,6 +127,8 @@ def main() -> None:
     parser.add_argument('--length', type=int, default=1024)
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--quick', action='store_true', help='a 2-layer model on the CPU')
+    parser.add_argument('--config', choices=('codestral-mamba-7b', 'mamba-2.8b', 'falcon-mamba-7b'),
+                        help='--mode sharded: a real-size configuration in bfloat16 instead of the 130M model')
     args = parser.parse_args()
     device = 'cpu' if args.quick else 'cuda'
     (corpus if args.mode == 'corpus' else sharded)(args, device)

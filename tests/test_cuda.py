@@ -12,6 +12,7 @@ from zennit_mamba import MambaComposite, UnsupportedModelError
 from zennit_mamba._optional import mamba_ssm_modules
 from zennit_mamba.scan import selective_scan
 from zennit_mamba.ssd import ssd_scan
+from zennit_mamba.ssd_triton import triton_ssd
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 needs_mamba_ssm = pytest.mark.skipif(
@@ -310,9 +311,41 @@ def test_torch_ssd_matches_mamba_ssm_kernel_forward_and_backward(selection_detac
         results[implementation] = (output, last_state) + torch.autograd.grad(output, wanted, grad_output)
     assert len(results['torch']) == (3 if selection_detached else 7)
     # the kernel's Triton matrix products round float32 to TF32 (10 mantissa bits): 1.6e-3 measured on an H100,
-    # which is why 'auto' keeps float32 in PyTorch
+    # which is why 'auto' takes this package's Triton SSD for float32
     for ours, kernel in zip(results['torch'], results['mamba_ssm']):
         assert relative_error(ours, kernel) <= 5e-3
+
+
+@cuda
+@pytest.mark.parametrize('heads, groups, head_dim, state, chunk', [(24, 1, 64, 128, 256), (6, 2, 48, 100, 64)])
+def test_triton_ssd_is_float32_exact_forward_and_backward(heads, groups, head_dim, state, chunk, monkeypatch):
+    ''''auto' runs CUDA float32 under the SSM rule through the package's Triton SSD (compiled, tf32x3 products): its
+    outputs and its transposed-scan gradient agree with the float64 PyTorch SSD to float32 accuracy, 100 times below
+    TF32's rounding (a Mamba2-130M head layout, and one with masked tiles, groups and a padded tail).'''
+    from zennit_mamba import ssd
+
+    calls = []
+    monkeypatch.setattr(ssd, 'triton_ssd', lambda *arguments: calls.append(1) or triton_ssd(*arguments))
+    torch.manual_seed(0)
+    batch, length = 2, 1000
+    x = torch.randn(batch, length, heads, head_dim, device='cuda', requires_grad=True)
+    dt = torch.rand(batch, length, heads, device='cuda') * 0.2
+    A = -torch.rand(heads, device='cuda') * 4
+    B, C = torch.randn(2, batch, length, groups, state, device='cuda')
+    D = torch.randn(heads, device='cuda')
+    output, last_state = ssd.ssd_scan(x, dt, A, B, C, D, chunk_size=chunk)
+    assert output.grad_fn.name().startswith('_LinearSSD')
+    grad_output = torch.randn_like(output)
+    gradient, = torch.autograd.grad(output, x, grad_output)
+    x64 = x.detach().double().requires_grad_()
+    expected, expected_state = ssd_scan(x64, *(tensor.double() for tensor in (dt, A, B, C, D)), chunk_size=chunk)
+    expected_gradient, = torch.autograd.grad(expected, x64, grad_output.double())
+    with torch.no_grad():  # the no-gradient forward takes the Triton SSD too
+        no_grad_output, _ = ssd.ssd_scan(x, dt, A, B, C, D, chunk_size=chunk)
+    assert len(calls) == 3  # forward, transposed scan, no-gradient forward
+    for ours, exact in ((output, expected), (last_state, expected_state), (gradient, expected_gradient),
+                        (no_grad_output, expected)):
+        assert relative_error(ours, exact) <= 1e-5
 
 
 @needs_mamba_ssm

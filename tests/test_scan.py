@@ -182,3 +182,46 @@ def test_ssd_backward_for_a_constant_selection_is_the_transposed_scan(skip_per_c
     wanted = torch.autograd.grad(expected, (x, D), grad_outputs)
     for got, want in zip(actual, wanted):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture
+def interpreted_triton(monkeypatch):
+    '''The Triton SSD's kernels built by Triton's interpreter (``TRITON_INTERPRET=1``): they run on the CPU.'''
+    triton = pytest.importorskip('triton')
+    from zennit_mamba import ssd_triton
+
+    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 8):
+        # seen with Triton 3.6 and NumPy 2: its interpreter cannot take a loop bound passed as an argument
+        pytest.skip('Triton\'s interpreter before 3.8 fails on loop bounds passed as arguments')
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    ssd_triton.triton_ssd_kernels.cache_clear()
+    yield ssd_triton
+    ssd_triton.triton_ssd_kernels.cache_clear()
+
+
+@pytest.mark.parametrize('batch, length, heads, groups, head_dim, state, chunk', [
+    (2, 70, 4, 2, 3, 5, 16),        # tiles larger than every size: all masked
+    (1, 300, 2, 1, 70, 100, 128),   # two head-dim tiles, a masked state tile, chunks of two time tiles, a padded tail
+])
+def test_triton_ssd_forward_and_transposed_scan_match_the_recurrence(
+        interpreted_triton, batch, length, heads, groups, head_dim, state, chunk):
+    '''The Triton SSD (interpreted on the CPU, float32), as the forward and as the transposed scan of the SSM rule's
+    backward, equals the step-by-step recurrence and autograd through it (float64 on the float32-rounded inputs).'''
+    from zennit_mamba import ssd
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, length, heads, head_dim, generator=generator).requires_grad_()
+    dt = torch.rand(batch, length, heads, generator=generator)
+    A = -2 * torch.rand(heads, generator=generator)
+    B, C = (torch.randn(batch, length, groups, state, generator=generator) for _ in range(2))
+    D = torch.randn(heads, generator=generator)
+    outputs, last_state = ssd._LinearSSD.apply(x, dt, A, B, C, D, chunk, None, interpreted_triton.triton_ssd)
+    x64 = x.detach().double().requires_grad_()
+    expected, expected_state = sequential_ssd(
+        x64, dt.double(), A.double(), *(matrix.double().repeat_interleave(heads // groups, 2) for matrix in (B, C)),
+        D.double())
+    grad_outputs = torch.randn(outputs.shape, generator=generator)
+    gradient, = torch.autograd.grad(outputs, x, grad_outputs)
+    expected_gradient, = torch.autograd.grad(expected, x64, grad_outputs.double())
+    for got, want in ((outputs, expected), (last_state, expected_state), (gradient, expected_gradient)):
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ._optional import mamba_ssm_chunk_scan
 from .scan import BLOCK_ELEMENTS, SMALLEST_STEP, uses_kernel
+from .ssd_triton import triton_ssd, triton_ssd_applies
 
 #: longest chunk of :py:class:`_LinearSSD` on the CPU: the within-chunk products cost ``length * chunk`` per head, the
 #: carried states ``length * head_dim * state`` whatever the chunk, so short chunks are cheaper there (the model's 256:
@@ -77,19 +78,20 @@ def _ssd(x_dt, log_step, B, C, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
     return outputs.flatten(1, 2)[:, :length], state
 
 
-def _promoted(x, dt, A, B, C):
-    '''The inputs in the computation's dtype (float32 or wider), ``B`` and ``C`` repeated from groups to heads.'''
-    heads = x.shape[2]
+def _grouped_ssd(x_dt, log_step, B, C, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
+    ''':py:func:`_ssd` for ``B`` and ``C`` of ``(batch, length, groups, state)``, repeated from groups to heads.'''
+    heads = x_dt.shape[2]
+    B, C = (matrix.repeat_interleave(heads // matrix.shape[2], dim=2) for matrix in (B, C))
+    return _ssd(x_dt, log_step, B, C, chunk_size)
+
+
+def _exact_ssd(core, x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''The SSD with skip in the promoted dtype of ``x`` (float32 or wider) by ``core`` (:py:func:`_grouped_ssd` or
+    :py:func:`~zennit_mamba.ssd_triton.triton_ssd`).'''
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, dt, A, B, C = (tensor.to(dtype) for tensor in (x, dt, A, B, C))
-    return x, dt, A, B.repeat_interleave(heads // B.shape[2], dim=2), C.repeat_interleave(heads // C.shape[2], dim=2)
-
-
-def _torch_ssd(x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
-    heads = x.shape[2]
-    x, dt, A, B, C = _promoted(x, dt, A, B, C)
-    outputs, state = _ssd(x * dt[..., None], dt * A, B, C, chunk_size)
-    return outputs + D.to(x.dtype).reshape(heads, -1) * x, state
+    outputs, state = core(x * dt[..., None], dt * A, B, C, chunk_size)
+    return outputs + D.to(dtype).reshape(x.shape[2], -1) * x, state
 
 
 class _LinearSSD(torch.autograd.Function):
@@ -103,17 +105,18 @@ class _LinearSSD(torch.autograd.Function):
     ``s``). Nothing of the forward's chunked products is kept for the backward (autograd would keep every mixing
     matrix), and the backward is one forward scan.
 
-    ``kernel`` (mamba-ssm's ``mamba_chunk_scan_combined``, or None for :py:func:`_ssd`) computes both. The kernel
-    multiplies its input by the step size, so the reversed gradient is divided by the moved steps (at least
-    ``SMALLEST_STEP``) and the scan runs in float32.
+    ``kernel`` (mamba-ssm's ``mamba_chunk_scan_combined``), where not None, computes both; it multiplies its input by
+    the step size, so the reversed gradient is divided by the moved steps (at least ``SMALLEST_STEP``) and the scan
+    runs in float32. Otherwise ``core`` does (:py:func:`_grouped_ssd`, or the Triton SSD for CUDA float32), in the
+    promoted dtype of ``x``.
     '''
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, chunk_size, kernel):
-        ctx.chunk_size, ctx.kernel = chunk_size, kernel
+    def forward(ctx, x, dt, A, B, C, D, chunk_size, kernel, core):
+        ctx.chunk_size, ctx.kernel, ctx.core = chunk_size, kernel, core
         ctx.save_for_backward(x, dt, A, B, C, D)
         if kernel is None:
-            outputs, state = _torch_ssd(x, dt, A, B, C, D, chunk_size)
+            outputs, state = _exact_ssd(core, x, dt, A, B, C, D, chunk_size)
         else:
             outputs, state = _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size)
         ctx.mark_non_differentiable(state)
@@ -126,10 +129,10 @@ class _LinearSSD(torch.autograd.Function):
         dtype = torch.promote_types(x.dtype, torch.float32)
         dt, grad_outputs = dt.to(dtype), grad_outputs.to(dtype)
         if ctx.kernel is None:
-            _, _, A, B, C = _promoted(x, dt, A, B, C)
             # the log-step of position t + 1 (zero after the last), reversed
-            later_log_step = F.pad((dt * A)[:, 1:], (0, 0, 0, 1)).flip(1)
-            grad_x_dt, _ = _ssd(grad_outputs.flip(1), later_log_step, C.flip(1), B.flip(1), ctx.chunk_size)
+            later_log_step = F.pad((dt * A.to(dtype))[:, 1:], (0, 0, 0, 1)).flip(1)
+            grad_x_dt, _ = ctx.core(grad_outputs.flip(1), later_log_step, C.to(dtype).flip(1), B.to(dtype).flip(1),
+                                    ctx.chunk_size)
         else:
             # the step of position t + 1 (any positive one after the last: it decays the reversed scan's zero state)
             later = F.pad(dt[:, 1:], (0, 0, 0, 1), value=1.0).clamp_min(SMALLEST_STEP)
@@ -142,7 +145,7 @@ class _LinearSSD(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             per_channel = (grad_outputs * x.to(dtype)).sum((0, 1))              # (heads, head_dim)
             grad_D = (per_channel if D.dim() == 2 else per_channel.sum(-1)).to(D.dtype)
-        return grad_x.to(x.dtype), None, None, None, None, grad_D, None, None
+        return grad_x.to(x.dtype), None, None, None, None, grad_D, None, None, None
 
 
 def ssd_scan(
@@ -174,9 +177,11 @@ def ssd_scan(
         CPU takes at most ``CPU_CHUNK``, which changes rounding only).
     implementation : {'auto', 'torch', 'mamba_ssm'}, optional
         ``'auto'`` uses mamba-ssm's ``mamba_chunk_scan_combined`` for CUDA float16/bfloat16 tensors where mamba-ssm
-        is installed, and the PyTorch computation otherwise. The kernel's Triton matrix products round float32
-        inputs to TF32 (about 1e-3 relative error, measured on an H100), so float32 stays in PyTorch, where it is
-        exact to float32 rounding; ``'mamba_ssm'`` asks for the kernel anyway.
+        is installed. Its Triton matrix products round float32 inputs to TF32 (about 1e-3 relative error, measured
+        on an H100), so CUDA float32 takes this package's Triton SSD (:py:mod:`~zennit_mamba.ssd_triton`, products
+        exact to float32 rounding) where the selection is constant (MambaLRP's SSM rule, or no gradient taken),
+        and the PyTorch computation otherwise, as every other device and dtype does; ``'torch'`` always takes the
+        PyTorch computation; ``'mamba_ssm'`` asks for mamba-ssm's kernel anyway.
 
     Returns
     -------
@@ -195,13 +200,17 @@ def ssd_scan(
     kernel = mamba_ssm_chunk_scan()
     if not uses_kernel(kernel, x, implementation, auto_dtypes=(torch.float16, torch.bfloat16)):
         kernel = None
-    if torch.is_grad_enabled() and not any(tensor.requires_grad for tensor in (dt, A, B, C)):
+    selection_constant = not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (dt, A, B, C)))
+    # the Triton SSD has no backward in the selection: it serves a constant one (forward and transposed scan)
+    on_triton = implementation == 'auto' and selection_constant and triton_ssd_applies(x, B.shape[-1])
+    core = triton_ssd if on_triton else _grouped_ssd
+    if torch.is_grad_enabled() and selection_constant:
         if x.device.type == 'cpu':
             chunk_size = min(chunk_size, CPU_CHUNK)  # the outputs do not depend on the chunk length
-        return _LinearSSD.apply(x, dt, A, B, C, D, chunk_size, kernel)
+        return _LinearSSD.apply(x, dt, A, B, C, D, chunk_size, kernel, core)
     if kernel is not None:
         return _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size)
-    return _torch_ssd(x, dt, A, B, C, D, chunk_size)
+    return _exact_ssd(core, x, dt, A, B, C, D, chunk_size)
 
 
 def _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:

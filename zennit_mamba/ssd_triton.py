@@ -1,0 +1,246 @@
+'''Mamba-2's chunked SSD scan as three Triton kernels whose float32 matrix products are exact to float32 rounding.
+
+mamba-ssm's Triton SSD rounds float32 operands of its matrix products to TF32 (10 mantissa bits); the PyTorch SSD
+(:py:func:`~zennit_mamba.ssd._ssd`) is exact but forms every ``chunk x chunk`` mixing matrix in memory. These kernels
+compute the same chunked form as :py:func:`~zennit_mamba.ssd._ssd` with ``tf32x3`` products (each operand split
+into a TF32 head and tail, three tensor-core products: float32 accuracy at tensor-core speed) and keep the mixing
+matrices in registers:
+
+1. ``chunk_states``: each chunk's own contribution to the state at its end,
+   ``sum_s exp(log_decay_end - log_decay_s) x_dt_s B_s^T``;
+2. ``pass_states``: the states entering each chunk, ``S_c = exp(log_decay_end of c - 1) S_{c-1} + contribution``,
+   one step per chunk;
+3. ``chunk_outputs``: ``y_t = exp(log_decay_t) C_t . S_entering + sum_{s <= t in the chunk}
+   exp(log_decay_t - log_decay_s) (C_t . B_s) x_dt_s``.
+
+``log_decay`` is the cumulative sum of the non-positive log-steps within a chunk, so every decay formed is at most 1.
+They have no backward of their own: MambaLRP's SSM rule makes the scan linear, and its backward is the same scan
+in reversed time (:py:class:`~zennit_mamba.ssd._LinearSSD`). With ``TRITON_INTERPRET=1`` they run on the CPU.
+'''
+import functools
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+#: the float32 matrix products' precision: three TF32 products, float32 accuracy
+PRECISION = 'tf32x3'
+#: positions per tile of the within-chunk products
+_BLOCK_TIME = 64
+#: largest state size: the kernels hold the whole state in one tile (Mamba-2 models use 64 or 128); larger ones, whose
+#: tiles exceed the shared memory (256 did on an H200), take the PyTorch SSD
+MAX_STATE = 128
+
+
+class _Kernels(NamedTuple):
+    chunk_states: Callable
+    pass_states: Callable
+    chunk_products: Callable
+    chunk_outputs: Callable
+
+
+#: launch settings per kernel (warps, pipeline stages), chosen on an H200 for Mamba-2's head size 64 and state 128
+LAUNCH = {'chunk_states': (4, 1), 'chunk_products': (4, 3), 'chunk_outputs': (4, 1)}
+
+
+def _power_of_two(size: int, smallest: int = 16) -> int:
+    return max(smallest, 1 << (size - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def triton_ssd_kernels() -> Optional[_Kernels]:
+    '''The three kernels, or None where Triton is not installed (compiled on first use per shape class).'''
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def chunk_states(x_dt, log_decay, B, states, chunk_size, heads, chunks, heads_per_group, head_dim, state_size,
+                     sx_b, sx_l, sx_h, sd_b, sd_c, sd_l, sd_h, sb_b, sb_l, sb_g, ss_b, ss_c, ss_h,
+                     BLOCK_TIME: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        # program (batch, chunk, head) x head-dim block: sum_s exp(end - log_decay_s) x_dt_s B_s^T
+        index = tl.program_id(0)
+        head, chunk, batch = index % heads, (index // heads) % chunks, index // (heads * chunks)
+        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        decay_base = log_decay + batch * sd_b + chunk * sd_c + head * sd_h
+        end = tl.load(decay_base + (chunk_size - 1) * sd_l)
+        start = chunk * chunk_size
+        x_base = x_dt + batch * sx_b + head * sx_h
+        b_base = B + batch * sb_b + (head // heads_per_group) * sb_g
+        accumulated = tl.full((BLOCK_P, BLOCK_N), 0.0, tl.float32)
+        for offset in range(0, chunk_size, BLOCK_TIME):
+            s = offset + tl.arange(0, BLOCK_TIME)
+            inside = s < chunk_size
+            to_end = tl.exp(end - tl.load(decay_base + s * sd_l, mask=inside, other=end))
+            x = tl.load(x_base + (start + s)[:, None] * sx_l + p[None, :],
+                        mask=inside[:, None] & (p[None, :] < head_dim), other=0.0)
+            b = tl.load(b_base + (start + s)[:, None] * sb_l + n[None, :],
+                        mask=inside[:, None] & (n[None, :] < state_size), other=0.0)
+            accumulated += tl.dot(tl.trans(x * to_end[:, None]), b, input_precision=PRECISION)
+        target = states + batch * ss_b + chunk * ss_c + head * ss_h
+        tl.store(target + p[:, None] * state_size + n[None, :], accumulated,
+                 mask=(p[:, None] < head_dim) & (n[None, :] < state_size))
+
+    @triton.jit
+    def pass_states(states, log_decay, last_state, chunk_size, heads, chunks, elements,
+                    sd_b, sd_c, sd_l, sd_h, ss_b, ss_c, ss_h, BLOCK: tl.constexpr):
+        # program (batch, head) x element block: contributions in, entering states out (in place), the last state
+        index = tl.program_id(0)
+        head, batch = index % heads, index // heads
+        offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < elements
+        state = tl.full((BLOCK,), 0.0, tl.float32)
+        for chunk in range(0, chunks):
+            where = states + batch * ss_b + chunk * ss_c + head * ss_h + offsets
+            contribution = tl.load(where, mask=inside, other=0.0)
+            tl.store(where, state, mask=inside)
+            decay = tl.exp(tl.load(log_decay + batch * sd_b + chunk * sd_c + head * sd_h + (chunk_size - 1) * sd_l))
+            state = decay * state + contribution
+        tl.store(last_state + index * elements + offsets, state, mask=inside)
+
+    @triton.jit
+    def chunk_products(B, C, products, chunk_size, groups, chunks, state_size, sb_b, sb_l, sb_g, sc_b, sc_l, sc_g,
+                       BLOCK_TIME: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        # program (batch, chunk, group) x (time block, source block) on or below the diagonal: C_t . B_s, shared by
+        # the group's heads
+        index = tl.program_id(0)
+        group, chunk, batch = index % groups, (index // groups) % chunks, index // (groups * chunks)
+        if tl.program_id(2) <= tl.program_id(1):
+            t = tl.program_id(1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)
+            s = tl.program_id(2) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)
+            n = tl.arange(0, BLOCK_N)
+            start = chunk * chunk_size
+            c = tl.load(C + batch * sc_b + group * sc_g + (start + t)[:, None] * sc_l + n[None, :],
+                        mask=(t[:, None] < chunk_size) & (n[None, :] < state_size), other=0.0)
+            b = tl.load(B + batch * sb_b + group * sb_g + (start + s)[:, None] * sb_l + n[None, :],
+                        mask=(s[:, None] < chunk_size) & (n[None, :] < state_size), other=0.0)
+            product = tl.dot(c, tl.trans(b), input_precision=PRECISION)
+            tl.store(products + index * chunk_size * chunk_size + t[:, None] * chunk_size + s[None, :], product,
+                     mask=(t[:, None] < chunk_size) & (s[None, :] < chunk_size))
+
+    @triton.jit
+    def chunk_outputs(x_dt, log_decay, products, C, states, out, chunk_size, heads, chunks, heads_per_group, head_dim,
+                      state_size, sx_b, sx_l, sx_h, sd_b, sd_c, sd_l, sd_h, sc_b, sc_l, sc_g,
+                      ss_b, ss_c, ss_h, so_b, so_l, so_h,
+                      BLOCK_TIME: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        # program (batch, chunk, head) x (time block, head-dim block)
+        index = tl.program_id(0)
+        head, chunk, batch = index % heads, (index // heads) % chunks, index // (heads * chunks)
+        t = tl.program_id(1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)
+        p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        t_inside, p_inside, n_inside = t < chunk_size, p < head_dim, n < state_size
+        start = chunk * chunk_size
+        group = head // heads_per_group
+        decay_base = log_decay + batch * sd_b + chunk * sd_c + head * sd_h
+        decay_t = tl.load(decay_base + t * sd_l, mask=t_inside, other=0.0)
+        c = tl.load(C + batch * sc_b + group * sc_g + (start + t)[:, None] * sc_l + n[None, :],
+                    mask=t_inside[:, None] & n_inside[None, :], other=0.0)
+        # the entering state, read transposed: (state, head dim)
+        entering = tl.load(states + batch * ss_b + chunk * ss_c + head * ss_h + p[None, :] * state_size + n[:, None],
+                           mask=n_inside[:, None] & p_inside[None, :], other=0.0)
+        accumulated = tl.dot(c, entering, input_precision=PRECISION) * tl.exp(decay_t)[:, None]
+        x_base = x_dt + batch * sx_b + head * sx_h
+        groups = heads // heads_per_group
+        products_base = products + ((batch * chunks + chunk) * groups + group) * chunk_size * chunk_size
+        last = tl.minimum((tl.program_id(1) + 1) * BLOCK_TIME, chunk_size)
+        for offset in range(0, last, BLOCK_TIME):
+            s = offset + tl.arange(0, BLOCK_TIME)
+            s_inside = s < chunk_size
+            decay_s = tl.load(decay_base + s * sd_l, mask=s_inside, other=0.0)
+            causal = (s[None, :] <= t[:, None]) & s_inside[None, :]
+            product = tl.load(products_base + t[:, None] * chunk_size + s[None, :], mask=causal & t_inside[:, None],
+                              other=0.0)
+            x = tl.load(x_base + (start + s)[:, None] * sx_l + p[None, :],
+                        mask=s_inside[:, None] & p_inside[None, :], other=0.0)
+            # masked before the exponential: later positions would give decays above 1
+            mixing = tl.exp(tl.where(causal, decay_t[:, None] - decay_s[None, :], -float('inf'))) * product
+            accumulated += tl.dot(mixing, x, input_precision=PRECISION)
+        tl.store(out + batch * so_b + head * so_h + (start + t)[:, None] * so_l + p[None, :], accumulated,
+                 mask=t_inside[:, None] & p_inside[None, :])
+
+    return _Kernels(chunk_states, pass_states, chunk_products, chunk_outputs)
+
+
+def triton_ssd_applies(x: torch.Tensor, state_size: int) -> bool:
+    '''Whether :py:func:`triton_ssd` serves ``x``: CUDA float32 where Triton is installed (under ``TRITON_INTERPRET=1``
+    it runs on the CPU too, as the tests call it).'''
+    return x.is_cuda and x.dtype == torch.float32 and state_size <= MAX_STATE and triton_ssd_kernels() is not None
+
+
+def triton_ssd(x_dt: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} log_step_r) (C_t . B_s) x_dt_s`` and the last state, as
+    :py:func:`~zennit_mamba.ssd._ssd` computes them, in float32.
+
+    Parameters
+    ----------
+    x_dt : :py:obj:`torch.Tensor`
+        ``(batch, length, heads, head_dim)``, float32, rows of head_dim contiguous.
+    log_step : :py:obj:`torch.Tensor`
+        Non-positive ``(batch, length, heads)``.
+    B, C : :py:obj:`torch.Tensor`
+        ``(batch, length, groups, state)`` with ``heads`` a multiple of ``groups`` (any strides, state contiguous).
+    chunk_size : int
+        Positions per chunk.
+
+    Returns
+    -------
+    tuple[:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`]
+        The outputs ``(batch, length, heads, head_dim)`` and the last state ``(batch, heads, head_dim, state)``.
+
+    Examples
+    --------
+    Needs Triton and a GPU (or ``TRITON_INTERPRET=1``): ``triton_ssd(x * dt[..., None], dt * A, B, C, 256)``.
+    '''
+    kernels = triton_ssd_kernels()
+    batch, length, heads, head_dim = x_dt.shape
+    groups, state_size = B.shape[2], B.shape[3]
+    padding = -length % chunk_size
+    if padding:  # zero inputs and log-steps in the tail: decay 1, no input
+        x_dt, log_step, B, C = (F.pad(tensor, (0, 0) * (tensor.dim() - 2) + (0, padding))
+                                for tensor in (x_dt, log_step, B, C))
+    x_dt, B, C = (tensor if tensor.stride(-1) == 1 else tensor.contiguous() for tensor in (x_dt, B, C))
+    chunks = x_dt.shape[1] // chunk_size
+    log_decay = torch.cumsum(log_step.float().unflatten(1, (chunks, chunk_size)), dim=2)   # (b, c, l, h)
+    states = torch.empty(batch, chunks, heads, head_dim, state_size, device=x_dt.device, dtype=torch.float32)
+    last_state = torch.empty(batch, heads, head_dim, state_size, device=x_dt.device, dtype=torch.float32)
+    out = torch.empty(x_dt.shape, device=x_dt.device, dtype=torch.float32)
+    block_p, block_n = min(_power_of_two(head_dim), 64), _power_of_two(state_size)
+    sizes = (chunk_size, heads, chunks, heads // groups, head_dim, state_size)
+    x_strides = (x_dt.stride(0), x_dt.stride(1), x_dt.stride(2))
+    decay_strides = log_decay.stride()
+    b_strides, c_strides = (B.stride(0), B.stride(1), B.stride(2)), (C.stride(0), C.stride(1), C.stride(2))
+    state_strides = (states.stride(0), states.stride(1), states.stride(2))
+
+    grid = (batch * chunks * heads, triton_cdiv(head_dim, block_p))
+    warps, stages = LAUNCH['chunk_states']
+    kernels.chunk_states[grid](x_dt, log_decay, B, states, *sizes, *x_strides, *decay_strides, *b_strides,
+                               *state_strides, BLOCK_TIME=_BLOCK_TIME, BLOCK_P=block_p, BLOCK_N=block_n,
+                               PRECISION=PRECISION, num_warps=warps, num_stages=stages)
+    elements, block = head_dim * state_size, 1024
+    kernels.pass_states[(batch * heads, triton_cdiv(elements, block))](
+        states, log_decay, last_state, chunk_size, heads, chunks, elements, *decay_strides, *state_strides,
+        BLOCK=block)
+    time_blocks = triton_cdiv(chunk_size, _BLOCK_TIME)
+    products = torch.empty(batch, chunks, groups, chunk_size, chunk_size, device=x_dt.device, dtype=torch.float32)
+    warps, stages = LAUNCH['chunk_products']
+    kernels.chunk_products[(batch * chunks * groups, time_blocks, time_blocks)](
+        B, C, products, chunk_size, groups, chunks, state_size, *b_strides, *c_strides, BLOCK_TIME=_BLOCK_TIME,
+        BLOCK_N=block_n, PRECISION=PRECISION, num_warps=warps, num_stages=stages)
+    grid = (batch * chunks * heads, time_blocks, triton_cdiv(head_dim, block_p))
+    warps, stages = LAUNCH['chunk_outputs']
+    kernels.chunk_outputs[grid](x_dt, log_decay, products, C, states, out, *sizes, *x_strides, *decay_strides,
+                                *c_strides, *state_strides, out.stride(0), out.stride(1), out.stride(2),
+                                BLOCK_TIME=_BLOCK_TIME, BLOCK_P=block_p, BLOCK_N=block_n, PRECISION=PRECISION,
+                                num_warps=warps, num_stages=stages)
+    return out[:, :length], last_state
+
+
+def triton_cdiv(size: int, block: int) -> int:
+    return -(-size // block)
