@@ -220,6 +220,22 @@ def test_non_finite_inputs_are_refused_by_name(name, bad):
     assert_snapshots_equal(snapshot(model), before)
 
 
+@pytest.mark.parametrize('name', EVERY_FAMILY)
+def test_an_overflowing_output_is_refused_by_name_not_returned_as_nan_relevance(name):
+    '''A finite input whose explained output overflows (the output layer's weights at +-inf: logits NaN, as a bfloat16
+    forward that overflows gives) raises an error naming the precision, in both front ends, and restores the model.'''
+    model = model_of(name)
+    embeddings = embeddings_for(model, 2, 6)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e308).mul_(1e10)
+    before = snapshot(model)
+    with pytest.raises(FloatingPointError, match=r'NaN or inf \(examples \[0, 1\].*overflowed in torch.float'):
+        explain(model, embeddings)
+    with pytest.raises(FloatingPointError, match=r'NaN or inf \(examples \[0, 1\].*model.float\(\)'):
+        MambaLRP(model).attribute(embeddings, target=3)
+    assert_snapshots_equal(snapshot(model), before)
+
+
 @pytest.mark.parametrize('options, message', [
     ({'epsilon': 0.0}, 'epsilon must be positive'),
     ({'epsilon': -1e-6}, 'epsilon must be positive'),

@@ -53,7 +53,24 @@ class _GradientToRelevance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gradient: torch.Tensor) -> Tuple[torch.Tensor, None]:
         input, = ctx.saved_tensors
-        return (gradient * input if _active(ctx.hook_ref) is not None else gradient), None
+        if _active(ctx.hook_ref) is None:
+            return gradient, None
+        relevance = gradient * input
+        if not torch.isfinite(relevance).all():
+            # the input was checked in the forward: the output, or a value on the way to it, is not finite
+            raise FloatingPointError(
+                f'The relevance at the explained model\'s input holds NaN or inf (examples '
+                f'{_examples_with(~torch.isfinite(relevance))} of the batch) although the input is finite: the '
+                f'explained output, or a value on the way to it, overflowed in {input.dtype}. This happens in '
+                f'bfloat16 and float16 with long inputs or untrained weights; explain the model in float32 '
+                f'(model.float()), or check its output for those examples.'
+            )
+        return relevance, None
+
+
+def _examples_with(mask: torch.Tensor) -> list:
+    '''The batch indices where ``mask`` (batch first) holds any True.'''
+    return mask.reshape(len(mask), -1).any(1).nonzero().flatten().tolist() if mask.dim() else [0]
 
 
 def relevance_to_gradient(output: torch.Tensor, stabilizer: StabilizerLike, hook: Hook) -> torch.Tensor:
@@ -198,7 +215,7 @@ class ExplainedModel(Hook):
         inputs = [value for value in args + tuple(kwargs.values()) if _is_float_tensor(value)]
         for value in inputs:
             if not torch.isfinite(value).all():
-                examples = (~torch.isfinite(value)).flatten(1).any(1).nonzero().flatten().tolist()
+                examples = _examples_with(~torch.isfinite(value))
                 raise ValueError(
                     f'An input of the explained model holds NaN or inf (examples {examples} of the batch): its '
                     f'relevance would be NaN. Remove or replace those values before explaining.'
