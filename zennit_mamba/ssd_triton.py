@@ -62,7 +62,7 @@ def triton_ssd_kernels() -> Optional[_Kernels]:
                      BLOCK_TIME: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                      PRECISION: tl.constexpr):
         # program (batch, chunk, head) x head-dim block: sum_s exp(end - log_decay_s) x_dt_s B_s^T
-        index = tl.program_id(0)
+        index = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         head, chunk, batch = index % heads, (index // heads) % chunks, index // (heads * chunks)
         p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         n = tl.arange(0, BLOCK_N)
@@ -89,17 +89,19 @@ def triton_ssd_kernels() -> Optional[_Kernels]:
     def pass_states(states, log_decay, last_state, chunk_size, heads, chunks, elements,
                     sd_b, sd_c, sd_l, sd_h, ss_b, ss_c, ss_h, BLOCK: tl.constexpr):
         # program (batch, head) x element block: contributions in, entering states out (in place), the last state
-        index = tl.program_id(0)
+        index = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         head, batch = index % heads, index // heads
         offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < elements
         state = tl.full((BLOCK,), 0.0, tl.float32)
-        for chunk in range(0, chunks):
-            where = states + batch * ss_b + chunk * ss_c + head * ss_h + offsets
+        where = states + batch * ss_b + head * ss_h + offsets
+        end = log_decay + batch * sd_b + head * sd_h + (chunk_size - 1) * sd_l
+        for _ in range(0, chunks):
             contribution = tl.load(where, mask=inside, other=0.0)
             tl.store(where, state, mask=inside)
-            decay = tl.exp(tl.load(log_decay + batch * sd_b + chunk * sd_c + head * sd_h + (chunk_size - 1) * sd_l))
-            state = decay * state + contribution
+            state = tl.exp(tl.load(end)) * state + contribution
+            where += ss_c  # pointers advance in 64 bits
+            end += sd_c
         tl.store(last_state + index * elements + offsets, state, mask=inside)
 
     @triton.jit
@@ -107,7 +109,7 @@ def triton_ssd_kernels() -> Optional[_Kernels]:
                        BLOCK_TIME: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         # program (batch, chunk, group) x (time block, source block) on or below the diagonal: C_t . B_s, shared by
         # the group's heads
-        index = tl.program_id(0)
+        index = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         group, chunk, batch = index % groups, (index // groups) % chunks, index // (groups * chunks)
         if tl.program_id(2) <= tl.program_id(1):
             t = tl.program_id(1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)
@@ -129,7 +131,7 @@ def triton_ssd_kernels() -> Optional[_Kernels]:
                       BLOCK_TIME: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                       PRECISION: tl.constexpr):
         # program (batch, chunk, head) x (time block, head-dim block)
-        index = tl.program_id(0)
+        index = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         head, chunk, batch = index % heads, (index // heads) % chunks, index // (heads * chunks)
         t = tl.program_id(1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)
         p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -168,9 +170,11 @@ def triton_ssd_kernels() -> Optional[_Kernels]:
 
 
 def triton_ssd_applies(x: torch.Tensor, state_size: int) -> bool:
-    '''Whether :py:func:`triton_ssd` serves ``x``: CUDA float32 where Triton is installed (under ``TRITON_INTERPRET=1``
-    it runs on the CPU too, as the tests call it).'''
-    return x.is_cuda and x.dtype == torch.float32 and state_size <= MAX_STATE and triton_ssd_kernels() is not None
+    '''Whether :py:func:`triton_ssd` serves ``x``: CUDA float32 on an Ampere or later GPU where Triton is installed,
+    states of at most ``MAX_STATE`` (under ``TRITON_INTERPRET=1`` it runs on the CPU too, as the tests call it).'''
+    # tf32x3 needs TF32 tensor cores (compute capability 8.0, Ampere, and later); older GPUs take the PyTorch SSD
+    return (x.is_cuda and x.dtype == torch.float32 and state_size <= MAX_STATE
+            and torch.cuda.get_device_capability(x.device)[0] >= 8 and triton_ssd_kernels() is not None)
 
 
 def triton_ssd(x_dt: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
