@@ -1,16 +1,17 @@
-'''Mamba-2's chunked SSD scan as three Triton kernels whose float32 matrix products are exact to float32 rounding.
+'''Mamba-2's chunked SSD scan as four Triton kernels whose float32 matrix products are exact to float32 rounding.
 
 mamba-ssm's Triton SSD rounds float32 operands of its matrix products to TF32 (10 mantissa bits); the PyTorch SSD
 (:py:func:`~zennit_mamba.ssd._ssd`) is exact but forms every ``chunk x chunk`` mixing matrix in memory. These kernels
 compute the same chunked form as :py:func:`~zennit_mamba.ssd._ssd` with ``tf32x3`` products (each operand split
-into a TF32 head and tail, three tensor-core products: float32 accuracy at tensor-core speed) and keep the mixing
-matrices in registers:
+into a TF32 head and tail, three tensor-core products: float32 accuracy at tensor-core speed); only the ``C . B``
+products of a chunk reach memory, once per group of heads, and the decay-weighted mixing stays in registers:
 
 1. ``chunk_states``: each chunk's own contribution to the state at its end,
    ``sum_s exp(log_decay_end - log_decay_s) x_dt_s B_s^T``;
 2. ``pass_states``: the states entering each chunk, ``S_c = exp(log_decay_end of c - 1) S_{c-1} + contribution``,
    one step per chunk;
-3. ``chunk_outputs``: ``y_t = exp(log_decay_t) C_t . S_entering + sum_{s <= t in the chunk}
+3. ``chunk_products``: the within-chunk products ``C_t . B_s`` (on and below the diagonal), once per group of heads;
+4. ``chunk_outputs``: ``y_t = exp(log_decay_t) C_t . S_entering + sum_{s <= t in the chunk}
    exp(log_decay_t - log_decay_s) (C_t . B_s) x_dt_s``.
 
 ``log_decay`` is the cumulative sum of the non-positive log-steps within a chunk, so every decay formed is at most 1.
@@ -44,12 +45,13 @@ LAUNCH = {'chunk_states': (4, 1), 'chunk_products': (4, 3), 'chunk_outputs': (4,
 
 
 def _power_of_two(size: int, smallest: int = 16) -> int:
+    '''The tile covering ``size``: a power of two, at least ``smallest`` (Triton's products need 16).'''
     return max(smallest, 1 << (size - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
 def triton_ssd_kernels() -> Optional[_Kernels]:
-    '''The three kernels, or None where Triton is not installed (compiled on first use per shape class).'''
+    '''The four kernels, or None where Triton is not installed (compiled on first use per shape class).'''
     try:
         import triton
         import triton.language as tl
@@ -222,22 +224,22 @@ def triton_ssd(x_dt: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: t
     b_strides, c_strides = (B.stride(0), B.stride(1), B.stride(2)), (C.stride(0), C.stride(1), C.stride(2))
     state_strides = (states.stride(0), states.stride(1), states.stride(2))
 
-    grid = (batch * chunks * heads, triton_cdiv(head_dim, block_p))
+    grid = (batch * chunks * heads, _blocks(head_dim, block_p))
     warps, stages = LAUNCH['chunk_states']
     kernels.chunk_states[grid](x_dt, log_decay, B, states, *sizes, *x_strides, *decay_strides, *b_strides,
                                *state_strides, BLOCK_TIME=_BLOCK_TIME, BLOCK_P=block_p, BLOCK_N=block_n,
                                PRECISION=PRECISION, num_warps=warps, num_stages=stages)
     elements, block = head_dim * state_size, 1024
-    kernels.pass_states[(batch * heads, triton_cdiv(elements, block))](
+    kernels.pass_states[(batch * heads, _blocks(elements, block))](
         states, log_decay, last_state, chunk_size, heads, chunks, elements, *decay_strides, *state_strides,
         BLOCK=block)
-    time_blocks = triton_cdiv(chunk_size, _BLOCK_TIME)
+    time_blocks = _blocks(chunk_size, _BLOCK_TIME)
     products = torch.empty(batch, chunks, groups, chunk_size, chunk_size, device=x_dt.device, dtype=torch.float32)
     warps, stages = LAUNCH['chunk_products']
     kernels.chunk_products[(batch * chunks * groups, time_blocks, time_blocks)](
         B, C, products, chunk_size, groups, chunks, state_size, *b_strides, *c_strides, BLOCK_TIME=_BLOCK_TIME,
         BLOCK_N=block_n, PRECISION=PRECISION, num_warps=warps, num_stages=stages)
-    grid = (batch * chunks * heads, time_blocks, triton_cdiv(head_dim, block_p))
+    grid = (batch * chunks * heads, time_blocks, _blocks(head_dim, block_p))
     warps, stages = LAUNCH['chunk_outputs']
     kernels.chunk_outputs[grid](x_dt, log_decay, products, C, states, out, *sizes, *x_strides, *decay_strides,
                                 *c_strides, *state_strides, out.stride(0), out.stride(1), out.stride(2),
@@ -246,5 +248,6 @@ def triton_ssd(x_dt: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: t
     return out[:, :length], last_state
 
 
-def triton_cdiv(size: int, block: int) -> int:
+def _blocks(size: int, block: int) -> int:
+    '''How many blocks of ``block`` cover ``size``.'''
     return -(-size // block)
