@@ -89,8 +89,13 @@ def sharded(args, device: str) -> None:
     model = model.to('cuda:0')
     torch.cuda.reset_peak_memory_stats(0)
     try:
-        expected = explain(model, model.get_input_embeddings()(ids.to('cuda:0')).detach()).cpu()
-        on_one = 'fits one GPU'
+        one_embeddings = model.get_input_embeddings()(ids.to('cuda:0')).detach()
+        with torch.no_grad():
+            one_logit = model(inputs_embeds=one_embeddings, use_cache=False, logits_to_keep=1).logits[:, -1, TARGET]
+        expected = explain(model, one_embeddings).cpu()
+        on_one = f'fits one GPU (there the unmodified model\'s logits {one_logit.float().tolist()})'
+    except FloatingPointError as error:
+        expected, on_one = None, f'on one GPU is refused ({error})'
     except torch.cuda.OutOfMemoryError:
         expected = None
         on_one = (f'does not fit one GPU (out of memory at {torch.cuda.max_memory_allocated(0) / 2 ** 30:.1f} of '
@@ -104,10 +109,21 @@ def sharded(args, device: str) -> None:
     for index in devices:
         torch.cuda.reset_peak_memory_stats(index)
     embeddings = model.get_input_embeddings()(ids.to('cuda:0')).detach()
-    relevance = explain(model, embeddings).cpu()
-    peaks = ', '.join(f'cuda:{index} {torch.cuda.max_memory_allocated(index) / 2 ** 30:.2f} GiB' for index in devices)
     with torch.no_grad():
         logit = model(inputs_embeds=embeddings, use_cache=False, logits_to_keep=1).logits[:, -1, TARGET].float()
+    try:
+        relevance = explain(model, embeddings).cpu()
+    except FloatingPointError as error:  # the explanation refuses relevance that is not finite
+        print(f'sharded: {args.config or "mamba-130m"}, batch {args.batch} of {args.length} tokens, which {on_one}: '
+              f'the explanation refused: {error} (the unmodified model\'s logits {logit.tolist()})', flush=True)
+        return
+    peaks = ', '.join(f'cuda:{index} {torch.cuda.max_memory_allocated(index) / 2 ** 30:.2f} GiB' for index in devices)
+    if expected is not None and not torch.isfinite(logit).all():
+        # the unmodified model's forward under dispatch_model gave NaN (bfloat16 Mamba-2 layers on the GPU that is not
+        # the current one, seen on two H200s; MambaLRP's forward sets each mixer's device): the one-GPU logit instead
+        print(f'the unmodified model\'s logits under dispatch_model: {logit.tolist()}; conservation against its logits '
+              f'on one GPU', flush=True)
+        logit = one_logit.float()
     conservation = ((relevance.sum(-1).to(logit.device) - logit).abs().max() / logit.abs().max()).item()
     if expected is not None:
         difference = ((relevance - expected).abs().max() / expected.abs().max()).item()

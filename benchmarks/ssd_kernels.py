@@ -1,7 +1,8 @@
 '''The Mamba-2 SSD forward alone on a GPU: this package's Triton SSD (float32-exact products), mamba-ssm's Triton SSD
 (TF32 products) and the PyTorch SSD, time and error against float64, side by side on one layer's shapes.
 
-``--sweep`` also times the Triton SSD under each launch setting (warps, stages) of its kernels.
+``--sweep`` also times the Triton SSD under each launch setting (warps, stages) of its kernels and each block of
+``pass_states``.
 
 Usage::
 
@@ -42,6 +43,8 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument('--state', type=int, default=128)
     parser.add_argument('--chunk', type=int, default=256)
     parser.add_argument('--sweep', action='store_true')
+    parser.add_argument('--our-chunks', type=int, nargs='*', default=[],
+                        help='also time the Triton SSD with these chunk lengths (a constant selection may take any)')
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -51,12 +54,15 @@ def main(argv: Optional[List[str]] = None) -> str:
     A = -torch.rand(args.heads, device='cuda') * 4
     B, C = torch.randn(2, args.batch, args.length, args.groups, args.state, device='cuda')
     D = torch.zeros(args.heads, device='cuda')
-    exact, _ = ssd._exact_ssd(ssd._grouped_ssd, *(tensor.double() for tensor in (x, dt, A, B, C, D)), args.chunk)
+    exact, _ = ssd._exact_ssd(ssd._pytorch_ssd, *(tensor.double() for tensor in (x, dt, A, B, C, D)), args.chunk)
 
     candidates = {
         'triton_ssd (ours, tf32x3)': lambda: ssd._exact_ssd(ssd_triton.triton_ssd, x, dt, A, B, C, D, args.chunk)[0],
-        'pytorch ssd (float32)': lambda: ssd._exact_ssd(ssd._grouped_ssd, x, dt, A, B, C, D, args.chunk)[0],
+        'pytorch ssd (float32)': lambda: ssd._exact_ssd(ssd._pytorch_ssd, x, dt, A, B, C, D, args.chunk)[0],
     }
+    for chunk in args.our_chunks:
+        candidates[f'triton_ssd (ours, tf32x3), chunk {chunk}'] = (
+            lambda chunk=chunk: ssd._exact_ssd(ssd_triton.triton_ssd, x, dt, A, B, C, D, chunk)[0])
     kernel = mamba_ssm_chunk_scan()
     if kernel is not None:
         candidates['mamba-ssm (tf32)'] = lambda: ssd._kernel_ssd(kernel, x, dt, A, B, C, D, args.chunk)[0]
@@ -77,6 +83,12 @@ def main(argv: Optional[List[str]] = None) -> str:
                 row = [str(ssd_triton.LAUNCH[name]) for name in default]
                 lines.append(f'| {" | ".join(row)} | {time:.3f} |')
         ssd_triton.LAUNCH.update(default)
+        lines += ['', '| pass_states elements per program | ms |', '|---|---|']
+        default_block = ssd_triton.PASS_BLOCK
+        for block in (128, 256, 512, 1024):
+            ssd_triton.PASS_BLOCK = block
+            lines.append(f'| {block} | {milliseconds(candidates["triton_ssd (ours, tf32x3)"]):.3f} |')
+        ssd_triton.PASS_BLOCK = default_block
     text = '\n'.join(lines)
     print(text)
     return text

@@ -103,13 +103,18 @@ def test_recompute_on_offloaded_weights_is_refused_and_the_model_kept():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
-@pytest.mark.parametrize('name', ['FalconMamba', 'Bamba'])
-def test_layers_sharded_across_devices_give_the_relevance_of_one_device(name):
+@pytest.mark.parametrize('name, dtype', [('FalconMamba', torch.float32), ('Bamba', torch.float32),
+                                         ('Mamba2', torch.bfloat16)])
+def test_layers_sharded_across_devices_give_the_relevance_of_one_device(name, dtype):
     '''dispatch_model with the layers split over two GPUs (or a GPU and the CPU where there is one): the same
-    relevance as the whole model on one GPU, float32.'''
-    model = build(name, dtype=torch.float32).cuda()
-    embeddings = torch.randn(2, 64, model.config.hidden_size, device='cuda', generator=torch.Generator('cuda')
-                             .manual_seed(1))
+    relevance as the whole model on one GPU, float32 (this package's Triton SSD), and bfloat16 through mamba-ssm's
+    kernels, which gave NaN on the GPU that was not the current one until each mixer ran with its own device
+    current.'''
+    if dtype == torch.bfloat16 and torch.cuda.device_count() < 2:
+        pytest.skip('bfloat16 on the CPU runs other kernels: compared on two GPUs only')
+    model = build(name, dtype=dtype).cuda()
+    embeddings = torch.randn(2, 64, model.config.hidden_size, device='cuda', dtype=dtype,
+                             generator=torch.Generator('cuda').manual_seed(1))
     expected, _ = explain(model, embeddings)
     second = 1 if torch.cuda.device_count() > 1 else 'cpu'
     half = len(getattr(model, model.base_model_prefix).layers) // 2
@@ -122,5 +127,7 @@ def test_layers_sharded_across_devices_give_the_relevance_of_one_device(name):
     attributions, delta = explain(sharded, embeddings)
     # two GPUs run the same kernels; the CPU runs the PyTorch scan, which mamba-ssm's fast exponentials differ from
     tolerance = 1e-5 if second == 1 else 5e-4
-    assert ((attributions.cpu() - expected.cpu()).abs().max() / expected.abs().max()).item() <= tolerance
+    assert torch.isfinite(attributions).all()
+    assert ((attributions.cpu().float() - expected.cpu().float()).abs().max() / expected.float().abs().max()).item() \
+        <= tolerance
     assert_restored(snapshot(sharded), before)

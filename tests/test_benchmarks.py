@@ -54,8 +54,9 @@ def read_rows(path, task):
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('faithfulness')
-    # vim-mnist (shipped weights, GPU-sized) is left to its own accuracy test: the quick run keeps CI short
-    output = run([sys.executable, 'benchmarks/faithfulness.py', '--quick', '--out', str(out),
+    # vim-mnist (shipped weights, GPU-sized) is left to its own accuracy test, and 12 examples a task (the quick
+    # run's default 24 took 3 of CI's 15 minutes) keep CI short
+    output = run([sys.executable, 'benchmarks/faithfulness.py', '--quick', '--out', str(out), '--examples', '12',
                   '--tasks', 'sst2', 'digits', 'needle', 'vim-digits'])
     return out, output
 
@@ -93,7 +94,7 @@ def test_two_processes_give_the_same_table(quick_run):
     for name in os.listdir(out / 'cache'):
         os.link(out / 'cache' / name, parallel_out / 'cache' / name)
     run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
-         'benchmarks/faithfulness.py', '--quick', '--tasks', 'needle', '--out', str(parallel_out)])
+         'benchmarks/faithfulness.py', '--quick', '--examples', '12', '--tasks', 'needle', '--out', str(parallel_out)])
     assert read_rows(parallel_out / 'results.csv', 'needle') == read_rows(out / 'results.csv', 'needle')
 
 

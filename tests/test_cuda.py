@@ -327,7 +327,8 @@ def test_triton_ssd_is_float32_exact_forward_and_backward(heads, groups, head_di
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip('the Triton SSD serves Ampere and later GPUs (TF32 tensor cores); older ones take the PyTorch SSD')
     calls = []
-    monkeypatch.setattr(ssd, 'triton_ssd', lambda *arguments: calls.append(1) or triton_ssd(*arguments))
+    monkeypatch.setattr(ssd, 'triton_ssd',
+                        lambda *arguments, **options: calls.append(1) or triton_ssd(*arguments, **options))
     torch.manual_seed(0)
     batch, length = 2, 1000
     x = torch.randn(batch, length, heads, head_dim, device='cuda', requires_grad=True)

@@ -72,3 +72,47 @@ def test_gated_norm_fused_equals_the_rule_sets_operations_in_turn(name, monkeypa
     torch.testing.assert_close(fused_relevance, relevance, rtol=1e-10, atol=1e-12)
     for fused_gradient, gradient in zip(fused_gradients, gradients):
         torch.testing.assert_close(fused_gradient, gradient, rtol=1e-10, atol=1e-12)
+
+
+
+# run in a fresh interpreter: Triton's own jit functions (tl.sum, tl.sigmoid) run interpreted only where
+# TRITON_INTERPRET=1 was set before Triton was first imported, and the test session imports it early (zennit does)
+_NORM_KERNELS_AGAINST_PYTORCH = '''
+import torch
+from zennit_mamba import fused
+
+for weight_gradient in (True, False):
+    generator = torch.Generator().manual_seed(3)
+    y = torch.randn(37, 12, generator=generator).unflatten(0, (1, 37)).requires_grad_()
+    gate = torch.randn(1, 37, 20, generator=generator)[..., 3:15].requires_grad_()
+    weight = torch.randn(12, generator=generator).requires_grad_(weight_gradient)
+    gradient = torch.randn(1, 37, 12, generator=generator)
+    output = fused.GatedRMSNorm.apply(y, gate, weight, 6, 1e-5)  # on the CPU: the PyTorch computation
+    expected = torch.autograd.grad(output, (y, gate, weight) if weight_gradient else (y, gate), gradient)
+
+    triton_output, scale = fused.triton_gated_rms(y.detach(), gate.detach(), weight.detach(), 6, 1e-5)
+    assert scale.shape == (37, 2)
+    got = fused.triton_gated_rms_backward(gradient, y.detach(), gate.detach(), weight.detach(), scale, 6,
+                                          weight_gradient)
+    torch.testing.assert_close(triton_output, output.detach(), rtol=1e-5, atol=1e-6)
+    assert (got[2] is None) != weight_gradient
+    for actual, want in zip(got, expected):
+        torch.testing.assert_close(actual, want, rtol=1e-5, atol=1e-6)
+print('equal')
+'''
+
+
+def test_gated_norm_triton_kernels_equal_its_pytorch_computation():
+    '''GatedRMSNorm's Triton forward and backward (under Triton's interpreter on the CPU, float32) equal its PyTorch
+    computation, with and without the weight's gradient: two groups of six channels (a masked tile), 37 rows (a
+    partial block of rows), the gate a slice of a wider tensor as in the mixer.'''
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip('triton')
+    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 8):
+        pytest.skip('Triton\'s interpreter before 3.8 fails on loop bounds passed as arguments')
+    result = subprocess.run([sys.executable, '-c', _NORM_KERNELS_AGAINST_PYTORCH], capture_output=True, text=True,
+                            env={**os.environ, 'TRITON_INTERPRET': '1'}, timeout=300)
+    assert result.stdout.strip() == 'equal', result.stderr[-3000:]

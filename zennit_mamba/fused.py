@@ -1,5 +1,5 @@
 '''Rules fused into autograd functions with hand-written backward passes: a Mamba-1 branch (:py:class:`SiLUScanGate`)
-and a Mamba-2 gated normalisation (:py:class:`GatedRMSNorm`).
+and a Mamba-2 gated normalisation (:py:class:`GatedRMSNorm`: one Triton kernel each way on a GPU).
 
 A Mamba-1 branch's SiLU, selective scan and gate under all three of their MambaLRP rules, as one autograd function
 around mamba-ssm's CUDA kernels: the same relevance as :py:class:`~zennit_mamba.rules.RuleSet`'s operations in turn,
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ._optional import mamba_ssm_scan_extension
 from .scan import SMALLEST_STEP
+from .ssd_triton import on_device_of
 
 #: elements per program of the Triton kernels of :py:func:`branch_gradients`
 _BLOCK = 1024
@@ -141,13 +142,14 @@ def branch_gradients(gradient: torch.Tensor, conv: torch.Tensor, gate: torch.Ten
         u_reversed = torch.empty(gradient.shape, dtype=dtype, device=gradient.device)
         delta_reversed, gradient_gate = torch.empty_like(u_reversed), torch.empty_like(gate)
         grid = (-(-count // _BLOCK),)
-        kernel.reversed_inputs[grid](gradient, gate, out, delta, u_reversed, delta_reversed, gradient_gate, count,
-                                     length, SMALLEST_STEP, BLOCK=_BLOCK)
-        # C takes B's place and B C's: the output of the reversed scan is B_t . lambda_t
-        scanned_reversed = forward_scan(u_reversed, delta_reversed, A, C_reversed, B_reversed)
-        gradient_conv = torch.empty(conv.shape, dtype=conv.dtype, device=conv.device)
-        kernel.input_gradient[grid](scanned_reversed, delta, gradient, gate, D, conv, gradient_conv, count, length,
-                                    conv.shape[1], conv.stride(1), BLOCK=_BLOCK)
+        with on_device_of(conv):
+            kernel.reversed_inputs[grid](gradient, gate, out, delta, u_reversed, delta_reversed, gradient_gate, count,
+                                         length, SMALLEST_STEP, BLOCK=_BLOCK)
+            # C takes B's place and B C's: the output of the reversed scan is B_t . lambda_t
+            scanned_reversed = forward_scan(u_reversed, delta_reversed, A, C_reversed, B_reversed)
+            gradient_conv = torch.empty(conv.shape, dtype=conv.dtype, device=conv.device)
+            kernel.input_gradient[grid](scanned_reversed, delta, gradient, gate, D, conv, gradient_conv, count,
+                                        length, conv.shape[1], conv.stride(1), BLOCK=_BLOCK)
         return gradient_conv, gradient_gate
 
     gradient, gate, out, delta, conv = (value.to(dtype) for value in (gradient, gate, out, delta, conv))
@@ -249,14 +251,23 @@ class GatedRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int,
                 epsilon: float) -> torch.Tensor:
+        ctx.group_size, ctx.epsilon = group_size, epsilon
+        ctx.on_triton = y.is_cuda and y.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            and _norm_kernels() is not None
+        if ctx.on_triton:
+            output, scale = triton_gated_rms(y, gate, weight, group_size, epsilon)
+            ctx.save_for_backward(y, gate, weight, scale)
+            return output
         normalised, scale = _gated_rms(y, gate, group_size, epsilon)
         ctx.save_for_backward(y, gate, weight, scale)
-        ctx.group_size, ctx.epsilon = group_size, epsilon
         return (weight.to(normalised.dtype) * normalised).to(y.dtype)
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor):
         y, gate, weight, scale = ctx.saved_tensors
+        if ctx.on_triton:
+            return triton_gated_rms_backward(gradient, y, gate, weight, scale, ctx.group_size,
+                                             ctx.needs_input_grad[2]) + (None, None)
         compute = scale.dtype
         weighted = gradient.to(compute) * weight.to(compute)
         half_h = 0.5 * (weighted.unflatten(-1, (-1, ctx.group_size)) * scale).flatten(-2)
@@ -278,3 +289,121 @@ def _gated_rms(y: torch.Tensor, gate: torch.Tensor, group_size: int,
     grouped = (y.to(compute) * F.silu(gate.to(compute))).unflatten(-1, (-1, group_size))
     scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + epsilon)
     return (grouped * scale).flatten(-2), scale
+
+
+#: rows per program of the gated normalisation's backward kernel: each program sums its rows' terms of the weight's
+#: gradient, so that ``rows / _NORM_ROWS`` partial sums per channel reach memory, not a term per element
+_NORM_ROWS = 16
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    '''``(..., width)`` as ``(rows, width)`` with the channels contiguous (a view where the strides allow).'''
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _norm_launch(group_size: int) -> Tuple[int, int]:
+    '''The tile over a group's channels (a power of two) and the warps that hold it.'''
+    block = 1 << max(4, (group_size - 1).bit_length())
+    return block, min(16, max(4, block // 256))
+
+
+def triton_gated_rms(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int,
+                     epsilon: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''``w * n(y * silu(z))`` (:py:class:`GatedRMSNorm`'s forward) in one Triton kernel: the output in the dtype
+    of ``y`` and the scales ``r``, float32 ``(rows, groups)``; arithmetic in float32.'''
+    kernels = _norm_kernels()
+    width = y.shape[-1]
+    y_rows, gate_rows = _rows(y), _rows(gate)
+    groups = width // group_size
+    output = torch.empty(y_rows.shape, dtype=y.dtype, device=y.device)
+    scale = torch.empty(y_rows.shape[0], groups, dtype=torch.float32, device=y.device)
+    block, warps = _norm_launch(group_size)
+    with on_device_of(y):
+        kernels.forward[(y_rows.shape[0], groups)](
+            y_rows, gate_rows, weight, output, scale, group_size, groups, epsilon, y_rows.stride(0),
+            gate_rows.stride(0), BLOCK=block, num_warps=warps)
+    return output.view(y.shape), scale
+
+
+def triton_gated_rms_backward(gradient: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
+                              scale: torch.Tensor, group_size: int,
+                              weight_gradient: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    ''':py:class:`GatedRMSNorm`'s backward in one Triton kernel (the equations of its docstring): ``dL/dy``,
+    ``dL/dz`` and, where ``weight_gradient``, ``dL/dw`` (partial sums per ``_NORM_ROWS`` rows, then summed).'''
+    kernels = _norm_kernels()
+    width = y.shape[-1]
+    gradient_rows, y_rows, gate_rows = _rows(gradient), _rows(y), _rows(gate)
+    rows, groups = y_rows.shape[0], width // group_size
+    gradient_y = torch.empty(y_rows.shape, dtype=y.dtype, device=y.device)
+    gradient_gate = torch.empty(gate_rows.shape, dtype=gate.dtype, device=gate.device)
+    row_blocks = -(-rows // _NORM_ROWS)
+    partial = torch.empty(row_blocks if weight_gradient else 0, width, dtype=torch.float32, device=y.device)
+    block, warps = _norm_launch(group_size)
+    with on_device_of(y):
+        kernels.backward[(row_blocks, groups)](
+            gradient_rows, y_rows, gate_rows, weight, scale, gradient_y, gradient_gate, partial, rows, group_size,
+            groups, width, gradient_rows.stride(0), y_rows.stride(0), gate_rows.stride(0), ROWS=_NORM_ROWS,
+            BLOCK=block, WEIGHT=weight_gradient, num_warps=warps)
+    gradient_weight = partial.sum(0).to(weight.dtype) if weight_gradient else None
+    return gradient_y.view(y.shape), gradient_gate.view(gate.shape), gradient_weight
+
+
+class _NormKernels(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_kernels() -> Optional[_NormKernels]:
+    '''The two Triton kernels of :py:class:`GatedRMSNorm` on a GPU, or None where Triton is not installed. A program
+    takes one group of channels of one row (forward) or of ``ROWS`` rows (backward); arithmetic in float32.'''
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def forward(y, gate, weight, output, scale, group_size, groups, epsilon, y_row_stride, gate_row_stride,
+                BLOCK: tl.constexpr):
+        row, group = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        inside = tl.arange(0, BLOCK) < group_size
+        channels = group * group_size + tl.arange(0, BLOCK)
+        value = tl.load(y + row * y_row_stride + channels, mask=inside, other=0.0).to(tl.float32)
+        z = tl.load(gate + row * gate_row_stride + channels, mask=inside, other=0.0).to(tl.float32)
+        h = value * z * tl.sigmoid(z)
+        r = tl.rsqrt(tl.sum(h * h, axis=0) / group_size + epsilon)
+        w = tl.load(weight + channels, mask=inside, other=0.0).to(tl.float32)
+        tl.store(output + row * groups * group_size + channels, (w * h * r).to(output.dtype.element_ty), mask=inside)
+        tl.store(scale + row * groups + group, r)
+
+    @triton.jit
+    def backward(gradient, y, gate, weight, scale, gradient_y, gradient_gate, partial, rows, group_size, groups,
+                 width, gradient_row_stride, y_row_stride, gate_row_stride, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                 WEIGHT: tl.constexpr):
+        row_block, group = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        inside = tl.arange(0, BLOCK) < group_size
+        channels = group * group_size + tl.arange(0, BLOCK)
+        w = tl.load(weight + channels, mask=inside, other=0.0).to(tl.float32)
+        weight_terms = tl.zeros((BLOCK,), dtype=tl.float32)
+        for offset in range(0, ROWS):
+            row = row_block * ROWS + offset
+            here = inside & (row < rows)
+            g = tl.load(gradient + row * gradient_row_stride + channels, mask=here, other=0.0).to(tl.float32)
+            value = tl.load(y + row * y_row_stride + channels, mask=here, other=0.0).to(tl.float32)
+            z = tl.load(gate + row * gate_row_stride + channels, mask=here, other=0.0).to(tl.float32)
+            r = tl.load(scale + row * groups + group, mask=row < rows, other=0.0)
+            sigmoid = tl.sigmoid(z)
+            # LN rule: dL/dh = dL/do w r; half rule: half of it to each factor; SiLU identity rule: times sigmoid(z)
+            half_h = 0.5 * g * w * r
+            tl.store(gradient_y + row * width + channels, (half_h * z * sigmoid).to(gradient_y.dtype.element_ty),
+                     mask=here)
+            tl.store(gradient_gate + row * width + channels,
+                     (half_h * value * sigmoid).to(gradient_gate.dtype.element_ty), mask=here)
+            if WEIGHT:
+                weight_terms += g * value * z * sigmoid * r
+        if WEIGHT:
+            tl.store(partial + row_block * width + channels, weight_terms, mask=inside)
+
+    return _NormKernels(forward, backward)

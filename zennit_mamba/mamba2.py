@@ -82,14 +82,16 @@ def _gated_norm(rules, mixer: torch.nn.Module, y: torch.Tensor, gate: torch.Tens
 
 
 def mamba2_core(
-    rules, mixer: torch.nn.Module, layout: Mamba2Layout, projected: torch.Tensor, attention_mask: Optional[torch.Tensor],
+    rules, mixer: torch.nn.Module, layout: Mamba2Layout, gates: torch.Tensor, conv: torch.Tensor,
+    time_step: torch.Tensor, attention_mask: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    '''Everything of a Mamba-2 mixer between its projections, on ``cat([mlp_gate, mlp_input, gate, conv, dt], -1)``
-    (widths ``layout.projection_split``, ``conv`` after the convolution, before its activation): the input of
-    ``out_proj`` and the last scan state.'''
-    batch, length, _ = projected.shape
+    '''Everything of a Mamba-2 mixer between its projections, on ``gates = cat([mlp_gate, mlp_input, gate], -1)``,
+    the convolution output ``conv`` (before its activation) and the step sizes before the softplus, each
+    ``(batch, length, width)`` (widths ``layout.projection_split``): the input of ``out_proj`` and the last scan
+    state. (Passed apart, not concatenated: a concatenation would copy the projection forward and backward.)'''
+    batch, length, _ = conv.shape
     heads, groups = layout.heads, layout.groups
-    mlp_gate, mlp_input, gate, conv, time_step = torch.split(projected, layout.projection_split, dim=-1)
+    mlp_gate, mlp_input, gate = torch.split(gates, layout.projection_split[:3], dim=-1)
 
     conv = mask_padding(rules.activation(layout.activation, conv), attention_mask)
     x, B, C = torch.split(conv, [layout.ssm_width, groups * layout.state_size, groups * layout.state_size], dim=-1)
@@ -132,8 +134,9 @@ def mamba2_mixer(
     before, conv, time_step = torch.split(projected, [sum(split[:3]), split[3], split[4]], dim=-1)
     conv_input = conv.transpose(1, 2).detach()
     conv = mixer.conv1d(conv.transpose(1, 2).to(mixer.conv1d.weight.dtype))[..., :length]
-    packed = torch.cat([before, conv.transpose(1, 2).to(before.dtype), time_step], dim=-1)
-    output, last_state = mamba2_core(rules, mixer, layout, packed, attention_mask)
+    # (batch, length, width) with channels contiguous, as the scan's kernels read them
+    conv = conv.transpose(1, 2).to(before.dtype).contiguous()
+    output, last_state = mamba2_core(rules, mixer, layout, before, conv, time_step, attention_mask)
     return MixerOutput(mixer.out_proj(output.to(hidden_states.dtype)), conv_input, last_state)
 
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .offload import weights_in_place
+from .ssd_triton import on_device_of
 
 #: keyword arguments that hybrid models pass to every layer and that neither the Mamba path nor MambaLRP's attention
 #: reads (transformers' own mixers hand them to kernels that ignore them): the only ones accepted and not used
@@ -63,8 +64,16 @@ def refuse_continuation() -> RuntimeError:
 
 
 def run_mixer(rules, function: Callable[..., T], mixer: torch.nn.Module, *arguments) -> T:
-    '''``function(rules, mixer, *arguments)``, recomputed in the backward pass where ``rules.recompute``.'''
-    with weights_in_place(mixer):  # under accelerate's offloading hooks: child weights read without a call
+    '''``function(rules, mixer, *arguments)``, recomputed in the backward pass where ``rules.recompute``, with its
+    input's GPU as the current device.
+
+    Triton kernels launch on the current device; under accelerate's ``dispatch_model`` the layers sit on several
+    GPUs, and a Mamba-2 mixer on another GPU than the current one gave NaN in bfloat16 (seen on two H200s, in the
+    unmodified model's forward too).
+    '''
+    hidden_states = next(argument for argument in arguments if torch.is_tensor(argument))  # the mixer's input
+    # under accelerate's offloading hooks, child weights are read without a call: weights_in_place
+    with weights_in_place(mixer), on_device_of(hidden_states):
         if rules.recompute and torch.is_grad_enabled():
             return checkpoint(function, rules, mixer, *arguments, use_reentrant=False)
         return function(rules, mixer, *arguments)

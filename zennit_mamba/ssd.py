@@ -78,20 +78,35 @@ def _ssd(x_dt, log_step, B, C, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
     return outputs.flatten(1, 2)[:, :length], state
 
 
-def _grouped_ssd(x_dt, log_step, B, C, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
-    ''':py:func:`_ssd` for ``B`` and ``C`` of ``(batch, length, groups, state)``, repeated from groups to heads.'''
-    heads = x_dt.shape[2]
+def _pytorch_ssd(x, log_step, B, C, chunk_size, input_scale=None, output_scale=None, skip=None,
+                 reverse=False) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''The SSD core with its input and output scaled and the skip, in either direction of time (the interface
+    :py:func:`~zennit_mamba.ssd_triton.triton_ssd` shares): :py:func:`_ssd` of ``u = x * input_scale`` in scan order
+    (reversed where ``reverse``), then ``out = output_scale * y + skip * x`` in the order of ``x``.
+
+    ``x`` is ``(batch, length, heads, head_dim)``; ``log_step`` and the scales ``(batch, length, heads)`` in the
+    order of ``x``; ``B`` and ``C`` ``(batch, length, groups, state)``, repeated from groups to heads; ``skip``
+    ``(heads,)`` or ``(heads, head_dim)``. Returns the outputs and the last state of the scan.
+    '''
+    heads = x.shape[2]
+    inputs = x if input_scale is None else x * input_scale[..., None]
     B, C = (matrix.repeat_interleave(heads // matrix.shape[2], dim=2) for matrix in (B, C))
-    return _ssd(x_dt, log_step, B, C, chunk_size)
+    in_scan_order = (lambda tensor: tensor.flip(1)) if reverse else (lambda tensor: tensor)
+    outputs, state = _ssd(*(in_scan_order(tensor) for tensor in (inputs, log_step, B, C)), chunk_size)
+    outputs = in_scan_order(outputs)
+    if output_scale is not None:
+        outputs = outputs * output_scale[..., None]
+    if skip is not None:
+        outputs = outputs + skip.reshape(heads, -1) * x
+    return outputs, state
 
 
 def _exact_ssd(core, x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
-    '''The SSD with skip in the promoted dtype of ``x`` (float32 or wider) by ``core`` (:py:func:`_grouped_ssd` or
+    '''The SSD with skip in the promoted dtype of ``x`` (float32 or wider) by ``core`` (:py:func:`_pytorch_ssd` or
     :py:func:`~zennit_mamba.ssd_triton.triton_ssd`).'''
     dtype = torch.promote_types(x.dtype, torch.float32)
-    x, dt, A, B, C = (tensor.to(dtype) for tensor in (x, dt, A, B, C))
-    outputs, state = core(x * dt[..., None], dt * A, B, C, chunk_size)
-    return outputs + D.to(dtype).reshape(x.shape[2], -1) * x, state
+    x, dt, A, B, C, D = (tensor.to(dtype) for tensor in (x, dt, A, B, C, D))
+    return core(x, dt * A, B, C, chunk_size, input_scale=dt, skip=D)
 
 
 class _LinearSSD(torch.autograd.Function):
@@ -107,7 +122,7 @@ class _LinearSSD(torch.autograd.Function):
 
     ``kernel`` (mamba-ssm's ``mamba_chunk_scan_combined``), where not None, computes both; it multiplies its input by
     the step size, so the reversed gradient is divided by the moved steps (at least ``SMALLEST_STEP``) and the scan
-    runs in float32. Otherwise ``core`` does (:py:func:`_grouped_ssd`, or the Triton SSD for CUDA float32), in the
+    runs in float32. Otherwise ``core`` does (:py:func:`_pytorch_ssd`, or the Triton SSD for CUDA float32), in the
     promoted dtype of ``x``.
     '''
 
@@ -129,10 +144,10 @@ class _LinearSSD(torch.autograd.Function):
         dtype = torch.promote_types(x.dtype, torch.float32)
         dt, grad_outputs = dt.to(dtype), grad_outputs.to(dtype)
         if ctx.kernel is None:
-            # the log-step of position t + 1 (zero after the last), reversed
-            later_log_step = F.pad((dt * A.to(dtype))[:, 1:], (0, 0, 0, 1)).flip(1)
-            grad_x_dt, _ = ctx.core(grad_outputs.flip(1), later_log_step, C.to(dtype).flip(1), B.to(dtype).flip(1),
-                                    ctx.chunk_size)
+            # the log-step of position t + 1 (zero after the last); the core reverses time as it reads
+            later_log_step = F.pad((dt * A.to(dtype))[:, 1:], (0, 0, 0, 1))
+            grad_x, _ = ctx.core(grad_outputs, later_log_step, C.to(dtype), B.to(dtype), ctx.chunk_size,
+                                 output_scale=dt, skip=D.to(dtype), reverse=True)
         else:
             # the step of position t + 1 (any positive one after the last: it decays the reversed scan's zero state)
             later = F.pad(dt[:, 1:], (0, 0, 0, 1), value=1.0).clamp_min(SMALLEST_STEP)
@@ -140,7 +155,7 @@ class _LinearSSD(torch.autograd.Function):
                 (grad_outputs / later[..., None]).flip(1).contiguous(), later.flip(1).contiguous(),
                 A.float().contiguous(), *(matrix.float().flip(1).contiguous() for matrix in (C, B)), ctx.chunk_size,
             )
-        grad_x = grad_x_dt.flip(1) * dt[..., None] + D.to(dtype).reshape(heads, -1) * grad_outputs
+            grad_x = grad_x_dt.flip(1) * dt[..., None] + D.to(dtype).reshape(heads, -1) * grad_outputs
         grad_D = None
         if ctx.needs_input_grad[5]:
             per_channel = (grad_outputs * x.to(dtype)).sum((0, 1))              # (heads, head_dim)
@@ -203,7 +218,7 @@ def ssd_scan(
     selection_constant = not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (dt, A, B, C)))
     # the Triton SSD has no backward in the selection: it serves a constant one (forward and transposed scan)
     on_triton = implementation == 'auto' and selection_constant and triton_ssd_applies(x, B.shape[-1])
-    core = triton_ssd if on_triton else _grouped_ssd
+    core = triton_ssd if on_triton else _pytorch_ssd
     if torch.is_grad_enabled() and selection_constant:
         if x.device.type == 'cpu':
             chunk_size = min(chunk_size, CPU_CHUNK)  # the outputs do not depend on the chunk length

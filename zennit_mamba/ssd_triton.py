@@ -7,19 +7,23 @@ into a TF32 head and tail, three tensor-core products: float32 accuracy at tenso
 products of a chunk reach memory, once per group of heads, and the decay-weighted mixing stays in registers:
 
 1. ``chunk_states``: each chunk's own contribution to the state at its end,
-   ``sum_s exp(log_decay_end - log_decay_s) x_dt_s B_s^T``;
+   ``sum_s exp(log_decay_end - log_decay_s) u_s B_s^T`` with ``u = x * input_scale`` (``x * dt`` in the forward);
 2. ``pass_states``: the states entering each chunk, ``S_c = exp(log_decay_end of c - 1) S_{c-1} + contribution``,
    one step per chunk;
 3. ``chunk_products``: the within-chunk products ``C_t . B_s`` (on and below the diagonal), once per group of heads;
 4. ``chunk_outputs``: ``y_t = exp(log_decay_t) C_t . S_entering + sum_{s <= t in the chunk}
-   exp(log_decay_t - log_decay_s) (C_t . B_s) x_dt_s``.
+   exp(log_decay_t - log_decay_s) (C_t . B_s) u_s``, written as ``output_scale_t y_t + skip x_t``.
+
+They read and write in either direction of time (the transposed scan of the backward runs in reversed time), and
+scale, skip and mask past the length as they go: no reversed, scaled or padded copy of an input reaches memory.
 
 ``log_decay`` is the cumulative sum of the non-positive log-steps within a chunk, so every decay formed is at most 1.
 They have no backward of their own: MambaLRP's SSM rule makes the scan linear, and its backward is the same scan
 in reversed time (:py:class:`~zennit_mamba.ssd._LinearSSD`). With ``TRITON_INTERPRET=1`` they run on the CPU.
 '''
+import contextlib
 import functools
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, ContextManager, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,15 @@ class _Kernels(NamedTuple):
 
 #: launch settings per kernel (warps, pipeline stages), chosen on an H200 for Mamba-2's head size 64 and state 128
 LAUNCH = {'chunk_states': (4, 1), 'chunk_products': (4, 3), 'chunk_outputs': (4, 1)}
+#: elements of the carried states per program of ``pass_states`` (each program steps through every chunk in turn)
+PASS_BLOCK = 1024
+
+
+def on_device_of(tensor: torch.Tensor) -> ContextManager:
+    '''The context in which Triton launches a kernel on ``tensor``'s GPU: Triton launches on the current device, and
+    under accelerate's dispatch the layers sit on several GPUs (nothing to do for CPU tensors, as in the
+    interpreter's tests).'''
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _power_of_two(size: int, smallest: int = 16) -> int:
@@ -59,11 +72,11 @@ def triton_ssd_kernels() -> Optional[_Kernels]:
         return None
 
     @triton.jit
-    def chunk_states(x_dt, log_decay, B, states, chunk_size, heads, chunks, heads_per_group, head_dim, state_size,
-                     sx_b, sx_l, sx_h, sd_b, sd_c, sd_l, sd_h, sb_b, sb_l, sb_g, ss_b, ss_c, ss_h,
-                     BLOCK_TIME: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PRECISION: tl.constexpr):
-        # program (batch, chunk, head) x head-dim block: sum_s exp(end - log_decay_s) x_dt_s B_s^T
+    def chunk_states(x, input_scale, log_decay, B, states, length, chunk_size, heads, chunks, heads_per_group,
+                     head_dim, state_size, sx_b, sx_l, sx_h, si_b, si_l, si_h, sd_b, sd_c, sd_l, sd_h, sb_b, sb_l,
+                     sb_g, ss_b, ss_c, ss_h, SCALED_INPUT: tl.constexpr, REVERSED: tl.constexpr,
+                     BLOCK_TIME: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        # program (batch, chunk, head) x head-dim block: sum_s exp(end - log_decay_s) u_s B_s^T
         index = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         head, chunk, batch = index % heads, (index // heads) % chunks, index // (heads * chunks)
         p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -71,18 +84,24 @@ def triton_ssd_kernels() -> Optional[_Kernels]:
         decay_base = log_decay + batch * sd_b + chunk * sd_c + head * sd_h
         end = tl.load(decay_base + (chunk_size - 1) * sd_l)
         start = chunk * chunk_size
-        x_base = x_dt + batch * sx_b + head * sx_h
+        x_base = x + batch * sx_b + head * sx_h
+        scale_base = input_scale + batch * si_b + head * si_h
         b_base = B + batch * sb_b + (head // heads_per_group) * sb_g
         accumulated = tl.full((BLOCK_P, BLOCK_N), 0.0, tl.float32)
         for offset in range(0, chunk_size, BLOCK_TIME):
             s = offset + tl.arange(0, BLOCK_TIME)
-            inside = s < chunk_size
-            to_end = tl.exp(end - tl.load(decay_base + s * sd_l, mask=inside, other=end))
-            x = tl.load(x_base + (start + s)[:, None] * sx_l + p[None, :],
+            inside = (s < chunk_size) & (start + s < length)
+            rows = start + s
+            if REVERSED:
+                rows = length - 1 - rows
+            to_end = tl.exp(end - tl.load(decay_base + s * sd_l, mask=s < chunk_size, other=end))
+            u = tl.load(x_base + rows[:, None] * sx_l + p[None, :],
                         mask=inside[:, None] & (p[None, :] < head_dim), other=0.0)
-            b = tl.load(b_base + (start + s)[:, None] * sb_l + n[None, :],
+            if SCALED_INPUT:
+                u = u * tl.load(scale_base + rows * si_l, mask=inside, other=0.0)[:, None]
+            b = tl.load(b_base + rows[:, None] * sb_l + n[None, :],
                         mask=inside[:, None] & (n[None, :] < state_size), other=0.0)
-            accumulated += tl.dot(tl.trans(x * to_end[:, None]), b, input_precision=PRECISION)
+            accumulated += tl.dot(tl.trans(u * to_end[:, None]), b, input_precision=PRECISION)
         target = states + batch * ss_b + chunk * ss_c + head * ss_h
         tl.store(target + p[:, None] * state_size + n[None, :], accumulated,
                  mask=(p[:, None] < head_dim) & (n[None, :] < state_size))
@@ -107,8 +126,9 @@ def triton_ssd_kernels() -> Optional[_Kernels]:
         tl.store(last_state + index * elements + offsets, state, mask=inside)
 
     @triton.jit
-    def chunk_products(B, C, products, chunk_size, groups, chunks, state_size, sb_b, sb_l, sb_g, sc_b, sc_l, sc_g,
-                       BLOCK_TIME: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    def chunk_products(B, C, products, length, chunk_size, groups, chunks, state_size, sb_b, sb_l, sb_g, sc_b, sc_l,
+                       sc_g, REVERSED: tl.constexpr, BLOCK_TIME: tl.constexpr, BLOCK_N: tl.constexpr,
+                       PRECISION: tl.constexpr):
         # program (batch, chunk, group) x (time block, source block) on or below the diagonal: C_t . B_s, shared by
         # the group's heads
         index = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
@@ -118,54 +138,75 @@ def triton_ssd_kernels() -> Optional[_Kernels]:
             s = tl.program_id(2) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)
             n = tl.arange(0, BLOCK_N)
             start = chunk * chunk_size
-            c = tl.load(C + batch * sc_b + group * sc_g + (start + t)[:, None] * sc_l + n[None, :],
-                        mask=(t[:, None] < chunk_size) & (n[None, :] < state_size), other=0.0)
-            b = tl.load(B + batch * sb_b + group * sb_g + (start + s)[:, None] * sb_l + n[None, :],
-                        mask=(s[:, None] < chunk_size) & (n[None, :] < state_size), other=0.0)
+            t_inside, s_inside = (t < chunk_size) & (start + t < length), (s < chunk_size) & (start + s < length)
+            t_rows, s_rows = start + t, start + s
+            if REVERSED:
+                t_rows, s_rows = length - 1 - t_rows, length - 1 - s_rows
+            c = tl.load(C + batch * sc_b + group * sc_g + t_rows[:, None] * sc_l + n[None, :],
+                        mask=t_inside[:, None] & (n[None, :] < state_size), other=0.0)
+            b = tl.load(B + batch * sb_b + group * sb_g + s_rows[:, None] * sb_l + n[None, :],
+                        mask=s_inside[:, None] & (n[None, :] < state_size), other=0.0)
             product = tl.dot(c, tl.trans(b), input_precision=PRECISION)
             tl.store(products + index * chunk_size * chunk_size + t[:, None] * chunk_size + s[None, :], product,
                      mask=(t[:, None] < chunk_size) & (s[None, :] < chunk_size))
 
     @triton.jit
-    def chunk_outputs(x_dt, log_decay, products, C, states, out, chunk_size, heads, chunks, heads_per_group, head_dim,
-                      state_size, sx_b, sx_l, sx_h, sd_b, sd_c, sd_l, sd_h, sc_b, sc_l, sc_g,
-                      ss_b, ss_c, ss_h, so_b, so_l, so_h,
-                      BLOCK_TIME: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                      PRECISION: tl.constexpr):
+    def chunk_outputs(x, input_scale, output_scale, skip, log_decay, products, C, states, out, length, chunk_size,
+                      heads, chunks, heads_per_group, head_dim, state_size, sx_b, sx_l, sx_h, si_b, si_l, si_h,
+                      su_b, su_l, su_h, sk_h, sk_p, sd_b, sd_c, sd_l, sd_h, sc_b, sc_l, sc_g, ss_b, ss_c, ss_h,
+                      so_b, so_l, so_h, SCALED_INPUT: tl.constexpr, SCALED_OUTPUT: tl.constexpr,
+                      SKIP: tl.constexpr, REVERSED: tl.constexpr, BLOCK_TIME: tl.constexpr, BLOCK_P: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         # program (batch, chunk, head) x (time block, head-dim block)
         index = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements stay exact
         head, chunk, batch = index % heads, (index // heads) % chunks, index // (heads * chunks)
         t = tl.program_id(1) * BLOCK_TIME + tl.arange(0, BLOCK_TIME)
         p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
         n = tl.arange(0, BLOCK_N)
-        t_inside, p_inside, n_inside = t < chunk_size, p < head_dim, n < state_size
         start = chunk * chunk_size
+        t_inside, p_inside, n_inside = (t < chunk_size) & (start + t < length), p < head_dim, n < state_size
+        t_rows = start + t
+        if REVERSED:
+            t_rows = length - 1 - t_rows
         group = head // heads_per_group
         decay_base = log_decay + batch * sd_b + chunk * sd_c + head * sd_h
-        decay_t = tl.load(decay_base + t * sd_l, mask=t_inside, other=0.0)
-        c = tl.load(C + batch * sc_b + group * sc_g + (start + t)[:, None] * sc_l + n[None, :],
+        decay_t = tl.load(decay_base + t * sd_l, mask=t < chunk_size, other=0.0)
+        c = tl.load(C + batch * sc_b + group * sc_g + t_rows[:, None] * sc_l + n[None, :],
                     mask=t_inside[:, None] & n_inside[None, :], other=0.0)
         # the entering state, read transposed: (state, head dim)
         entering = tl.load(states + batch * ss_b + chunk * ss_c + head * ss_h + p[None, :] * state_size + n[:, None],
                            mask=n_inside[:, None] & p_inside[None, :], other=0.0)
         accumulated = tl.dot(c, entering, input_precision=PRECISION) * tl.exp(decay_t)[:, None]
-        x_base = x_dt + batch * sx_b + head * sx_h
+        x_base = x + batch * sx_b + head * sx_h
+        scale_base = input_scale + batch * si_b + head * si_h
         groups = heads // heads_per_group
         products_base = products + ((batch * chunks + chunk) * groups + group) * chunk_size * chunk_size
         last = tl.minimum((tl.program_id(1) + 1) * BLOCK_TIME, chunk_size)
         for offset in range(0, last, BLOCK_TIME):
             s = offset + tl.arange(0, BLOCK_TIME)
-            s_inside = s < chunk_size
-            decay_s = tl.load(decay_base + s * sd_l, mask=s_inside, other=0.0)
-            causal = (s[None, :] <= t[:, None]) & s_inside[None, :]
-            product = tl.load(products_base + t[:, None] * chunk_size + s[None, :], mask=causal & t_inside[:, None],
-                              other=0.0)
-            x = tl.load(x_base + (start + s)[:, None] * sx_l + p[None, :],
-                        mask=s_inside[:, None] & p_inside[None, :], other=0.0)
+            s_inside = (s < chunk_size) & (start + s < length)
+            s_rows = start + s
+            if REVERSED:
+                s_rows = length - 1 - s_rows
+            decay_s = tl.load(decay_base + s * sd_l, mask=s < chunk_size, other=0.0)
+            causal = (s[None, :] <= t[:, None]) & (s[None, :] < chunk_size)
+            product = tl.load(products_base + t[:, None] * chunk_size + s[None, :],
+                              mask=causal & (t[:, None] < chunk_size), other=0.0)
+            u = tl.load(x_base + s_rows[:, None] * sx_l + p[None, :], mask=s_inside[:, None] & p_inside[None, :],
+                        other=0.0)
+            if SCALED_INPUT:
+                u = u * tl.load(scale_base + s_rows * si_l, mask=s_inside, other=0.0)[:, None]
             # masked before the exponential: later positions would give decays above 1
             mixing = tl.exp(tl.where(causal, decay_t[:, None] - decay_s[None, :], -float('inf'))) * product
-            accumulated += tl.dot(mixing, x, input_precision=PRECISION)
-        tl.store(out + batch * so_b + head * so_h + (start + t)[:, None] * so_l + p[None, :], accumulated,
+            accumulated += tl.dot(mixing, u, input_precision=PRECISION)
+        if SCALED_OUTPUT:
+            accumulated *= tl.load(output_scale + batch * su_b + head * su_h + t_rows * su_l, mask=t_inside,
+                                   other=0.0)[:, None]
+        if SKIP:
+            unscaled = tl.load(x_base + t_rows[:, None] * sx_l + p[None, :],
+                               mask=t_inside[:, None] & p_inside[None, :], other=0.0)
+            accumulated += tl.load(skip + head * sk_h + p * sk_p, mask=p_inside, other=0.0)[None, :] * unscaled
+        tl.store(out + batch * so_b + head * so_h + t_rows[:, None] * so_l + p[None, :], accumulated,
                  mask=t_inside[:, None] & p_inside[None, :])
 
     return _Kernels(chunk_states, pass_states, chunk_products, chunk_outputs)
@@ -179,21 +220,32 @@ def triton_ssd_applies(x: torch.Tensor, state_size: int) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 8 and triton_ssd_kernels() is not None)
 
 
-def triton_ssd(x_dt: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-               chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    '''``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} log_step_r) (C_t . B_s) x_dt_s`` and the last state, as
-    :py:func:`~zennit_mamba.ssd._ssd` computes them, in float32.
+def triton_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
+               input_scale: Optional[torch.Tensor] = None, output_scale: Optional[torch.Tensor] = None,
+               skip: Optional[torch.Tensor] = None, reverse: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''The SSD of :py:func:`~zennit_mamba.ssd._pytorch_ssd` (the same arguments and results) in float32: in scan
+    order (reversed time where ``reverse``), ``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} log_step_r) (C_t . B_s) u_s``
+    with ``u = x * input_scale``, and ``out = output_scale * y + skip * x``.
+
+    The scaling, the skip and the reversal happen as the kernels read and write (no copies); positions past the
+    length are masked, not padded.
 
     Parameters
     ----------
-    x_dt : :py:obj:`torch.Tensor`
+    x : :py:obj:`torch.Tensor`
         ``(batch, length, heads, head_dim)``, float32, rows of head_dim contiguous.
     log_step : :py:obj:`torch.Tensor`
-        Non-positive ``(batch, length, heads)``.
+        Non-positive ``(batch, length, heads)``, in the order of ``x``.
     B, C : :py:obj:`torch.Tensor`
         ``(batch, length, groups, state)`` with ``heads`` a multiple of ``groups`` (any strides, state contiguous).
     chunk_size : int
         Positions per chunk.
+    input_scale, output_scale : :py:obj:`torch.Tensor`, optional
+        float32 ``(batch, length, heads)``: the step sizes (the forward's ``x * dt``, the transposed scan's ``dt *``).
+    skip : :py:obj:`torch.Tensor`, optional
+        ``(heads,)`` or ``(heads, head_dim)``, float32.
+    reverse : bool, optional
+        Scan from the last position to the first.
 
     Returns
     -------
@@ -202,50 +254,57 @@ def triton_ssd(x_dt: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: t
 
     Examples
     --------
-    Needs Triton and a GPU (or ``TRITON_INTERPRET=1``): ``triton_ssd(x * dt[..., None], dt * A, B, C, 256)``.
+    Needs Triton and a GPU (or ``TRITON_INTERPRET=1``): ``triton_ssd(x, dt * A, B, C, 256, input_scale=dt, skip=D)``.
     '''
     kernels = triton_ssd_kernels()
-    batch, length, heads, head_dim = x_dt.shape
+    batch, length, heads, head_dim = x.shape
     groups, state_size = B.shape[2], B.shape[3]
-    padding = -length % chunk_size
-    if padding:  # zero inputs and log-steps in the tail: decay 1, no input
-        x_dt, log_step, B, C = (F.pad(tensor, (0, 0) * (tensor.dim() - 2) + (0, padding))
-                                for tensor in (x_dt, log_step, B, C))
-    x_dt, B, C = (tensor if tensor.stride(-1) == 1 else tensor.contiguous() for tensor in (x_dt, B, C))
-    chunks = x_dt.shape[1] // chunk_size
-    log_decay = torch.cumsum(log_step.float().unflatten(1, (chunks, chunk_size)), dim=2)   # (b, c, l, h)
-    states = torch.empty(batch, chunks, heads, head_dim, state_size, device=x_dt.device, dtype=torch.float32)
-    last_state = torch.empty(batch, heads, head_dim, state_size, device=x_dt.device, dtype=torch.float32)
-    out = torch.empty(x_dt.shape, device=x_dt.device, dtype=torch.float32)
+    x, B, C = (tensor if tensor.stride(-1) == 1 else tensor.contiguous() for tensor in (x, B, C))
+    chunks = _blocks(length, chunk_size)
+    # the decays within each chunk, in scan order: zero log-steps past the length (decay 1; their inputs are masked)
+    scan_log_step = log_step.float().flip(1) if reverse else log_step.float()
+    log_decay = torch.cumsum(F.pad(scan_log_step, (0, 0, 0, chunks * chunk_size - length)).unflatten(
+        1, (chunks, chunk_size)), dim=2)                                                  # (b, c, l, h)
+    states = torch.empty(batch, chunks, heads, head_dim, state_size, device=x.device, dtype=torch.float32)
+    last_state = torch.empty(batch, heads, head_dim, state_size, device=x.device, dtype=torch.float32)
+    out = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    # absent scales and skip: any tensor stands in (the kernels do not read it)
+    input_scale_or_x, output_scale_or_x = (x if scale is None else scale for scale in (input_scale, output_scale))
+    skip_or_x = x if skip is None else skip.reshape(heads, -1).expand(heads, head_dim)
+    skip_strides = skip_or_x.stride()[:2]
     block_p, block_n = min(_power_of_two(head_dim), 64), _power_of_two(state_size)
-    sizes = (chunk_size, heads, chunks, heads // groups, head_dim, state_size)
-    x_strides = (x_dt.stride(0), x_dt.stride(1), x_dt.stride(2))
+    sizes = (length, chunk_size, heads, chunks, heads // groups, head_dim, state_size)
+    x_strides = (x.stride(0), x.stride(1), x.stride(2))
+    input_scale_strides, output_scale_strides = (scale.stride()[:3] for scale in (input_scale_or_x, output_scale_or_x))
     decay_strides = log_decay.stride()
     b_strides, c_strides = (B.stride(0), B.stride(1), B.stride(2)), (C.stride(0), C.stride(1), C.stride(2))
     state_strides = (states.stride(0), states.stride(1), states.stride(2))
+    flags = dict(REVERSED=reverse, BLOCK_TIME=_BLOCK_TIME, PRECISION=PRECISION)
 
-    grid = (batch * chunks * heads, _blocks(head_dim, block_p))
-    warps, stages = LAUNCH['chunk_states']
-    kernels.chunk_states[grid](x_dt, log_decay, B, states, *sizes, *x_strides, *decay_strides, *b_strides,
-                               *state_strides, BLOCK_TIME=_BLOCK_TIME, BLOCK_P=block_p, BLOCK_N=block_n,
-                               PRECISION=PRECISION, num_warps=warps, num_stages=stages)
-    elements, block = head_dim * state_size, 1024
-    kernels.pass_states[(batch * heads, _blocks(elements, block))](
-        states, log_decay, last_state, chunk_size, heads, chunks, elements, *decay_strides, *state_strides,
-        BLOCK=block)
     time_blocks = _blocks(chunk_size, _BLOCK_TIME)
-    products = torch.empty(batch, chunks, groups, chunk_size, chunk_size, device=x_dt.device, dtype=torch.float32)
-    warps, stages = LAUNCH['chunk_products']
-    kernels.chunk_products[(batch * chunks * groups, time_blocks, time_blocks)](
-        B, C, products, chunk_size, groups, chunks, state_size, *b_strides, *c_strides, BLOCK_TIME=_BLOCK_TIME,
-        BLOCK_N=block_n, PRECISION=PRECISION, num_warps=warps, num_stages=stages)
-    grid = (batch * chunks * heads, time_blocks, _blocks(head_dim, block_p))
-    warps, stages = LAUNCH['chunk_outputs']
-    kernels.chunk_outputs[grid](x_dt, log_decay, products, C, states, out, *sizes, *x_strides, *decay_strides,
-                                *c_strides, *state_strides, out.stride(0), out.stride(1), out.stride(2),
-                                BLOCK_TIME=_BLOCK_TIME, BLOCK_P=block_p, BLOCK_N=block_n, PRECISION=PRECISION,
-                                num_warps=warps, num_stages=stages)
-    return out[:, :length], last_state
+    products = torch.empty(batch, chunks, groups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
+    outputs_arguments = (x, input_scale_or_x, output_scale_or_x, skip_or_x, log_decay, products, C, states, out, *sizes,
+                         *x_strides, *input_scale_strides, *output_scale_strides, *skip_strides, *decay_strides,
+                         *c_strides, *state_strides, out.stride(0), out.stride(1), out.stride(2))
+    with on_device_of(x):
+        warps, stages = LAUNCH['chunk_states']
+        kernels.chunk_states[(batch * chunks * heads, _blocks(head_dim, block_p))](
+            x, input_scale_or_x, log_decay, B, states, *sizes, *x_strides, *input_scale_strides, *decay_strides,
+            *b_strides, *state_strides, SCALED_INPUT=input_scale is not None, BLOCK_P=block_p, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages, **flags)
+        elements = head_dim * state_size
+        kernels.pass_states[(batch * heads, _blocks(elements, PASS_BLOCK))](
+            states, log_decay, last_state, chunk_size, heads, chunks, elements, *decay_strides, *state_strides,
+            BLOCK=PASS_BLOCK)
+        warps, stages = LAUNCH['chunk_products']
+        kernels.chunk_products[(batch * chunks * groups, time_blocks, time_blocks)](
+            B, C, products, length, chunk_size, groups, chunks, state_size, *b_strides, *c_strides, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages, **flags)
+        warps, stages = LAUNCH['chunk_outputs']
+        kernels.chunk_outputs[(batch * chunks * heads, time_blocks, _blocks(head_dim, block_p))](
+            *outputs_arguments, SCALED_INPUT=input_scale is not None, SCALED_OUTPUT=output_scale is not None,
+            SKIP=skip is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
+    return out, last_state
 
 
 def _blocks(size: int, block: int) -> int:
