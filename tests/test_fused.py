@@ -90,10 +90,10 @@ for weight_gradient in (True, False):
     output = fused.GatedRMSNorm.apply(y, gate, weight, 6, 1e-5)  # on the CPU: the PyTorch computation
     expected = torch.autograd.grad(output, (y, gate, weight) if weight_gradient else (y, gate), gradient)
 
-    triton_output, scale = fused.triton_gated_rms(y.detach(), gate.detach(), weight.detach(), 6, 1e-5)
+    triton_output, scale = fused._triton_gated_rms(y.detach(), gate.detach(), weight.detach(), 6, 1e-5)
     assert scale.shape == (37, 2)
-    got = fused.triton_gated_rms_backward(gradient, y.detach(), gate.detach(), weight.detach(), scale, 6,
-                                          weight_gradient)
+    got = fused._triton_gated_rms_backward(gradient, y.detach(), gate.detach(), weight.detach(), scale, 6,
+                                           weight_gradient)
     torch.testing.assert_close(triton_output, output.detach(), rtol=1e-5, atol=1e-6)
     assert (got[2] is None) != weight_gradient
     for actual, want in zip(got, expected):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ._optional import mamba_ssm_scan_extension
 from .scan import SMALLEST_STEP
-from .ssd_triton import on_device_of
+from .ssd_triton import blocks, on_device_of, power_of_two
 
 #: elements per program of the Triton kernels of :py:func:`branch_gradients`
 _BLOCK = 1024
@@ -141,7 +141,7 @@ def branch_gradients(gradient: torch.Tensor, conv: torch.Tensor, gate: torch.Ten
         count, length = gradient.numel(), gradient.shape[-1]
         u_reversed = torch.empty(gradient.shape, dtype=dtype, device=gradient.device)
         delta_reversed, gradient_gate = torch.empty_like(u_reversed), torch.empty_like(gate)
-        grid = (-(-count // _BLOCK),)
+        grid = (blocks(count, _BLOCK),)
         with on_device_of(conv):
             kernel.reversed_inputs[grid](gradient, gate, out, delta, u_reversed, delta_reversed, gradient_gate, count,
                                          length, SMALLEST_STEP, BLOCK=_BLOCK)
@@ -255,7 +255,7 @@ class GatedRMSNorm(torch.autograd.Function):
         ctx.on_triton = y.is_cuda and y.dtype in (torch.float32, torch.float16, torch.bfloat16) \
             and _norm_kernels() is not None
         if ctx.on_triton:
-            output, scale = triton_gated_rms(y, gate, weight, group_size, epsilon)
+            output, scale = _triton_gated_rms(y, gate, weight, group_size, epsilon)
             ctx.save_for_backward(y, gate, weight, scale)
             return output
         normalised, scale = _gated_rms(y, gate, group_size, epsilon)
@@ -266,7 +266,7 @@ class GatedRMSNorm(torch.autograd.Function):
     def backward(ctx, gradient: torch.Tensor):
         y, gate, weight, scale = ctx.saved_tensors
         if ctx.on_triton:
-            return triton_gated_rms_backward(gradient, y, gate, weight, scale, ctx.group_size,
+            return _triton_gated_rms_backward(gradient, y, gate, weight, scale, ctx.group_size,
                                              ctx.needs_input_grad[2]) + (None, None)
         compute = scale.dtype
         weighted = gradient.to(compute) * weight.to(compute)
@@ -304,12 +304,12 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def _norm_launch(group_size: int) -> Tuple[int, int]:
     '''The tile over a group's channels (a power of two) and the warps that hold it.'''
-    block = 1 << max(4, (group_size - 1).bit_length())
+    block = power_of_two(group_size)
     return block, min(16, max(4, block // 256))
 
 
-def triton_gated_rms(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int,
-                     epsilon: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _triton_gated_rms(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, group_size: int,
+                      epsilon: float) -> Tuple[torch.Tensor, torch.Tensor]:
     '''``w * n(y * silu(z))`` (:py:class:`GatedRMSNorm`'s forward) in one Triton kernel: the output in the dtype
     of ``y`` and the scales ``r``, float32 ``(rows, groups)``; arithmetic in float32.'''
     kernels = _norm_kernels()
@@ -326,9 +326,9 @@ def triton_gated_rms(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, 
     return output.view(y.shape), scale
 
 
-def triton_gated_rms_backward(gradient: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
-                              scale: torch.Tensor, group_size: int,
-                              weight_gradient: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def _triton_gated_rms_backward(gradient: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
+                               scale: torch.Tensor, group_size: int,
+                               weight_gradient: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     ''':py:class:`GatedRMSNorm`'s backward in one Triton kernel (the equations of its docstring): ``dL/dy``,
     ``dL/dz`` and, where ``weight_gradient``, ``dL/dw`` (partial sums per ``_NORM_ROWS`` rows, then summed).'''
     kernels = _norm_kernels()
@@ -337,7 +337,7 @@ def triton_gated_rms_backward(gradient: torch.Tensor, y: torch.Tensor, gate: tor
     rows, groups = y_rows.shape[0], width // group_size
     gradient_y = torch.empty(y_rows.shape, dtype=y.dtype, device=y.device)
     gradient_gate = torch.empty(gate_rows.shape, dtype=gate.dtype, device=gate.device)
-    row_blocks = -(-rows // _NORM_ROWS)
+    row_blocks = blocks(rows, _NORM_ROWS)
     partial = torch.empty(row_blocks if weight_gradient else 0, width, dtype=torch.float32, device=y.device)
     block, warps = _norm_launch(group_size)
     with on_device_of(y):

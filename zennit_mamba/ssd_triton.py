@@ -51,14 +51,36 @@ PASS_BLOCK = 1024
 
 
 def on_device_of(tensor: torch.Tensor) -> ContextManager:
-    '''The context in which Triton launches a kernel on ``tensor``'s GPU: Triton launches on the current device, and
-    under accelerate's dispatch the layers sit on several GPUs (nothing to do for CPU tensors, as in the
-    interpreter's tests).'''
+    '''The context in which kernels launch on ``tensor``'s GPU: Triton launches on the current device, and under
+    accelerate's dispatch the layers sit on several GPUs (nothing to do for CPU tensors, as in the interpreter's
+    tests).
+
+    Parameters
+    ----------
+    tensor : :py:obj:`torch.Tensor`
+        A tensor of the computation.
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+        ``torch.cuda.device(tensor.device)`` for a CUDA tensor, else a context that does nothing.
+
+    Examples
+    --------
+    >>> with on_device_of(torch.zeros(1)):  # a CPU tensor: the current device stays as it is
+    ...     pass
+    '''
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _power_of_two(size: int, smallest: int = 16) -> int:
-    '''The tile covering ``size``: a power of two, at least ``smallest`` (Triton's products need 16).'''
+def power_of_two(size: int, smallest: int = 16) -> int:
+    '''The tile covering ``size``: a power of two, at least ``smallest`` (Triton's products need 16).
+
+    Examples
+    --------
+    >>> power_of_two(100), power_of_two(3)
+    (128, 16)
+    '''
     return max(smallest, 1 << (size - 1).bit_length())
 
 
@@ -260,7 +282,7 @@ def triton_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torc
     batch, length, heads, head_dim = x.shape
     groups, state_size = B.shape[2], B.shape[3]
     x, B, C = (tensor if tensor.stride(-1) == 1 else tensor.contiguous() for tensor in (x, B, C))
-    chunks = _blocks(length, chunk_size)
+    chunks = blocks(length, chunk_size)
     # the decays within each chunk, in scan order: zero log-steps past the length (decay 1; their inputs are masked)
     scan_log_step = log_step.float().flip(1) if reverse else log_step.float()
     log_decay = torch.cumsum(F.pad(scan_log_step, (0, 0, 0, chunks * chunk_size - length)).unflatten(
@@ -272,7 +294,7 @@ def triton_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torc
     input_scale_or_x, output_scale_or_x = (x if scale is None else scale for scale in (input_scale, output_scale))
     skip_or_x = x if skip is None else skip.reshape(heads, -1).expand(heads, head_dim)
     skip_strides = skip_or_x.stride()[:2]
-    block_p, block_n = min(_power_of_two(head_dim), 64), _power_of_two(state_size)
+    block_p, block_n = min(power_of_two(head_dim), 64), power_of_two(state_size)
     sizes = (length, chunk_size, heads, chunks, heads // groups, head_dim, state_size)
     x_strides = (x.stride(0), x.stride(1), x.stride(2))
     input_scale_strides, output_scale_strides = (scale.stride()[:3] for scale in (input_scale_or_x, output_scale_or_x))
@@ -281,19 +303,19 @@ def triton_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torc
     state_strides = (states.stride(0), states.stride(1), states.stride(2))
     flags = dict(REVERSED=reverse, BLOCK_TIME=_BLOCK_TIME, PRECISION=PRECISION)
 
-    time_blocks = _blocks(chunk_size, _BLOCK_TIME)
+    time_blocks = blocks(chunk_size, _BLOCK_TIME)
     products = torch.empty(batch, chunks, groups, chunk_size, chunk_size, device=x.device, dtype=torch.float32)
     outputs_arguments = (x, input_scale_or_x, output_scale_or_x, skip_or_x, log_decay, products, C, states, out, *sizes,
                          *x_strides, *input_scale_strides, *output_scale_strides, *skip_strides, *decay_strides,
                          *c_strides, *state_strides, out.stride(0), out.stride(1), out.stride(2))
     with on_device_of(x):
         warps, stages = LAUNCH['chunk_states']
-        kernels.chunk_states[(batch * chunks * heads, _blocks(head_dim, block_p))](
+        kernels.chunk_states[(batch * chunks * heads, blocks(head_dim, block_p))](
             x, input_scale_or_x, log_decay, B, states, *sizes, *x_strides, *input_scale_strides, *decay_strides,
             *b_strides, *state_strides, SCALED_INPUT=input_scale is not None, BLOCK_P=block_p, BLOCK_N=block_n,
             num_warps=warps, num_stages=stages, **flags)
         elements = head_dim * state_size
-        kernels.pass_states[(batch * heads, _blocks(elements, PASS_BLOCK))](
+        kernels.pass_states[(batch * heads, blocks(elements, PASS_BLOCK))](
             states, log_decay, last_state, chunk_size, heads, chunks, elements, *decay_strides, *state_strides,
             BLOCK=PASS_BLOCK)
         warps, stages = LAUNCH['chunk_products']
@@ -301,12 +323,18 @@ def triton_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torc
             B, C, products, length, chunk_size, groups, chunks, state_size, *b_strides, *c_strides, BLOCK_N=block_n,
             num_warps=warps, num_stages=stages, **flags)
         warps, stages = LAUNCH['chunk_outputs']
-        kernels.chunk_outputs[(batch * chunks * heads, time_blocks, _blocks(head_dim, block_p))](
+        kernels.chunk_outputs[(batch * chunks * heads, time_blocks, blocks(head_dim, block_p))](
             *outputs_arguments, SCALED_INPUT=input_scale is not None, SCALED_OUTPUT=output_scale is not None,
             SKIP=skip is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags)
     return out, last_state
 
 
-def _blocks(size: int, block: int) -> int:
-    '''How many blocks of ``block`` cover ``size``.'''
+def blocks(size: int, block: int) -> int:
+    '''How many blocks of ``block`` cover ``size``.
+
+    Examples
+    --------
+    >>> blocks(10, 4)
+    3
+    '''
     return -(-size // block)
