@@ -7,7 +7,11 @@ or bfloat16 for the real-size configurations of ``--configs``):
   installed, its CUDA scan; on the CPU, transformers' per-step loop).
 * ``gi_same_kernels``: gradient x input through the canonized model with every MambaLRP rule off (the same kernels
   as MambaLRP).
-* ``lrp_zennit``: MambaLRP through ``MambaComposite``; ``lrp_captum``: through ``captum_mamba.MambaLRP``.
+* ``lrp_zennit``: MambaLRP through ``MambaComposite``; ``lrp_captum``: through ``captum_mamba.MambaLRP``; each
+  registers the composite on every call, as one explanation does.
+* ``lrp_captum_held``: ``captum_mamba.MambaLRP`` explaining a corpus: ``HELD_CALLS`` explanations inside one
+  ``registered()`` block, timed together and reported per explanation (the registration, a few milliseconds of host
+  time, paid once).
 * ``ig50``: Captum's IntegratedGradients with 50 steps (one example per internal batch).
 * ``sequential``: the per-timestep sequential reference of the same rules (tests/reference.py).
 
@@ -47,7 +51,9 @@ from captum_mamba import MambaLRP  # noqa: E402
 from reference import reference_relevance  # noqa: E402
 from zennit_mamba import MambaComposite  # noqa: E402
 
-METHODS = ('gi', 'gi_same_kernels', 'lrp_zennit', 'lrp_captum', 'ig50', 'sequential')
+METHODS = ('gi', 'gi_same_kernels', 'lrp_zennit', 'lrp_captum', 'lrp_captum_held', 'ig50', 'sequential')
+#: explanations per measured call of ``lrp_captum_held`` (its time is divided by them)
+HELD_CALLS = 4
 #: how each method's time grows with length per device, to skip what would exceed the budget (the per-step paths
 #: grow faster: transformers' CPU loop for ``gi``, the reference's loop for ``sequential``)
 GROWTH = {'cpu': {'gi': 2.5, 'sequential': 1.2}, 'cuda': {'sequential': 1.2}}
@@ -146,6 +152,17 @@ def lrp_captum(model, embeddings: torch.Tensor) -> torch.Tensor:
     return MambaLRP(model).attribute(embeddings, target=TARGET)
 
 
+def lrp_captum_held(model, embeddings: torch.Tensor) -> torch.Tensor:
+    explainer = MambaLRP(model)
+    with explainer.registered():
+        for _ in range(HELD_CALLS):
+            relevance = explainer.attribute(embeddings, target=TARGET)
+    return relevance
+
+
+lrp_captum_held.explanations = HELD_CALLS
+
+
 def integrated_gradients(model, embeddings: torch.Tensor) -> torch.Tensor:
     forward = lambda inputs: explained_logit(model, inputs)  # noqa: E731
     return IntegratedGradients(forward).attribute(embeddings, n_steps=50, internal_batch_size=len(embeddings))
@@ -161,6 +178,7 @@ def method_table(family: str = 'mamba') -> Dict[str, Callable]:
         'gi_same_kernels': with_composite(MambaComposite(rules=())),
         'lrp_zennit': with_composite(MambaComposite()),
         'lrp_captum': lrp_captum,
+        'lrp_captum_held': lrp_captum_held,
         'ig50': integrated_gradients,
         'sequential': sequential,
     }
@@ -287,7 +305,10 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
         seconds = statistics.median(sample['seconds'] for sample in samples[name])
         memory = peaks.get(name, float('nan')) if device == 'cpu' else statistics.median(
             sample['memory'] for sample in samples[name])
-        rows[name] = {'seconds': seconds, 'memory': memory, 'once': name in once}
+        # per explanation; the estimates for the next size are per call
+        explanations = getattr(methods[name], 'explanations', 1)
+        rows[name] = {'seconds': seconds / explanations, 'call_seconds': seconds, 'memory': memory,
+                      'once': name in once}
     return rows
 
 
@@ -298,7 +319,7 @@ def next_estimates(rows: Dict[str, dict], estimates: Dict[str, float], factor: f
         if row.get('skipped') == 'out of memory':
             updated[name] = float('inf')
             continue
-        last = row.get('seconds', estimates.get(name, 0.0))
+        last = row.get('call_seconds', estimates.get(name, 0.0))
         updated[name] = last * factor ** GROWTH[device].get(name, 1.0)
     return updated
 

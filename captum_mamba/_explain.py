@@ -1,7 +1,8 @@
 '''What every Captum front end needs around the zennit_mamba composite.'''
 import inspect
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
+import threading
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Tuple, TypeVar
 
 import torch
 from captum._utils.typing import TargetType
@@ -61,6 +62,54 @@ def explaining(model: torch.nn.Module, composite: MambaComposite) -> Iterator[No
     finally:
         for module, flag in training:
             module.training = flag
+
+
+#: a Captum front end holding its registration
+Explainer = TypeVar('Explainer', bound='HeldRegistration')
+
+
+class HeldRegistration:
+    '''What a Captum front end (with ``self.model`` and ``self.composite``) adds: :py:meth:`registered`, which keeps
+    the composite registered across ``attribute()`` calls instead of registering it on every call.'''
+
+    #: the thread inside :py:meth:`registered`, or None: only its calls skip the registration (another thread's
+    #: call still registers, and is refused while the composite is held, rather than find the model restored under it)
+    _holder: Optional[int] = None
+
+    @contextmanager
+    def registered(self: Explainer) -> Iterator[Explainer]:
+        '''Register the composite once for every ``attribute()`` call of this thread inside the block (in eval
+        mode), and restore the model exactly on leaving. Each call's result is the same as outside; what it saves
+        is the registration per call, a few milliseconds of host time that a GPU spends waiting on short inputs.
+
+        Examples
+        --------
+        >>> from transformers import MambaConfig, MambaForCausalLM
+        >>> from captum_mamba import MambaLRP
+        >>> model = MambaForCausalLM(MambaConfig(vocab_size=16, hidden_size=8, state_size=4, num_hidden_layers=1))
+        >>> corpus = [model.get_input_embeddings()(torch.tensor([[1, 2, 3]])).detach() for _ in range(2)]
+        >>> lrp = MambaLRP(model)
+        >>> with lrp.registered():
+        ...     attributions = [lrp.attribute(embeddings, target=5) for embeddings in corpus]
+        >>> len(attributions), attributions[0].shape
+        (2, torch.Size([1, 3, 8]))
+        '''
+        if self._holder is not None:
+            raise RuntimeError(
+                f'{type(self).__name__}.registered() is already active; leave that block first (a block holds '
+                f'the registration for all attribute() calls inside it).'
+            )
+        with explaining(self.model, self.composite):
+            self._holder = threading.get_ident()
+            try:
+                yield self
+            finally:
+                self._holder = None
+
+    def _registration(self) -> ContextManager[None]:
+        '''The registration for one ``attribute()`` call: none where this thread holds one.'''
+        held = self._holder == threading.get_ident()
+        return nullcontext() if held else explaining(self.model, self.composite)
 
 
 def explained_model(method: str, forward_func: Any, model: Optional[torch.nn.Module]) -> torch.nn.Module:

@@ -11,11 +11,11 @@ from torch import Tensor
 from zennit_mamba import MambaComposite
 
 from ._explain import (
-    ExplainedForward, _is_language_model, check_inputs, explained_model, explaining, refuse_extra_arguments,
+    ExplainedForward, HeldRegistration, _is_language_model, check_inputs, explained_model, refuse_extra_arguments,
 )
 
 
-class MambaLRP(GradientAttribution):
+class MambaLRP(HeldRegistration, GradientAttribution):
     '''MambaLRP (Rezaei Jafari et al., NeurIPS 2024): relevances of the inputs that sum to the explained output.
 
     The model is explained in eval mode with :py:class:`zennit_mamba.MambaComposite` registered on it; both are
@@ -103,7 +103,7 @@ class MambaLRP(GradientAttribution):
         inputs = tuple(tensor.detach().requires_grad_() for tensor in inputs)
 
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=True)
-        with explaining(self.model, self.composite), torch.enable_grad():
+        with self._registration(), torch.enable_grad():
             explained = _run_forward(forward, inputs, target, additional_forward_args)
             relevance = torch.autograd.grad(torch.unbind(explained), inputs)
         attributions = _format_output(is_inputs_tuple, relevance)

@@ -11,10 +11,12 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 
-from ._explain import ExplainedForward, check_inputs, explained_model, explaining, refuse_extra_arguments
+from ._explain import (
+    ExplainedForward, HeldRegistration, check_inputs, explained_model, refuse_extra_arguments,
+)
 
 
-class LayerMambaLRP(LayerGradientXActivation):
+class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):
     '''MambaLRP relevance of a layer's output (or input), e.g. of the embeddings given token ids.
 
     A subclass of :py:class:`captum.attr.LayerGradientXActivation`, so that
@@ -90,7 +92,7 @@ class LayerMambaLRP(LayerGradientXActivation):
         check_inputs('LayerMambaLRP', inputs if isinstance(inputs, tuple) else (inputs,), embeddings=False,
                      layer=self.layer)
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=False)
-        with explaining(self.model, self.composite), torch.enable_grad():
+        with self._registration(), torch.enable_grad():
             relevance, activations = compute_layer_gradients_and_eval(
                 forward,
                 self.layer,

@@ -112,6 +112,8 @@ def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(t
         expected = set(speed.METHODS) - ({'sequential'} if result['family'] == 'bamba' else set())
         assert set(result['rows']) == expected
         assert all(row['seconds'] > 0 for row in result['rows'].values())
+        held = result['rows']['lrp_captum_held']  # several explanations per measured call, reported per explanation
+        assert held['seconds'] == held['call_seconds'] / speed.HELD_CALLS
     table = (tmp_path / 'speed_cpu.md').read_text()
     assert 'MambaLRP / same-kernel GI' in table and 'Long input (bamba): 64 tokens' in table
     assert '| bamba | 16 | 2 | sequential | n/a |' in table

@@ -1,5 +1,6 @@
 '''The Captum front end: agreement with the Zennit core, Captum conventions, bad input, LLM attribution.'''
 import importlib.util
+import threading
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from captum_mamba import LayerMambaLRP, MambaLRP
 from captum_mamba.llm import MambaLLMAttribution
 from captum_mamba.visualization import records_to_html, save_text_heatmap, text_record, visualize_text
+from zennit_mamba.instance import is_canonized
 from conftest import assert_snapshots_equal, embed, explain, last_logits, make_mamba, relative_error, snapshot
 
 
@@ -189,6 +191,43 @@ def test_training_mode_is_explained_in_eval_mode_and_restored(model):
     flags = [module.training for module in model.modules()]
     assert relative_error(lrp.attribute(embeddings, target=1), expected) == 0
     assert [module.training for module in model.modules()] == flags
+
+
+def test_a_held_registration_explains_as_each_call_and_restores_the_model_on_leaving(model):
+    lrp, layer_lrp = MambaLRP(Float64Logits(model)), LayerMambaLRP(Float64Logits(model), model.get_input_embeddings())
+    inputs = [embed(model, 2, 7, seed) for seed in (1, 2)]
+    ids = token_ids(model, 2, 7)
+    expected = [lrp.attribute(embeddings, target=3) for embeddings in inputs]
+    expected_layer = layer_lrp.attribute(ids, target=3)
+    before = snapshot(model)
+    mixer = model.backbone.layers[0].mixer
+    with lrp.registered() as held:
+        assert held is lrp and is_canonized(mixer)
+        attributions = [lrp.attribute(embeddings, target=3) for embeddings in inputs]
+        assert is_canonized(mixer)  # kept between the calls
+        with pytest.raises(RuntimeError, match='already active'):
+            with lrp.registered():
+                pass
+        # another explainer, or this one from another thread, registers its own composite: refused while held
+        with pytest.raises(RuntimeError, match='already registered'):
+            layer_lrp.attribute(ids, target=3)
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, lrp.attribute,
+                                                                             inputs[0], target=3)))
+        thread.start()
+        thread.join()
+        assert len(errors) == 1
+        assert is_canonized(mixer)
+    assert not is_canonized(mixer)
+    assert_snapshots_equal(snapshot(model), before)
+    assert all(torch.equal(actual, wanted) for actual, wanted in zip(attributions, expected))
+    with layer_lrp.registered():
+        assert torch.equal(layer_lrp.attribute(ids, target=3), expected_layer)
+    with pytest.raises(ZeroDivisionError):
+        with lrp.registered():
+            1 / 0
+    assert_snapshots_equal(snapshot(model), before)
+    assert lrp._holder is None
 
 
 def word_tokenizer(words):

@@ -6,6 +6,7 @@ original computes on the full-sequence path, through the mixer's own projections
 exactly. Before any module changes, every upstream forward's signature is compared with the canonized one
 (:py:func:`~zennit_mamba.upstream.check_forward_signature`).
 '''
+import functools
 from typing import Callable, Collection, List, Optional, Type
 
 import torch
@@ -50,7 +51,7 @@ class ForwardCanonizer(Canonizer):
     def check_signature(self) -> None:
         '''Raise :py:class:`~zennit_mamba.upstream.UpstreamChangedError` where the upstream forward takes other
         parameters than the canonized one.'''
-        check_forward_signature(self.module_type, CanonizedForward(self.forward, self.rules), self.added_parameters)
+        _check_signature_once(self.module_type, self.module_type.forward, self.forward, self.added_parameters)
 
     def apply(self, root_module: torch.nn.Module) -> List['ForwardCanonizer']:
         return _canonize_by_type(root_module, [self])
@@ -65,6 +66,14 @@ class ForwardCanonizer(Canonizer):
 
     def copy(self) -> 'ForwardCanonizer':
         return self.__class__(self.module_type, self.forward, self.rules, self.added_parameters)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_signature_once(module_type: type, upstream_forward: Callable, forward: Callable, added: tuple) -> None:
+    ''':py:func:`check_forward_signature` once per upstream forward function (it runs on every registration, and
+    ``inspect.signature`` is slow); a forward replaced on the class is a new key and is checked again, and a check
+    that raises is not remembered.'''
+    check_forward_signature(module_type, CanonizedForward(forward, None), added)
 
 
 def _canonize_by_type(root_module: torch.nn.Module, canonizers: List[ForwardCanonizer]) -> List[ForwardCanonizer]:
