@@ -45,14 +45,20 @@ def kernel_times(function, model, embeddings: torch.Tensor) -> dict:
     return times
 
 
+#: the code whose lines name a synchronisation or a launch
+OURS = ('zennit_mamba', 'captum_mamba', 'transformers', 'mamba_ssm', 'benchmarks')
+
+
 def synchronisations(function, model, embeddings: torch.Tensor) -> collections.Counter:
-    '''The innermost lines of this package, transformers or the benchmark that made the host wait for the GPU in one
-    call of ``function``, with counts (in the backward pass, where the autograd engine passes the warning on).'''
-    places = collections.Counter()
-    ours = ('zennit_mamba', 'captum_mamba', 'transformers', 'benchmarks')
+    '''The innermost lines of this package, transformers, mamba-ssm or the benchmark that made the host wait for the
+    GPU in one call of ``function``, with counts (in the backward pass, where the autograd engine passes the warning
+    on).'''
+    places, calling = collections.Counter(), []
 
     def record(message, category, filename, lineno, file=None, line=None):
-        frames = [frame for frame in traceback.extract_stack()[:-1] if any(part in frame.filename for part in ours)]
+        if not calling:
+            return  # the call's only (setting the mode was once reported itself, before any call)
+        frames = [frame for frame in traceback.extract_stack()[:-1] if any(part in frame.filename for part in OURS)]
         where = (f'{frames[-1].filename.split("site-packages/")[-1]}:{frames[-1].lineno} {frames[-1].line}'
                  if frames else f'{filename}:{lineno}')
         places[where] += 1
@@ -63,13 +69,11 @@ def synchronisations(function, model, embeddings: torch.Tensor) -> collections.C
         warnings.showwarning = record  # restored by catch_warnings
         torch.cuda.set_sync_debug_mode('warn')
         try:
+            calling.append(True)
             function(model, embeddings)
         finally:
             torch.cuda.set_sync_debug_mode('default')
     return places
-
-
-OURS = ('zennit_mamba', 'captum_mamba', 'transformers', 'mamba_ssm', 'benchmarks')
 
 
 def idle_gaps(function, model, embeddings: torch.Tensor) -> collections.Counter:
@@ -93,7 +97,9 @@ def gaps_by_launcher(events: List[dict]) -> collections.Counter:
     call = next(event for event in events if event['name'] == 'explanation' and event.get('cat') == 'user_annotation')
     kernels = sorted((event for event in events if event.get('cat') in ('kernel', 'gpu_memcpy', 'gpu_memset')),
                      key=lambda event: event['ts'])
-    launches = {event['args'].get('correlation'): event for event in events if event.get('cat') == 'cuda_runtime'}
+    # the runtime's launches, and the driver's (Triton's kernels)
+    launches = {event['args'].get('correlation'): event for event in events
+                if event.get('cat') in ('cuda_runtime', 'cuda_driver')}
     launcher = {}
     # per thread, sweep the host frames (nested intervals) and the launches in time order with a stack of open frames
     frames, calls = collections.defaultdict(list), collections.defaultdict(list)

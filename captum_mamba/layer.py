@@ -11,9 +11,7 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 
-from ._explain import (
-    ExplainedForward, HeldRegistration, check_inputs, explained_model, refuse_extra_arguments,
-)
+from ._explain import ExplainedForward, HeldRegistration, check_inputs, explained_model, refuse_extra_arguments
 
 
 class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):

@@ -26,6 +26,30 @@ def test_hidden_attention_reproduces_the_scan():
     assert torch.equal(alpha.triu(1), torch.zeros_like(alpha))
 
 
+def test_idle_gaps_are_summed_by_the_frame_that_launched_the_next_kernel():
+    from profile_methods import gaps_by_launcher
+
+    def event(category, name, start, duration, thread=1, correlation=None):
+        return dict(ph='X', cat=category, name=name, ts=start, dur=duration, tid=thread,
+                    args={'correlation': correlation})
+
+    events = [
+        event('user_annotation', 'explanation', 0, 100),
+        event('python_function', 'site-packages/zennit_mamba/a.py(1): f', 1, 50),
+        event('python_function', 'site-packages/torch/x.py(1): g', 2, 40),  # not ours: not named
+        event('cpu_op', 'aten::mul', 10, 5),
+        event('cuda_runtime', 'cudaLaunchKernel', 11, 1, correlation=1),
+        event('kernel', 'k1', 20, 5, thread=7, correlation=1),  # idle 0-20, launched inside f
+        event('cpu_op', 'aten::add', 60, 5),
+        event('cuda_runtime', 'cudaLaunchKernel', 61, 1, correlation=2),
+        event('kernel', 'k2', 70, 10, thread=7, correlation=2),  # idle 25-70, launched by aten::add outside f
+        event('cuda_driver', 'cuLaunchKernel', 62, 1, thread=2, correlation=3),
+        event('kernel', 'k3', 85, 5, thread=7, correlation=3),  # idle 80-85, a driver launch in no frame
+    ]
+    assert gaps_by_launcher(events) == {'zennit_mamba/a.py(1): f': 20, 'aten::add': 45, 'cuLaunchKernel': 5,
+                                        '(after the last kernel)': 10}
+
+
 def free_port():
     import socket
 
