@@ -82,6 +82,16 @@ class HeldRegistration:
         mode), and restore the model exactly on leaving. Each call's result is the same as outside; what it saves
         is the registration per call, a few milliseconds of host time that a GPU spends waiting on short inputs.
 
+        Yields
+        ------
+        MambaLRP or LayerMambaLRP
+            The explainer itself, its composite registered.
+
+        Raises
+        ------
+        RuntimeError
+            Inside a ``registered()`` block of the same explainer.
+
         Examples
         --------
         >>> from transformers import MambaConfig, MambaForCausalLM
