@@ -353,7 +353,8 @@ def fmt(value: Optional[float], digits: int = 2) -> str:
 
 def report(results: List[dict], device: str, long_results: List[dict], description: str) -> str:
     lines = [f'# MambaLRP speed, {description}', '',
-             'Seconds per call (median; "1 run": too slow for repeats, measured once, its first call), and ratios '
+             'Seconds per explanation (median; "1 run": too slow for repeats, measured once, its first call; '
+             f'lrp_captum_held: a call of {HELD_CALLS} explanations in one registration, divided by them), and ratios '
              'of time and peak memory to gradient x input on the unmodified model (a) and on the canonized model '
              'with the same kernels (b). "n/a": not measured in this run, or no sequential reference for the '
              'family.', '',
