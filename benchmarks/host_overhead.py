@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import FAMILIES, build_model, explained_logit, method_table  # noqa: E402
+from speed import FAMILIES, build_model, explained_logit, method_table, relevance_through  # noqa: E402
 from zennit_mamba import MambaComposite  # noqa: E402
 
 
@@ -72,11 +72,6 @@ def measure_size(model, family: str, length: int, batch: int, device: str, repea
         with composite.context(model):
             pass
 
-    def explain(modified):
-        leaf = embeddings.detach().requires_grad_()
-        logit = explained_logit(modified, leaf)
-        return torch.autograd.grad(logit, leaf, logit.detach())[0]
-
     phases: Dict[str, List[float]] = {}
 
     def phased():
@@ -104,7 +99,8 @@ def measure_size(model, family: str, length: int, batch: int, device: str, repea
         'register and restore alone': timed(register_and_restore, synchronize, collector, repeats),
     }
     with composite.context(model) as modified:
-        row['MambaLRP, registration held'] = timed(lambda: explain(modified), synchronize, collector, repeats)
+        row['MambaLRP, registration held'] = timed(lambda: relevance_through(modified, embeddings), synchronize,
+                                                   collector, repeats)
     timed(phased, synchronize, collector, repeats)
     row['phases of a call (each synchronised)'] = ', '.join(
         f'{name} {statistics.median(values):.1f}' for name, values in phases.items()) + ' ms'

@@ -138,13 +138,18 @@ def gradient_x_input(model, embeddings: torch.Tensor) -> torch.Tensor:
     return gradient * embeddings
 
 
+def relevance_through(modified, embeddings: torch.Tensor) -> torch.Tensor:
+    '''Relevance of the explained logit through a model a composite is registered on.'''
+    embeddings = embeddings.detach().requires_grad_()
+    logit = explained_logit(modified, embeddings)
+    relevance, = torch.autograd.grad(logit, embeddings, logit.detach())
+    return relevance
+
+
 def with_composite(composite: MambaComposite) -> Callable:
     def explain(model, embeddings: torch.Tensor) -> torch.Tensor:
-        embeddings = embeddings.detach().requires_grad_()
         with composite.context(model) as modified:
-            logit = explained_logit(modified, embeddings)
-            relevance, = torch.autograd.grad(logit, embeddings, logit.detach())
-        return relevance
+            return relevance_through(modified, embeddings)
     return explain
 
 
