@@ -102,17 +102,29 @@ def is_rms_norm(module: torch.nn.Module) -> bool:
                                                                            torch.nn.Parameter)
 
 
+def _has_submodules(module: torch.nn.Module, names) -> bool:
+    # registered submodules and instance attributes are looked up in their dictionaries: a missing attribute raises
+    # inside Module.__getattr__, which would cost microseconds on each of a model's modules at every registration
+    children = module._modules
+    for name in names:
+        if not isinstance(children.get(name), torch.nn.Module):
+            return False
+    return True
+
+
 def gated_mlp_output(module: torch.nn.Module) -> Optional[str]:
-    '''The name of the projection that receives the gated product of a gated MLP, or None.'''
+    '''The name of the projection that receives the gated product of a gated MLP (whose projections are registered
+    submodules), or None.'''
     for attributes, output in GATED_MLP_LAYOUTS:
-        if all(isinstance(getattr(module, attribute, None), torch.nn.Module) for attribute in attributes):
+        if _has_submodules(module, attributes):
             return output
     return None
 
 
 def is_attention(module: torch.nn.Module) -> bool:
-    '''A transformers attention module whose implementation is selected through its config.'''
-    return hasattr(getattr(module, 'config', None), '_attn_implementation') and hasattr(module, 'o_proj')
+    '''A transformers attention module (an ``o_proj`` submodule, a ``config`` instance attribute) whose
+    implementation is selected through its config.'''
+    return _has_submodules(module, ('o_proj',)) and hasattr(vars(module).get('config'), '_attn_implementation')
 
 
 def is_excitation(module: torch.nn.Module) -> bool:
@@ -121,8 +133,10 @@ def is_excitation(module: torch.nn.Module) -> bool:
 
 
 def is_experts(module: torch.nn.Module) -> bool:
-    '''A transformers mixture-of-experts module whose implementation is selected through its config.'''
-    return hasattr(module, 'has_gate') and hasattr(getattr(module, 'config', None), '_experts_implementation')
+    '''A transformers mixture-of-experts module whose implementation is selected through its config (both
+    instance attributes, as transformers' ``use_experts_implementation`` sets them).'''
+    attributes = vars(module)
+    return 'has_gate' in attributes and hasattr(attributes.get('config'), '_experts_implementation')
 
 
 _KNOWN_LEAVES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Dropout, torch.nn.Identity)
@@ -132,19 +146,23 @@ def unsupported_parts(model: torch.nn.Module, mixer_types: tuple) -> List[str]:
     '''Modules of a hybrid model that no MambaLRP rule or linear treatment covers,
     as ``'Type at name'``; the mixers of ``mixer_types`` are treated.'''
     activations = activation_types()
-    found, treated = [], []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in treated):
+    found, seen = [], set()
+    # parents first, each module once (as named_modules), without the inside of the treated modules
+    pending = [('', model)]
+    while pending:
+        name, module = pending.pop()
+        if id(module) in seen:
             continue
-        children = list(module.children())
-        problem = None
+        seen.add(id(module))
+        children = [(child_name, child) for child_name, child in module._modules.items() if child is not None]
+        problem, treated = None, False
         if type(module) in mixer_types or is_attention(module):
-            treated.append(f'{name}.')
+            treated = True
         elif is_experts(module):
-            treated.append(f'{name}.')
+            treated = True
             if module.has_gate and (module.has_bias or module.is_transposed or not module.is_concatenated):
                 problem = 'experts whose weights are not stored as concatenated [gate; up] without bias'
-        elif any(isinstance(child, activations) for child in children):
+        elif any(isinstance(child, activations) for _, child in children):
             if gated_mlp_output(module) is None and not all(hasattr(module, name) for name in PLAIN_MLP_LAYOUT):
                 problem = 'an MLP whose gating is unknown'
         elif not children and not (
@@ -154,4 +172,7 @@ def unsupported_parts(model: torch.nn.Module, mixer_types: tuple) -> List[str]:
             problem = 'a layer without a MambaLRP treatment'
         if problem is not None:
             found.append(f'{type(module).__name__} at \'{name}\' ({problem})')
+        if not treated:
+            pending.extend((f'{name}.{child_name}' if name else child_name, child)
+                           for child_name, child in reversed(children))
     return found
