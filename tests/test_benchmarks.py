@@ -152,7 +152,7 @@ def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(t
 
 def test_shipped_classifiers_meet_their_accuracy():
     '''The weights in benchmarks/weights, on the CPU: SST-2 validation >= 80 %, the 1,024-token needle >= 95 %, the
-    MNIST Vision Mamba >= 95 % (its first 100 test images; 97.8 % on all 1,000).'''
+    MNIST Vision Mamba >= 95 % (its first 100 test images; the 24-block model: 97.9 % on all 1,000).'''
     import tasks
 
     sst2_task = tasks.TASKS['sst2'](False)
