@@ -150,6 +150,27 @@ def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(t
     assert 'memory_vs_gi' in lines[0]
 
 
+def test_host_overhead_reports_each_measurement_and_the_collectors_time():
+    import gc
+
+    import host_overhead
+
+    text = host_overhead.main(['--sizes', 'mamba:8:1', '--repeats', '1'])
+    section = text.split('## mamba, 8 tokens, batch 1')[1]
+    for measurement in ('(a) gradient x input', 'MambaLRP, registered per call', 'register and restore alone',
+                        'MambaLRP, registration held'):
+        milliseconds = float(section.split(f'- {measurement}: ')[1].split(' ms')[0])
+        assert milliseconds > 0
+    phases = section.split('- phases of a call (each synchronised): ')[1].split(' ms')[0]
+    assert [phase.split()[0] for phase in phases.split(', ')] == ['register', 'forward', 'backward', 'restore']
+    # the collector's time is what a garbage collection in the measured call took
+    collector = host_overhead.CollectorTime()
+    garbage = [[[] for _ in range(1000)] for _ in range(100)]
+    reported = host_overhead.timed(lambda: gc.collect(), lambda: None, collector, repeats=1)
+    del garbage
+    assert float(reported.split('(gc ')[1].rstrip(')')) > 0
+
+
 def test_shipped_classifiers_meet_their_accuracy():
     '''The weights in benchmarks/weights, on the CPU: SST-2 validation >= 80 %, the 1,024-token needle >= 95 %, the
     MNIST Vision Mamba >= 95 % (its first 100 test images; the 24-block model: 97.9 % on all 1,000).'''
