@@ -40,9 +40,6 @@ def _refuse_copy(*args, **kwargs):
 
 #: set on the model and its canonized modules while registered (copy and pickle look them up on the instance)
 _COPY_GUARDS = {'__deepcopy__': _refuse_copy, '__reduce_ex__': _refuse_copy}
-#: torch's own linear, embedding and pass-through layers: no MambaLRP rule (LRP-0 is their gradient in the one pass)
-_PLAIN_LAYERS = frozenset((torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Embedding, torch.nn.Dropout,
-                           torch.nn.Identity))
 
 
 @register_composite('mamba_lrp')
@@ -193,7 +190,7 @@ class MambaComposite(Composite):
         return self._rule_for(module)
 
     def _rule_for(self, module: torch.nn.Module) -> Optional[Hook]:
-        if type(module) in _PLAIN_LAYERS:
+        if type(module) in hybrid.PLAIN_LAYERS:
             return None  # most of a model's modules: decided before the hybrid checks, which look up attributes
         if isinstance(module, hybrid.activation_types()):
             return self.rule_set.rule('silu')

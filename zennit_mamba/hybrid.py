@@ -139,7 +139,8 @@ def is_experts(module: torch.nn.Module) -> bool:
     return 'has_gate' in attributes and hasattr(attributes.get('config'), '_experts_implementation')
 
 
-_KNOWN_LEAVES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Dropout, torch.nn.Identity)
+#: torch's own linear, embedding and pass-through layers: no rule of their own (LRP-0 is their gradient x input)
+PLAIN_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Dropout, torch.nn.Identity)
 
 
 def unsupported_parts(model: torch.nn.Module, mixer_types: tuple) -> List[str]:
@@ -166,7 +167,7 @@ def unsupported_parts(model: torch.nn.Module, mixer_types: tuple) -> List[str]:
             if gated_mlp_output(module) is None and not all(hasattr(module, name) for name in PLAIN_MLP_LAYOUT):
                 problem = 'an MLP whose gating is unknown'
         elif not children and not (
-            isinstance(module, _KNOWN_LEAVES + activations) or is_rms_norm(module)
+            isinstance(module, PLAIN_LAYERS + activations) or is_rms_norm(module)
             or type(module).__name__.endswith(('Router', 'RotaryEmbedding'))
         ):
             problem = 'a layer without a MambaLRP treatment'
