@@ -103,8 +103,8 @@ def is_rms_norm(module: torch.nn.Module) -> bool:
 
 
 def _has_submodules(module: torch.nn.Module, names) -> bool:
-    # registered submodules and instance attributes are looked up in their dictionaries: a missing attribute raises
-    # inside Module.__getattr__, which would cost microseconds on each of a model's modules at every registration
+    # looked up in the submodule dictionary (as is_attention and is_experts read instance attributes from vars()):
+    # a missing attribute raises inside Module.__getattr__, microseconds on each module at every registration
     children = module._modules
     for name in names:
         if not isinstance(children.get(name), torch.nn.Module):
