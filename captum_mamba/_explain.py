@@ -51,7 +51,9 @@ def _relevance_enters_at_output(module: torch.nn.Module, args: Any, output: Any)
 def explaining(model: torch.nn.Module, composite: MambaComposite) -> Iterator[None]:
     '''Register ``composite`` on ``model`` in eval mode; restore training flags and hooks afterwards.'''
     training = [(module, module.training) for module in model.modules()]
-    model.eval()
+    # only where a flag is set: setting the flags of a few hundred modules takes milliseconds of host time per call
+    if any(flag for _, flag in training):
+        model.eval()
     try:
         with composite.context(model):
             handle = model.register_forward_hook(_relevance_enters_at_output)
@@ -61,7 +63,8 @@ def explaining(model: torch.nn.Module, composite: MambaComposite) -> Iterator[No
                 handle.remove()
     finally:
         for module, flag in training:
-            module.training = flag
+            if module.training != flag:
+                module.training = flag
 
 
 #: a Captum front end holding its registration

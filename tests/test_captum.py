@@ -182,15 +182,27 @@ def test_inputs_keep_their_requires_grad_flag(model):
     assert tracked.requires_grad and not plain.requires_grad and tracked.grad is None
 
 
+class DroppedEmbeddings(Float64Logits):
+    '''Dropout on the embeddings before the model: in training mode, another output on every call.'''
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, embeddings):
+        return super().forward(self.dropout(embeddings))
+
+
 def test_training_mode_is_explained_in_eval_mode_and_restored(model):
-    lrp = MambaLRP(Float64Logits(model))
+    wrapper = DroppedEmbeddings(model).eval()
+    lrp = MambaLRP(wrapper)
     embeddings = embed(model, 1, 5)
     expected = lrp.attribute(embeddings, target=1)
-    model.train()
+    wrapper.train()
     model.backbone.layers[0].eval()  # a mixed state must come back as it was
-    flags = [module.training for module in model.modules()]
+    flags = [module.training for module in wrapper.modules()]
     assert relative_error(lrp.attribute(embeddings, target=1), expected) == 0
-    assert [module.training for module in model.modules()] == flags
+    assert [module.training for module in wrapper.modules()] == flags
 
 
 def test_a_held_registration_explains_as_each_call_and_restores_the_model_on_leaving(model):

@@ -2,6 +2,7 @@
 import collections
 import contextlib
 import copy
+import threading
 
 import pytest
 import torch
@@ -170,6 +171,45 @@ def test_one_pass_relevance_flows_through_the_parts_the_user_calls(model):
         block_relevance, = torch.autograd.grad(output, hidden, output)
     assert relative_error(whole, parts) <= 1e-10
     assert torch.allclose(block_relevance.sum((1, 2)), output.detach().sum((1, 2)), rtol=1e-10)
+
+
+class SiluHead(torch.nn.Module):
+    '''The backbone, a functional SiLU and the head; with ``calls_itself``, the backbone runs in an inner call of this
+    module itself. Explained part by part, the SiLU outside every module would take the gradient-x-input chain of the
+    parts, not the gradient of one pass.'''
+
+    def __init__(self, model, calls_itself):
+        super().__init__()
+        self.model, self.calls_itself = model, calls_itself
+
+    def forward(self, embeddings, inner=False):
+        if inner or not self.calls_itself:
+            hidden = self.model.backbone(inputs_embeds=embeddings, use_cache=False).last_hidden_state
+            if inner:
+                return hidden
+        else:
+            hidden = self(embeddings, inner=True)
+        return self.model.lm_head(torch.nn.functional.silu(hidden[:, -1]))
+
+
+def test_a_module_called_within_itself_takes_the_relevance_at_its_outermost_output(model):
+    # the inner call of the outermost module must not end the outermost call (the exit hook counts the depth), also
+    # where another thread's earlier call left its exit hook on the module
+    embeddings = embed(model, 2, 9)
+
+    def relevance_through(modified):
+        leaf = embeddings.detach().clone().requires_grad_()
+        logits = modified(leaf)
+        return target_relevance(logits, leaf, logits.argmax(-1))
+
+    with MambaComposite(epsilon=1e-12).context(SiluHead(model, calls_itself=False)) as modified:
+        expected = relevance_through(modified)
+    with MambaComposite(epsilon=1e-12).context(SiluHead(model, calls_itself=True)) as modified:
+        other_thread = threading.Thread(target=relevance_through, args=(modified,))
+        other_thread.start()
+        other_thread.join()
+        relevance = relevance_through(modified)
+    assert relative_error(relevance, expected) <= 1e-10
 
 
 @pytest.mark.unmodified_forward

@@ -13,9 +13,9 @@ from zennit.rules import Gamma
 from zennit.types import Convolution, Linear
 
 from . import hybrid
-from .canonizers import MambaCanonizer
+from .canonizers import ForwardCanonizer, MambaCanonizer
 from .hooks import ExplainedModel, ZennitRule
-from .instance import InstanceAttributes, is_canonized
+from .instance import InstanceAttributes
 from .rules import MAMBA_LRP_RULES, Rule, RuleSet
 from .support import check_recompute, check_supported, mixer_types
 
@@ -151,8 +151,11 @@ class MambaComposite(Composite):
             ends = ExplainedModel(self.epsilon, opaque=mixer_types())
             self.hook_refs.add(ends)
             self.handles.append(ends.register(module))
-            self.handles.extend(InstanceAttributes(guarded, _COPY_GUARDS)
-                                for guarded in module.modules() if guarded is module or is_canonized(guarded))
+            # the canonized modules from the canonizers' instances (zennit keeps them among the handles), not from
+            # another walk over the model
+            canonized = [instance.attributes.module for instance in self.handles
+                         if isinstance(instance, ForwardCanonizer) and instance.attributes is not None]
+            self.handles.extend(InstanceAttributes(guarded, _COPY_GUARDS) for guarded in [module] + canonized)
         except BaseException:
             self.remove()
             raise

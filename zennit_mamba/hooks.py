@@ -9,9 +9,10 @@ Zennit rule computes: ``R_out = y * g`` at its output, the rule's ``R_in``, and 
 LXT's efficient mode embeds Zennit rules). Every conversion is an autograd function created per call, so a module
 called twice is explained correctly.
 '''
+import functools
 import threading
 import weakref
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
@@ -148,18 +149,16 @@ class ExplainedModel(Hook):
         super().__init__()
         self.stabilizer = stabilizer
         self.opaque = opaque
-        # per thread (one context may serve several): the modules being called, outermost first, and whether the
-        # outermost call's arguments took the multiplication
+        # per thread (one context may serve several): the module of the outermost call, how often it is entered
+        # within itself, and whether that call's arguments took the multiplication
         self._local = threading.local()
+        # per thread, the exit hook of its latest outermost call (removed lazily, see _enter)
+        self._exits: Dict[int, torch.utils.hooks.RemovableHandle] = {}
 
     def _thread_state(self) -> threading.local:
-        if not hasattr(self._local, 'calls'):
-            self._local.calls, self._local.input_multiplied = [], False
+        if not hasattr(self._local, 'outermost'):
+            self._local.outermost, self._local.depth, self._local.input_multiplied = None, 0, False
         return self._local
-
-    @property
-    def _calls(self) -> List[torch.nn.Module]:
-        return self._thread_state().calls
 
     def copy(self) -> 'ExplainedModel':
         return self.__class__(self.stabilizer, self.opaque)
@@ -170,11 +169,16 @@ class ExplainedModel(Hook):
         if embeddings is not None:
             handles.append(embeddings.register_forward_hook(self._relevance_leaves_at_embeddings))
         for submodule in self._tracked(module):
-            # first and last around each call, so that the conversions wrap the hooks of other rules
+            # first around each call, so that the conversion at the input wraps the hooks of other rules; the exit
+            # hook is registered by the outermost call on its own module only (see _enter)
             handles.append(submodule.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True))
-            # always called, also when the forward raises, so that the call stack stays balanced
-            handles.append(submodule.register_forward_hook(self._leave, always_call=True))
         return handles
+
+    def remove(self) -> None:
+        super().remove()
+        for handle in list(self._exits.values()):
+            handle.remove()
+        self._exits.clear()
 
     def _tracked(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         '''The modules of ``model``, parents first and each once (blocks may be shared, as in Zamba2), without those
@@ -190,17 +194,33 @@ class ExplainedModel(Hook):
                 pending.extend(reversed(list(module.children())))
 
     def _enter(self, module, args, kwargs):
-        if not self._calls:
+        state = self._thread_state()
+        if state.outermost is None:
             args, kwargs = self._relevance_leaves_at_input(args, kwargs)
-        self._calls.append(module)
+            state.outermost, state.depth = module, 1
+            thread = threading.get_ident()
+            # the previous call's exit hook is removed only now: removing it inside itself would change the hook
+            # dictionary that torch iterates over when a forward raised
+            stale = self._exits.pop(thread, None)
+            if stale is not None:
+                stale.remove()
+            # registered during this call, after the module's other forward hooks, so that it runs last of them and
+            # also when the forward raises (torch reads the forward hooks after the forward)
+            self._exits[thread] = module.register_forward_hook(functools.partial(self._leave, thread),
+                                                               always_call=True)
+        elif module is state.outermost:
+            state.depth += 1  # the outermost module called within itself
         return args, kwargs
 
-    def _leave(self, module, input, output):
-        if not self._calls or self._calls[-1] is not module:
-            # a hook before ours raised, so this call was never entered
+    def _leave(self, thread, module, input, output):
+        state = self._thread_state()
+        if thread != threading.get_ident() or module is not state.outermost:
+            return None  # another thread's call of the same module
+        state.depth -= 1
+        if state.depth:
             return None
-        self._calls.pop()
-        if self._calls or output is None:
+        state.outermost = None
+        if output is None:
             return None
         # at the logits where there are any: with labels=, transformers puts the loss first
         field = 'logits' if 'logits' in getattr(output, '_fields', output if isinstance(output, dict) else ()) else None
@@ -225,7 +245,7 @@ class ExplainedModel(Hook):
 
     def _relevance_leaves_at_embeddings(self, module, input, output):
         state = self._thread_state()
-        if state.calls and not state.input_multiplied:
+        if state.outermost is not None and not state.input_multiplied:
             return gradient_to_relevance(output, self)
         return None
 
