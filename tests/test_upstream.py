@@ -11,6 +11,8 @@ from test_families import build, embeddings_for
 from zennit_mamba import FAMILIES, MambaCanonizer, MambaComposite, RuleSet, UpstreamChangedError
 from zennit_mamba.canonizers import ForwardCanonizer
 from zennit_mamba.mamba1 import transformers_forward
+from zennit_mamba import upstream
+from zennit_mamba.upstream import _hook_added_during_the_call_runs, check_hooks_added_during_a_call
 
 TRANSFORMERS_VERSION = importlib.metadata.version('transformers')
 
@@ -112,6 +114,29 @@ def test_zennit_hooks_give_the_same_relevance_under_either_zennit_version(model)
         relevance, _, _ = explain(model, embeddings, targets, composite=composite)
         assert relative_error(relevance, expected) <= 1e-10
         assert torch.allclose(relevance.sum((1, 2)), explained, rtol=1e-9)
+
+
+@pytest.mark.parametrize('raises', [False, True], ids=['returns', 'raises'])
+def test_torch_runs_a_forward_hook_registered_during_its_call(raises):
+    # what ExplainedModel relies on for the hook where relevance enters, checked on the installed torch at
+    # registration (a torch that read the hooks before the forward would be refused there)
+    assert _hook_added_during_the_call_runs(raises)
+    check_hooks_added_during_a_call()
+
+
+def test_a_torch_without_hooks_added_during_a_call_is_refused_by_the_composite(monkeypatch):
+    model = make_mamba(layers=2)
+    before = snapshot(model)
+    monkeypatch.setattr(upstream, '_hook_added_during_the_call_runs', lambda raises: not raises)
+    check_hooks_added_during_a_call.cache_clear()
+    try:
+        with pytest.raises(UpstreamChangedError, match='does not run a forward hook registered by a forward pre-hook'):
+            MambaComposite().register(model)
+    finally:
+        check_hooks_added_during_a_call.cache_clear()
+    after = snapshot(model)
+    for key in ('modules', 'hooks', 'instance_forwards', 'rule_settings'):
+        assert after[key] == before[key], key
 
 
 def test_the_readme_lists_exactly_the_supported_families():

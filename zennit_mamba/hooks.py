@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
+from .upstream import check_hooks_added_during_a_call
+
 StabilizerLike = Union[float, Callable[[torch.Tensor], torch.Tensor]]
 
 
@@ -164,6 +166,7 @@ class ExplainedModel(Hook):
         return self.__class__(self.stabilizer, self.opaque)
 
     def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        check_hooks_added_during_a_call()
         handles = RemovableHandleList([RemovableHandle(self)])
         embeddings = module.get_input_embeddings() if hasattr(module, 'get_input_embeddings') else None
         if embeddings is not None:

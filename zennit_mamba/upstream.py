@@ -5,6 +5,7 @@ removes a parameter, a caller's argument could land in the canonized forward's `
 explanation would silently describe another computation (transformers 5.24 renamed ``cache_params`` to ``cache``).
 So registration compares the two signatures first and refuses with :py:class:`UpstreamChangedError`.
 '''
+import functools
 import importlib.metadata
 import inspect
 from typing import Callable, Collection, Tuple
@@ -108,3 +109,44 @@ def check_forward_signature(
 
 def _describe(parameters: Tuple[Parameter, ...]) -> str:
     return ', '.join(name for name, _ in parameters)
+
+
+class _Probe(torch.nn.Module):
+    '''A module whose forward raises where asked, to see which forward hooks torch runs.'''
+
+    def forward(self, raises: bool) -> None:
+        if raises:
+            raise LookupError('probe')
+
+
+def _hook_added_during_the_call_runs(raises: bool) -> bool:
+    ran = []
+
+    def register_during_the_call(module, args):
+        module.register_forward_hook(lambda *_: ran.append(True), always_call=True)
+
+    probe = _Probe()
+    probe.register_forward_pre_hook(register_during_the_call)
+    try:
+        probe(raises)
+    except LookupError:
+        pass
+    return ran == [True]
+
+
+@functools.lru_cache(maxsize=None)
+def check_hooks_added_during_a_call() -> None:
+    '''Raise :py:class:`UpstreamChangedError` unless torch runs a forward hook that a forward pre-hook of the same
+    call registered, after the forward and also when the forward raises (once per process).
+
+    :py:class:`~zennit_mamba.hooks.ExplainedModel` registers the hook where relevance enters that way, on the module
+    of the outermost call only; a torch that read the hooks before the forward would leave the output unconverted and
+    the explanation a plain gradient.
+    '''
+    if not (_hook_added_during_the_call_runs(raises=False) and _hook_added_during_the_call_runs(raises=True)):
+        raise UpstreamChangedError(
+            f'torch {torch.__version__} does not run a forward hook registered by a forward pre-hook of the same call '
+            f'(after the forward, or when it raises); MambaLRP registers the hook where relevance enters that way, '
+            f'so it refuses to register. Install a torch it was tested with (2.11, 2.14) or a mamba-lrp that supports '
+            f'this one.'
+        )
