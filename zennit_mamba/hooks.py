@@ -132,11 +132,16 @@ class ExplainedModel(Hook):
     '''The two ends of an explanation: relevance enters at the output of the outermost call of any module of the
     model, divided by that output, and leaves at that call's inputs, multiplied by them: ``R = x * J^T (R_out / y)``.
 
-    Registered on the root of a model by :py:class:`~zennit_mamba.MambaComposite`, after every other hook. The inputs are the call's
-    floating-point tensor arguments (e.g. ``inputs_embeds``) or, where only token ids are passed, the input embedding
-    layer's output. Because the ends are those of the outermost call, calling parts of the model in turn (the
-    backbone, then the head) gives each part's relevance, as layer-by-layer rules would. Inside the call, tensors
-    carry gradients of the rule-modified forward; the relevance of an inner tensor ``h`` is ``h * gradient``.
+    Registered on the root of a model by :py:class:`~zennit_mamba.MambaComposite`, after every other hook. The inputs
+    are the call's floating-point tensor arguments (e.g. ``inputs_embeds``) or, where only token ids are passed, the
+    input embedding layer's output. Because the ends are those of the outermost call, calling parts of the model in
+    turn (the backbone, then the head) gives each part's relevance, as layer-by-layer rules would. Inside the call,
+    tensors carry gradients of the rule-modified forward; the relevance of an inner tensor ``h`` is ``h * gradient``.
+
+    A pre-hook on each tracked module notices the outermost call, which then registers the exit hook on its own module
+    only, for the rest of the call (one hook per module instead of two: registration is host time on every
+    explanation); that torch runs a hook registered this way is checked once per process
+    (:py:func:`~zennit_mamba.upstream.check_hooks_added_during_a_call`).
 
     Parameters
     ----------
