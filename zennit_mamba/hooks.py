@@ -223,7 +223,7 @@ class ExplainedModel(Hook):
     def _leave(self, thread, module, input, output):
         state = self._thread_state()
         if thread != threading.get_ident() or module is not state.outermost:
-            return None  # another thread's call of the same module
+            return None  # another thread's exit hook on this module, or not the outermost call
         state.depth -= 1
         if state.depth:
             return None

@@ -146,7 +146,7 @@ def check_hooks_added_during_a_call() -> None:
     if not (_hook_added_during_the_call_runs(raises=False) and _hook_added_during_the_call_runs(raises=True)):
         raise UpstreamChangedError(
             f'torch {torch.__version__} does not run a forward hook registered by a forward pre-hook of the same call '
-            f'(after the forward, or when it raises); MambaLRP registers the hook where relevance enters that way, '
-            f'so it refuses to register. Install a torch it was tested with (2.11, 2.14) or a mamba-lrp that supports '
-            f'this one.'
+            '(after the forward, or when it raises); MambaLRP registers the hook where relevance enters that way, '
+            'so it refuses to register. Install a torch it was tested with (2.11, 2.14) or a mamba-lrp that supports '
+            'this one.'
         )
