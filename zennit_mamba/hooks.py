@@ -18,6 +18,7 @@ import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
 from .upstream import check_hooks_added_during_a_call
+from .walk import modules_parents_first
 
 StabilizerLike = Union[float, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -191,15 +192,8 @@ class ExplainedModel(Hook):
     def _tracked(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         '''The modules of ``model``, parents first and each once (blocks may be shared, as in Zamba2), without those
         inside opaque modules.'''
-        seen, pending = set(), [model]
-        while pending:
-            module = pending.pop()
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
+        for _, module in modules_parents_first(model, lambda module: not isinstance(module, self.opaque)):
             yield module
-            if not isinstance(module, self.opaque):
-                pending.extend(reversed(list(module.children())))
 
     def _enter(self, module, args, kwargs):
         state = self._thread_state()

@@ -20,6 +20,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from .instance import InstanceAttributes
 from .mixer_io import refuse_keywords
+from .walk import modules_parents_first
 
 
 #: the attention and experts implementation registered with transformers for explained models
@@ -147,23 +148,21 @@ def unsupported_parts(model: torch.nn.Module, mixer_types: tuple) -> List[str]:
     '''Modules of a hybrid model that no MambaLRP rule or linear treatment covers,
     as ``'Type at name'``; the mixers of ``mixer_types`` are treated.'''
     activations = activation_types()
-    found, seen = [], set()
-    # parents first, each module once (as named_modules), without the inside of the treated modules
-    pending = [('', model)]
-    while pending:
-        name, module = pending.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        children = [(child_name, child) for child_name, child in module._modules.items() if child is not None]
-        problem, treated = None, False
+
+    def treated(module: torch.nn.Module) -> bool:
+        return type(module) in mixer_types or is_attention(module) or is_experts(module)
+
+    found = []
+    # parents first, each module once, without the inside of the treated modules
+    for name, module in modules_parents_first(model, lambda module: not treated(module)):
+        children = [child for child in module._modules.values() if child is not None]
+        problem = None
         if type(module) in mixer_types or is_attention(module):
-            treated = True
-        elif is_experts(module):
-            treated = True
+            continue  # treated as a whole
+        if is_experts(module):
             if module.has_gate and (module.has_bias or module.is_transposed or not module.is_concatenated):
                 problem = 'experts whose weights are not stored as concatenated [gate; up] without bias'
-        elif any(isinstance(child, activations) for _, child in children):
+        elif any(isinstance(child, activations) for child in children):
             if gated_mlp_output(module) is None and not all(hasattr(module, name) for name in PLAIN_MLP_LAYOUT):
                 problem = 'an MLP whose gating is unknown'
         elif not children and not (
@@ -173,7 +172,4 @@ def unsupported_parts(model: torch.nn.Module, mixer_types: tuple) -> List[str]:
             problem = 'a layer without a MambaLRP treatment'
         if problem is not None:
             found.append(f'{type(module).__name__} at \'{name}\' ({problem})')
-        if not treated:
-            pending.extend((f'{name}.{child_name}' if name else child_name, child)
-                           for child_name, child in reversed(children))
     return found
