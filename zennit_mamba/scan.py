@@ -42,7 +42,7 @@ def to_chunks(tensor: torch.Tensor, chunk: int, fill: float = 0.0) -> torch.Tens
     '''``(..., length)`` to the contiguous layout ``(..., chunk, num_chunks)``, the tail filled with ``fill``.'''
     length = tensor.shape[-1]
     num_chunks = -(-length // chunk)
-    padded = F.pad(tensor, (0, num_chunks * chunk - length), value=fill)
+    padded = F.pad(tensor, (0, num_chunks * chunk - length), value=fill) if num_chunks * chunk > length else tensor
     return padded.unflatten(-1, (num_chunks, chunk)).transpose(-1, -2).contiguous()
 
 
@@ -114,27 +114,52 @@ def _channel_blocks(batch: int, channels: int, state_size: int, length: int, dev
     return [slice(start, min(start + size, channels)) for start in range(0, channels, size)]
 
 
+class _Workspace:
+    '''Two buffers for the ``(batch, channels, state, chunk, num_chunks)`` tensors of a scan's channel blocks (decays
+    and states), allocated once per call for the largest block and reused by each: on a CPU, the allocator returns
+    freed memory of this size to the system, and each fresh allocation then costs a page fault per 4 KiB.'''
+
+    def __init__(self, like: torch.Tensor, shape: Tuple[int, ...]):
+        self._decay, self._states = like.new_empty(math.prod(shape)), like.new_empty(math.prod(shape))
+
+    def take(self, shape: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+        count = math.prod(shape)
+        return self._decay[:count].view(shape), self._states[:count].view(shape)
+
+
+def _block_shape(x_: torch.Tensor, A: torch.Tensor) -> Tuple[int, ...]:
+    '''The shape of a scan's states for inputs ``x_`` in the chunk layout and state matrix ``A``.'''
+    batch, channels, chunk, num_chunks = x_.shape
+    return batch, channels, A.shape[1], chunk, num_chunks
+
+
 class _SelectiveScan(torch.autograd.Function):
     '''``y_t = C_t . s_t + D x_t`` with ``s_t = exp(delta_t A) s_{t-1} + delta_t B_t x_t``, in channel blocks.
 
-    Takes and returns time-contiguous ``(batch, channels | state, length)`` tensors; works in the chunk layout.
+    Takes and returns ``(batch, channels | state, length)`` tensors of any strides. Each channel block is laid out in
+    chunks on its own, so that besides the results no tensor of the inputs' full size is allocated: on a CPU, a
+    fresh allocation above the allocator's mapping threshold (32 MiB in glibc) costs a page fault per 4 KiB, which
+    made long inputs slower per token than short ones.
     '''
 
     @staticmethod
     def forward(ctx, x, delta, A, B, C, D):
         batch, channels, length = x.shape
         chunk = chunk_length(length)
-        x_, delta_, B_, C_ = (to_chunks(tensor, chunk) for tensor in (x, delta, B, C))
-        output = torch.empty_like(x_)
+        B_, C_ = to_chunks(B, chunk), to_chunks(C, chunk)
+        output = x.new_empty(batch, channels, length)
         last_state = x.new_empty(batch, channels, A.shape[1])
         last = (length - 1) % chunk, (length - 1) // chunk
+        workspace = None
         for block in _channel_blocks(batch, channels, A.shape[1], length, x.device):
-            states = _states(x_[:, block], delta_[:, block], A[block], B_)
-            output[:, block] = (states * C_[:, None]).sum(2)
+            x_, delta_ = to_chunks(x[:, block], chunk), to_chunks(delta[:, block], chunk)
+            workspace = workspace or _Workspace(x, _block_shape(x_, A))
+            decay, states = workspace.take(_block_shape(x_, A))
+            _states(x_, delta_, A[block], B_, decay, states)
+            # the decays are spent: their buffer takes the products with C
+            output_ = torch.mul(states, C_[:, None], out=decay).sum(2)
+            output[:, block] = _with_skip(from_chunks(output_, length), D, block, x)
             last_state[:, block] = states[..., last[0], last[1]]
-        output = from_chunks(output, length)
-        if D is not None:
-            output = output.addcmul(D[None, :, None], x)
         ctx.save_for_backward(x, delta, A, B, C, D)
         ctx.mark_non_differentiable(last_state)
         return output, last_state
@@ -146,50 +171,62 @@ class _SelectiveScan(torch.autograd.Function):
         selection = needs_delta or needs_A or needs_B or needs_C
         batch, channels, length = x.shape
         chunk = chunk_length(length)
-        x_, delta_, B_, C_, grad_output_ = (to_chunks(tensor, chunk) for tensor in (x, delta, B, C, grad_output))
-        # the transposed recurrence runs backwards in time and decays by the *next* step's factor
-        next_delta_ = to_chunks(F.pad(delta[..., 1:], (0, 1)), chunk)
-        grad_x = torch.empty_like(x_)
-        grad_delta = torch.empty_like(delta_) if selection else None
+        B_, C_ = to_chunks(B, chunk), to_chunks(C, chunk)
+        grad_x = x.new_empty(batch, channels, length) if needs_x or selection else None
+        grad_delta = torch.empty_like(grad_x) if selection else None
         grad_A = torch.empty_like(A) if selection else None
         grad_B = torch.zeros_like(B_) if selection else None
         grad_C = torch.zeros_like(C_) if selection else None
+        grad_D = torch.empty_like(D) if D is not None and needs_D else None
+        workspace = None
         for block in _channel_blocks(batch, channels, A.shape[1], length, x.device):
-            x_block, delta_block, A_block = x_[:, block], delta_[:, block], A[block]
-            grad_states = _recurrence_in_chunks_(
-                _decay(next_delta_[:, block], A_block), grad_output_[:, block, None] * C_[:, None], reverse=True
-            )
-            grad_drive = (grad_states * B_[:, None]).sum(2)
-            grad_x[:, block] = delta_block * grad_drive
+            A_block, grad_output_block = A[block], grad_output[:, block]
+            if grad_D is not None:
+                grad_D[block] = (grad_output_block * x[:, block]).sum((0, 2))
+            if grad_x is None:
+                continue
+            delta_block, grad_output_ = to_chunks(delta[:, block], chunk), to_chunks(grad_output_block, chunk)
+            # the transposed recurrence runs backwards in time and decays by the *next* step's factor
+            next_delta = to_chunks(F.pad(delta[:, block, 1:], (0, 1)), chunk)
+            workspace = workspace or _Workspace(x, _block_shape(delta_block, A))
+            decay, grad_states = workspace.take(_block_shape(delta_block, A))
+            torch.mul(grad_output_[:, :, None], C_[:, None], out=grad_states)
+            _recurrence_in_chunks_(_decay(next_delta, A_block, out=decay), grad_states, reverse=True)
+            grad_drive = torch.mul(grad_states, B_[:, None], out=decay).sum(2)
+            grad_x[:, block] = _with_skip(from_chunks(delta_block * grad_drive, length), D, block, grad_output)
             if selection:
+                x_block = to_chunks(x[:, block], chunk)
                 delta_x = delta_block * x_block
                 drive = delta_x[:, :, None] * B_[:, None]
                 states = _recurrence_in_chunks_(_decay(delta_block, A_block), drive.clone())
-                grad_C.add_((states * grad_output_[:, block, None]).sum(1))
+                grad_C.add_((states * grad_output_[:, :, None]).sum(1))
                 grad_B.add_((grad_states * delta_x[:, :, None]).sum(1))
                 # d s_t / d log_a_t = exp(log_a_t) s_{t-1} = s_t - drive_t
                 grad_log_a = grad_states.mul_(states.sub_(drive))
-                grad_delta[:, block] = (grad_log_a * A_block[None, :, :, None, None]).sum(2) + grad_drive * x_block
+                grad_delta[:, block] = from_chunks(
+                    (grad_log_a * A_block[None, :, :, None, None]).sum(2) + grad_drive * x_block, length)
                 grad_A[block] = (grad_log_a * delta_block[:, :, None]).sum((0, 3, 4))
-        grad_x = from_chunks(grad_x, length)
-        grad_D = None
-        if D is not None:
-            grad_x = grad_x.addcmul(D[None, :, None], grad_output)
-            grad_D = (grad_output * x).sum((0, 2)) if needs_D else None
         if selection:
-            grad_delta, grad_B, grad_C = (from_chunks(tensor, length) for tensor in (grad_delta, grad_B, grad_C))
+            grad_B, grad_C = (from_chunks(tensor, length) for tensor in (grad_B, grad_C))
         return grad_x if needs_x else None, grad_delta, grad_A, grad_B, grad_C, grad_D
 
 
-def _decay(delta: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+def _with_skip(y: torch.Tensor, D: Optional[torch.Tensor], block: slice, x: torch.Tensor) -> torch.Tensor:
+    '''``y + D x`` on one channel block (``y`` alone without ``D``).'''
+    return y if D is None else y.addcmul(D[None, block, None], x[:, block])
+
+
+def _decay(delta: torch.Tensor, A: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     '''Decays ``exp(delta A)`` of shape ``(batch, channels, state, chunk, num_chunks)`` from ``delta`` in the chunk
-    layout.'''
-    return torch.exp(delta[:, :, None] * A[None, :, :, None, None])
+    layout (into ``out``, if given).'''
+    return torch.mul(delta[:, :, None], A[None, :, :, None, None], out=out).exp_()
 
 
-def _states(x, delta, A, B) -> torch.Tensor:
-    '''Scan states ``(batch, channels, state, chunk, num_chunks)`` from inputs in the chunk layout.'''
-    return _recurrence_in_chunks_(_decay(delta, A), (delta * x)[:, :, None] * B[:, None])
+def _states(x, delta, A, B, decay: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    '''Scan states ``(batch, channels, state, chunk, num_chunks)`` from inputs in the chunk layout, written to
+    ``states``, with the decays written to ``decay``.'''
+    torch.mul((delta * x)[:, :, None], B[:, None], out=states)
+    return _recurrence_in_chunks_(_decay(delta, A, out=decay), states)
 
 
 def uses_kernel(
@@ -263,8 +300,8 @@ def selective_scan(
         return output.to(x.dtype), last_state.detach().float()
 
     dtype = torch.promote_types(x.dtype, torch.float32)
-    # time contiguous: every operation of the scan runs along the last dimension
+    # any strides: each channel block is copied into the chunk layout on its own
     output, last_state = _SelectiveScan.apply(
-        *(tensor.to(dtype).contiguous() for tensor in (x, delta, A, B, C)), None if D is None else D.to(dtype)
+        *(tensor.to(dtype) for tensor in (x, delta, A, B, C)), None if D is None else D.to(dtype)
     )
     return output.to(x.dtype), last_state
