@@ -1,6 +1,8 @@
 '''The vectorised scan against a per-timestep loop.'''
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from zennit_mamba import scan
 from zennit_mamba.scan import linear_recurrence, selective_scan
@@ -95,6 +97,37 @@ def test_channel_blocks_do_not_change_the_result(monkeypatch):
     assert torch.allclose(blocked_output, output, rtol=1e-12) and torch.allclose(blocked_state, last_state, rtol=1e-12)
     for blocked, whole in zip(blocked_gradients, gradients):
         assert torch.allclose(blocked, whole, rtol=1e-12, atol=1e-12)
+
+
+class _Allocations(TorchDispatchMode):
+    """Counts the tensors of at least ``elements`` elements that operations create (no views, no in-place or out=)."""
+
+    def __init__(self, elements: int):
+        super().__init__()
+        self.elements, self.count = elements, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        arguments = {value.untyped_storage().data_ptr() for value in tree_flatten((args, kwargs))[0]
+                     if isinstance(value, torch.Tensor)}
+        # views and in-place results share an argument's storage
+        self.count += sum(1 for value in tree_flatten(result)[0] if isinstance(value, torch.Tensor)
+                          and value.untyped_storage().data_ptr() not in arguments and value.numel() >= self.elements)
+        return result
+
+
+def test_channel_blocks_allocate_nothing_of_full_size_but_the_results_and_two_buffers(monkeypatch):
+    # on a CPU each fresh allocation of a long input's size costs page faults: only the scan's output, the input
+    # gradient and, each way, the two buffers every channel block reuses may be that large
+    batch, channels, state, length = 2, 8, 4, 64
+    monkeypatch.setitem(scan.BLOCK_ELEMENTS, 'cpu', 2 * batch * state * length)  # two channels per block
+    x, delta, A, B, C, D = random_inputs(length, torch.float64, channels=channels, state=state, batch=batch)
+    x.requires_grad_()
+    gradient = torch.ones(batch, channels, length, dtype=torch.float64)
+    with _Allocations(x.numel()) as allocations:  # the size of a block's states: x.numel() here
+        output, _ = selective_scan(x, delta, A, B, C, D)
+        torch.autograd.grad(output, x, gradient)
+    assert allocations.count <= 6
 
 
 def test_unknown_or_unavailable_implementation_is_refused():
