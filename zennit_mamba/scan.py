@@ -116,8 +116,8 @@ def _channel_blocks(batch: int, channels: int, state_size: int, length: int, dev
 
 class _Workspace:
     '''Two buffers for the ``(batch, channels, state, chunk, num_chunks)`` tensors of a scan's channel blocks (decays
-    and states), allocated once per call for the largest block and reused by each: on a CPU, the allocator returns
-    freed memory of this size to the system, and each fresh allocation then costs a page fault per 4 KiB.'''
+    and states), allocated once per call for the largest block and reused by each: on a CPU, the allocator may return
+    freed memory of this size to the system, and a fresh allocation then costs a page fault per 4 KiB.'''
 
     def __init__(self, like: torch.Tensor, shape: Tuple[int, ...]):
         self._decay, self._states = like.new_empty(math.prod(shape)), like.new_empty(math.prod(shape))
@@ -153,8 +153,9 @@ class _SelectiveScan(torch.autograd.Function):
         workspace = None
         for block in _channel_blocks(batch, channels, A.shape[1], length, x.device):
             x_, delta_ = to_chunks(x[:, block], chunk), to_chunks(delta[:, block], chunk)
-            workspace = workspace or _Workspace(x, _block_shape(x_, A))
-            decay, states = workspace.take(_block_shape(x_, A))
+            shape = _block_shape(x_, A)
+            workspace = workspace or _Workspace(x, shape)  # the first block is the largest
+            decay, states = workspace.take(shape)
             _states(x_, delta_, A[block], B_, decay, states)
             # the decays are spent: their buffer takes the products with C
             output_ = torch.mul(states, C_[:, None], out=decay).sum(2)
@@ -188,8 +189,9 @@ class _SelectiveScan(torch.autograd.Function):
             delta_block, grad_output_ = to_chunks(delta[:, block], chunk), to_chunks(grad_output_block, chunk)
             # the transposed recurrence runs backwards in time and decays by the *next* step's factor
             next_delta = to_chunks(F.pad(delta[:, block, 1:], (0, 1)), chunk)
-            workspace = workspace or _Workspace(x, _block_shape(delta_block, A))
-            decay, grad_states = workspace.take(_block_shape(delta_block, A))
+            shape = _block_shape(delta_block, A)
+            workspace = workspace or _Workspace(x, shape)
+            decay, grad_states = workspace.take(shape)
             torch.mul(grad_output_[:, :, None], C_[:, None], out=grad_states)
             _recurrence_in_chunks_(_decay(next_delta, A_block, out=decay), grad_states, reverse=True)
             grad_drive = torch.mul(grad_states, B_[:, None], out=decay).sum(2)
