@@ -148,18 +148,17 @@ def unsupported_parts(model: torch.nn.Module, mixer_types: tuple) -> List[str]:
     '''Modules of a hybrid model that no MambaLRP rule or linear treatment covers,
     as ``'Type at name'``; the mixers of ``mixer_types`` are treated.'''
     activations = activation_types()
-
-    def treated(module: torch.nn.Module) -> bool:
-        return type(module) in mixer_types or is_attention(module) or is_experts(module)
-
-    found = []
-    # parents first, each module once, without the inside of the treated modules
-    for name, module in modules_parents_first(model, lambda module: not treated(module)):
+    found, treated = [], set()
+    # parents first, each module once, without the inside of the treated modules (the walk asks whether to descend
+    # after the loop's body has seen the module, so the body's verdict is read, not computed again)
+    for name, module in modules_parents_first(model, lambda module: id(module) not in treated):
         children = [child for child in module._modules.values() if child is not None]
         problem = None
         if type(module) in mixer_types or is_attention(module):
+            treated.add(id(module))
             continue  # treated as a whole
         if is_experts(module):
+            treated.add(id(module))
             if module.has_gate and (module.has_bias or module.is_transposed or not module.is_concatenated):
                 problem = 'experts whose weights are not stored as concatenated [gate; up] without bias'
         elif any(isinstance(child, activations) for child in children):

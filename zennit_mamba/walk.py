@@ -16,7 +16,8 @@ def modules_parents_first(
     model : :py:obj:`torch.nn.Module`
         The model to walk.
     descend : callable, optional
-        Whether to walk into a module's children (all by default).
+        Whether to walk into a module's children (all by default); asked after the module is yielded, so it may read
+        what the caller decided about it.
 
     Yields
     ------
