@@ -15,7 +15,9 @@ or bfloat16 for the real-size configurations of ``--configs``):
 * ``ig50``: Captum's IntegratedGradients with 50 steps (one example per internal batch).
 * ``sequential``: the per-timestep sequential reference of the same rules (tests/reference.py).
 
-Times are medians over ``--repeats`` runs, each run measuring every method once in turn, after one warm-up.
+Times are medians over ``--repeats`` runs, each run measuring every method once in turn, after one warm-up. Beside
+the ratio of two medians, each ratio is also given paired: the median (and quartiles) over the runs of the ratio
+within a run, which a host whose speed drifts between runs moves less (on a GPU, short inputs are bound by the host).
 Peak memory is what the call adds to what was allocated before it: the CUDA allocator's peak, or on the CPU
 (Linux, glibc) the process's peak resident memory in the warm-up call, made with freed memory returned to the OS at
 once (timed calls run with the usual allocator; a method run only once has no CPU memory figure). A method whose
@@ -36,7 +38,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from captum.attr import IntegratedGradients
@@ -264,6 +266,8 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
     # a method too slow for warm-up and repeats within the budget runs once
     once = {name for name in chosen if estimates.get(name, 0.0) * (repeats + 1) > budget}
     samples = {name: [] for name in chosen}
+    # seconds per explanation of each method in each measured round, for the paired ratios
+    rounds: List[Dict[str, float]] = [{} for _ in range(repeats)]
     failed, peaks = set(), {}
     for name, method in chosen.items():
         if name not in estimates:
@@ -298,6 +302,8 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
                 peaks[name] = result['memory']
             if repeat > 0 or name in once:  # the first round warms up
                 samples[name].append(result)
+            if repeat > 0 and name not in once:
+                rounds[repeat - 1][name] = result['seconds'] / getattr(method, 'explanations', 1)
     rows = {}
     for name in methods:
         if name not in chosen:
@@ -313,8 +319,29 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
         # per explanation; the estimates for the next size are per call
         explanations = getattr(methods[name], 'explanations', 1)
         rows[name] = {'seconds': seconds / explanations, 'call_seconds': seconds, 'memory': memory,
-                      'once': name in once}
+                      'once': name in once,
+                      'paired': {base: paired_ratio(rounds, name, base) for base in ('gi', 'gi_same_kernels')}}
     return rows
+
+
+def paired_ratio(rounds: List[Dict[str, float]], name: str, base: str) -> Optional[Tuple[float, float, float]]:
+    '''Lower quartile, median and upper quartile over the rounds of ``name``'s time divided by ``base``'s time in
+    the same round, or None where no round measured both.
+
+    Examples
+    --------
+    >>> rounds = [{'gi': 1.0, 'lrp': 0.5}, {'gi': 4.0, 'lrp': 2.0}, {'gi': 1.0, 'lrp': 2.0}]
+    >>> paired_ratio(rounds, 'lrp', 'gi')  # the ratio of the medians would be 2.0
+    (0.5, 0.5, 1.25)
+    '''
+    ratios = sorted(round_[name] / round_[base] for round_ in rounds
+                    if name in round_ and base in round_ and round_[base] > 0)
+    if not ratios:
+        return None
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    lower, _, upper = statistics.quantiles(ratios, n=4, method='inclusive')
+    return lower, statistics.median(ratios), upper
 
 
 def next_estimates(rows: Dict[str, dict], estimates: Dict[str, float], factor: float, device: str) -> Dict[str, float]:
@@ -356,28 +383,37 @@ def fmt(value: Optional[float], digits: int = 2) -> str:
     return '-' if value is None or value != value else f'{value:.{digits}f}'
 
 
+def _median(paired: Optional[Tuple[float, float, float]]) -> Optional[float]:
+    return None if paired is None else paired[1]
+
+
+def fmt_paired(paired: Optional[Tuple[float, float, float]]) -> str:
+    return '-' if paired is None else f'{paired[1]:.2f} [{paired[0]:.2f}, {paired[2]:.2f}]'
+
+
 def report(results: List[dict], device: str, long_results: List[dict], description: str) -> str:
     lines = [f'# MambaLRP speed, {description}', '',
              'Seconds per explanation (median; "1 run": too slow for repeats, measured once, its first call; '
              f'lrp_captum_held: a call of {HELD_CALLS} explanations in one registration, divided by them), and ratios '
              'of time and peak memory to gradient x input on the unmodified model (a) and on the canonized model '
-             'with the same kernels (b). "n/a": not measured in this run, or no sequential reference for the '
-             'family.', '',
-             '| family | L | batch | method | seconds | time / (a) | time / (b) | peak MiB | memory / (a) | '
-             'memory / (b) |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             'with the same kernels (b); "paired": the median over the runs of the time ratio within a run, with '
+             'its quartiles. "n/a": not measured in this run, or no sequential reference for the family.', '',
+             '| family | L | batch | method | seconds | time / (a) | time / (b) | paired time / (a) [quartiles] | '
+             'paired time / (b) | peak MiB | memory / (a) | memory / (b) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for result in results:
         rows, size = result['rows'], f"| {result['family']} | {result['length']} | {result['batch']}"
         for name in METHODS:
             row = rows.get(name, {'skipped': 'n/a'})
             if 'skipped' in row:
                 reason = row['skipped'] if row['skipped'] == 'n/a' else f"skipped ({row['skipped']})"
-                lines.append(f'{size} | {name} | {reason} | | | | | |')
+                lines.append(f'{size} | {name} | {reason} | | | | | | | |')
                 continue
             runs = ' (1 run)' if row['once'] else ''
             lines.append(
                 f"{size} | {name} | {row['seconds']:.4f}{runs} "
                 f"| {fmt(ratio(rows, name, 'gi'))} | {fmt(ratio(rows, name, 'gi_same_kernels'))} "
+                f"| {fmt_paired(row['paired']['gi'])} | {fmt(_median(row['paired']['gi_same_kernels']))} "
                 f"| {fmt(row['memory'], 1)} | {fmt(ratio(rows, name, 'gi', 'memory'))} "
                 f"| {fmt(ratio(rows, name, 'gi_same_kernels', 'memory'))} |"
             )
@@ -397,7 +433,8 @@ def checks(results: List[dict]) -> List[str]:
         lines.append(
             f"- {size}: MambaLRP / same-kernel GI = {fmt(ratio(rows, 'lrp_zennit', 'gi_same_kernels'))} time, "
             f"{fmt(ratio(rows, 'lrp_zennit', 'gi_same_kernels', 'memory'))} memory; "
-            f"MambaLRP / unmodified GI = {fmt(ratio(rows, 'lrp_zennit', 'gi'))}; "
+            f"MambaLRP / unmodified GI = {fmt(ratio(rows, 'lrp_zennit', 'gi'))} "
+            f"(paired {fmt_paired(rows.get('lrp_zennit', {}).get('paired', {}).get('gi'))}); "
             f"IG-50 / MambaLRP = {fmt(ratio(rows, 'ig50', 'lrp_zennit'))}"
             + (f"; sequential reference / MambaLRP = {fmt(ratio(rows, 'sequential', 'lrp_zennit'))}"
                if 'sequential' in rows else '')
@@ -416,15 +453,21 @@ def write_csv(results: List[dict], path: str) -> None:
     with open(path, 'w', newline='') as handle:
         writer = csv.writer(handle)
         writer.writerow(['family', 'length', 'batch', 'method', 'seconds', 'peak_mib', 'time_vs_gi',
-                         'time_vs_same_kernels', 'memory_vs_gi', 'memory_vs_same_kernels', 'skipped'])
+                         'time_vs_same_kernels', 'memory_vs_gi', 'memory_vs_same_kernels', 'skipped',
+                         'paired_time_vs_gi', 'paired_time_vs_gi_q1', 'paired_time_vs_gi_q3',
+                         'paired_time_vs_same_kernels'])
         for result in results:
             rows = result['rows']
             for name in METHODS:
                 row = rows.get(name, {'skipped': 'n/a'})
+                paired = row.get('paired', {})
+                versus_gi, versus_same = paired.get('gi') or ('', '', ''), paired.get('gi_same_kernels')
                 writer.writerow([result['family'], result['length'], result['batch'], name, row.get('seconds', ''),
                                  row.get('memory', ''), ratio(rows, name, 'gi') or '',
                                  ratio(rows, name, 'gi_same_kernels') or '', ratio(rows, name, 'gi', 'memory') or '',
-                                 ratio(rows, name, 'gi_same_kernels', 'memory') or '', row.get('skipped', '')])
+                                 ratio(rows, name, 'gi_same_kernels', 'memory') or '', row.get('skipped', ''),
+                                 versus_gi[1], versus_gi[0], versus_gi[2],
+                                 '' if versus_same is None else versus_same[1]])
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:

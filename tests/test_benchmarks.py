@@ -138,6 +138,10 @@ def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(t
         assert all(row['seconds'] > 0 for row in result['rows'].values())
         held = result['rows']['lrp_captum_held']  # several explanations per measured call, reported per explanation
         assert held['seconds'] == held['call_seconds'] / speed.HELD_CALLS
+        # paired within each run: (a) against itself is 1 in every run; the median lies between the quartiles
+        assert result['rows']['gi']['paired']['gi'] == (1.0, 1.0, 1.0)
+        lower, median, upper = held['paired']['gi']
+        assert 0 < lower <= median <= upper
     table = (tmp_path / 'speed_cpu.md').read_text()
     assert 'MambaLRP / same-kernel GI' in table and 'Long input (bamba): 64 tokens' in table
     assert '| bamba | 16 | 2 | sequential | n/a |' in table
@@ -147,7 +151,18 @@ def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(t
         assert error < 1e-4
     lines = (tmp_path / 'speed_cpu.csv').read_text().splitlines()
     assert len(lines) == 1 + 2 * 2 * len(speed.METHODS) and lines[0].startswith('family,length,batch,method')
-    assert 'memory_vs_gi' in lines[0]
+    assert 'memory_vs_gi' in lines[0] and 'paired_time_vs_gi_q3' in lines[0]
+
+
+def test_paired_ratio_is_the_median_of_the_ratios_within_each_run():
+    import speed
+
+    # (a) runs 1, 4 and 1 seconds, MambaLRP 0.5, 2 and 2: the medians' ratio is 2, but in two runs of three
+    # MambaLRP took half of (a)'s time
+    rounds = [{'gi': 1.0, 'lrp': 0.5}, {'gi': 4.0, 'lrp': 2.0}, {'gi': 1.0, 'lrp': 2.0}, {'lrp': 9.0}]
+    assert speed.paired_ratio(rounds, 'lrp', 'gi') == (0.5, 0.5, 1.25)
+    assert speed.paired_ratio(rounds[:1], 'lrp', 'gi') == (0.5, 0.5, 0.5)
+    assert speed.paired_ratio(rounds[3:], 'lrp', 'gi') is None
 
 
 def test_host_overhead_reports_each_measurement_and_the_collectors_time():
