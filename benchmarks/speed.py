@@ -208,7 +208,10 @@ def _libc():
 
 def cpu_allocations_returned(returned: bool) -> None:
     '''With ``returned``, freed tensors go back to the OS at once (glibc), so that a call's resident peak is its
-    own; without, blocks below 32 MiB are reused from the heap, as usual, which is what timings should see.'''
+    own. Without, for timings, glibc's mapping threshold is 32 MiB, the most a default process raises it to: larger
+    blocks are fresh mappings (a page fault per 4 KiB on first touch), smaller ones come from the heap, whose memory
+    freed at its top still goes back to the system above the trim threshold (128 KiB here; a default process raises
+    it with the mapping threshold), so some of them fault again too.'''
     libc = _libc()
     if libc is not None:
         libc.mallopt(-3, 1 << 17 if returned else 1 << 25)  # M_MMAP_THRESHOLD
