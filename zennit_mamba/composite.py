@@ -181,14 +181,14 @@ class MambaComposite(Composite):
         for types, hook in self.layer_map:
             if isinstance(module, types):
                 return hook if hook is None or isinstance(hook, Rule) else ZennitRule(hook)
-        gamma = self._gamma_for(name, module)
+        gamma = self._gamma_for(name, module) if self.gamma else None
         if gamma is not None and isinstance(module, (Linear, Convolution)):
             return ZennitRule(Gamma(gamma=gamma, stabilizer=self.epsilon))
-        mixers = ctx.setdefault('mixers', [])
-        if name.startswith(tuple(mixers)):
+        mixers = ctx.setdefault('mixers', ())
+        if name.startswith(mixers):
             return None  # inside a mixer, the canonized forward computes the rules through the rule set
         if type(module) in mixer_types():
-            mixers.append(f'{name}.')
+            ctx['mixers'] = mixers + (f'{name}.',)
             return None
         return self._rule_for(module)
 
