@@ -267,3 +267,40 @@ def test_token_ids_give_the_relevance_of_their_embeddings():
     finally:
         handle.remove()
     assert relative_error(relevance, expected) <= 1e-10
+
+
+@pytest.mark.parametrize('name', ['Mamba', 'FalconMamba', 'Jamba'])
+@pytest.mark.parametrize('block', [2, 5])
+def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, monkeypatch):
+    '''On a CPU, a Mamba-1 mixer runs over time blocks (mamba1.CPU_TIME_BLOCK), each scan continued from the previous
+    block's state and each convolution from its last inputs: with blocks of 2 (shorter than the convolution's context
+    of 3) and of 5 positions, 13 tokens give the logits and the relevance of one pass, with padding and with gamma on
+    the projections too.'''
+    from conftest import make_mamba
+    from zennit_mamba import mamba1
+
+    model = make_mamba() if name == 'Mamba' else build(name)
+    embeddings = embeddings_for(model)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :4] = 0  # left padding of the second example
+
+    def outcomes():
+        results = [explain(model, embeddings, MambaComposite(epsilon=1e-12, gamma=0.25), targets=torch.tensor([3, 5]))]
+        results.append(explain(model, embeddings, targets=torch.tensor([3, 5])))
+        with MambaComposite(epsilon=1e-12).context(model) as modified:
+            leaf = embeddings.clone().requires_grad_()
+            logits = modified(inputs_embeds=leaf, attention_mask=mask, use_cache=False).logits[:, -1, 3]
+            results.append((torch.autograd.grad(logits.sum(), leaf)[0], logits.detach()))
+        return [tensor for result in results for tensor in result[:2]]
+
+    calls = []
+    mixer_block = mamba1._mixer_block
+    monkeypatch.setattr(mamba1, '_mixer_block', lambda *arguments: calls.append(1) or mixer_block(*arguments))
+    whole = outcomes()
+    assert len(calls) == 3 * sum(type(module).__name__.endswith('Mixer') for module in model.modules())
+    monkeypatch.setattr(mamba1, 'CPU_TIME_BLOCK', block)
+    calls.clear()
+    blocked = outcomes()
+    assert len(calls) == 3 * -(-13 // block) * sum(type(module).__name__.endswith('Mixer') for module in model.modules())
+    for got, want in zip(blocked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

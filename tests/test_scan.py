@@ -86,6 +86,40 @@ def test_gradients_match_autograd_through_the_loop(length, selection_detached):
         assert relative(got, want) < 1e-10
 
 
+def sequential_scan_from(initial_state, x, delta, A, B, C, D):
+    state, outputs = initial_state, []
+    for t in range(x.shape[-1]):
+        state = torch.exp(delta[..., t, None] * A) * state + (delta[..., t] * x[..., t])[..., None] * B[:, None, :, t]
+        outputs.append((state * C[:, None, :, t]).sum(-1) + D * x[..., t])
+    return torch.stack(outputs, -1), state
+
+
+@pytest.mark.parametrize('length', [1, 3, 65])
+@pytest.mark.parametrize('selection_detached', [False, True])
+@pytest.mark.parametrize('channels_per_block', [2, 5])
+def test_a_scan_continued_from_a_state_passes_gradient_to_it_and_from_its_last_state(
+        length, selection_detached, channels_per_block, monkeypatch):
+    # as the time blocks of a mixer: every input, the initial state among them, gets the loop's gradient of a loss
+    # that reads both the outputs and the last state
+    monkeypatch.setitem(scan.BLOCK_ELEMENTS, 'cpu', channels_per_block * 2 * 4 * length)
+    inputs = [tensor.requires_grad_() for tensor in random_inputs(length, torch.float64)]
+    generator = torch.Generator().manual_seed(length)
+    initial = torch.randn(2, 5, 4, generator=generator, dtype=torch.float64).requires_grad_()
+    grad_output, grad_last = torch.randn(2, 5, length, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    x, delta, A, B, C, D = inputs
+    if selection_detached:
+        delta, A, B, C = (tensor.detach() for tensor in (delta, A, B, C))
+    arguments = (x, delta, A, B, C, D)
+    wanted = [tensor for tensor in arguments if tensor.requires_grad] + [initial]
+    output, last = selective_scan(*arguments, initial_state=initial)
+    expected_output, expected_last = sequential_scan_from(initial, *arguments)
+    assert relative(output, expected_output) < 1e-12 and relative(last, expected_last) < 1e-12
+    actual = torch.autograd.grad((output, last), wanted, (grad_output, grad_last))
+    expected = torch.autograd.grad((expected_output, expected_last), wanted, (grad_output, grad_last))
+    for got, want in zip(actual, expected):
+        assert relative(got, want) < 1e-10
+
+
 def test_channel_blocks_do_not_change_the_result(monkeypatch):
     inputs = [tensor.requires_grad_() for tensor in random_inputs(50, torch.float64, channels=7)]
     output, last_state = selective_scan(*inputs)

@@ -16,6 +16,20 @@ from . import fused as fused_branch
 from .mixer_io import MixerOutput, mask_padding, run_mixer, with_mamba_ssm_cache, with_transformers_cache
 
 
+#: on a CPU, a Mamba-1 mixer runs over time blocks of this many positions (each block's scan continued from the
+#: previous block's last state, its convolution from the previous block's last inputs): every tensor of the mixer
+#: is then of a bounded size, which keeps a long input's time per token that of a short one (whole 8,192-token
+#: tensors outgrow the caches and the TLB and are fresh mappings from the system, paid in page faults)
+CPU_TIME_BLOCK = 1024
+
+
+class Carried(NamedTuple):
+    '''What a time block of a Mamba-1 mixer passes to the next: the last inputs of its convolution
+    ``(batch, channels, kernel - 1)`` and its scan's last state ``(batch, channels, state)``, both with gradients.'''
+    conv_inputs: torch.Tensor
+    state: torch.Tensor
+
+
 def mamba1_mixer(
     rules,
     mixer: torch.nn.Module,
@@ -23,8 +37,11 @@ def mamba1_mixer(
     attention_mask: Optional[torch.Tensor],
     time_step_rank: int,
     state_size: int,
+    time_blocks: bool = False,
 ) -> MixerOutput:
-    '''Run a Mamba-1 mixer on ``(batch, length, hidden)`` normalised hidden states under ``rules``.
+    '''Run a Mamba-1 mixer on ``(batch, length, hidden)`` normalised hidden states under ``rules``; with
+    ``time_blocks``, on a CPU, over time blocks of :py:data:`CPU_TIME_BLOCK` positions (the same values and relevance
+    as at once).
 
     Parameters
     ----------
@@ -38,12 +55,41 @@ def mamba1_mixer(
         ``(batch, length)`` mask; padded positions are zeroed before ``in_proj`` and after the convolution.
     time_step_rank, state_size : int
         Split sizes of the ``x_proj`` output: ``dt``, ``B`` and ``C``.
+    time_blocks : bool, optional
+        Whether the mixer may run over time blocks (on a CPU, for inputs longer than one block, with a rule set
+        whose scan is the standard one); then the returned convolution input is the last block's only, so a cache
+        that keeps more than its last positions must not ask for blocks.
 
     Returns
     -------
     MixerOutput
-        The mixer output, the (detached) input of the convolution and the last scan state, for caches.
+        The mixer output, the (detached) input of the convolution and the (detached) last scan state, for caches.
     '''
+    length = hidden_states.shape[1]
+    if not (time_blocks and hidden_states.device.type == 'cpu' and length > CPU_TIME_BLOCK
+            and rules.scans_in_time_blocks()):
+        output, x, last_state = _mixer_block(rules, mixer, hidden_states, attention_mask, time_step_rank, state_size)
+        return MixerOutput(output, x.detach(), last_state.detach())
+    outputs, carried = [], None
+    kept = mixer.conv1d.kernel_size[0] - 1
+    for start in range(0, length, CPU_TIME_BLOCK):
+        positions = slice(start, start + CPU_TIME_BLOCK)
+        output, x, last_state = _mixer_block(
+            rules, mixer, hidden_states[:, positions], None if attention_mask is None else attention_mask[:, positions],
+            time_step_rank, state_size, carried)
+        outputs.append(output)
+        # the convolution's left context for the next block: the last inputs, of this block and (for a block shorter
+        # than the kernel) of earlier ones
+        context = x if carried is None or x.shape[-1] >= kept else torch.cat([carried.conv_inputs, x], dim=-1)
+        carried = Carried(context[..., max(context.shape[-1] - kept, 0):], last_state)
+    return MixerOutput(torch.cat(outputs, 1), x.detach(), last_state.detach())
+
+
+def _mixer_block(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                 time_step_rank: int, state_size: int,
+                 carried: Optional[Carried] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    '''The mixer on consecutive positions, continued from ``carried`` where given: its output, the input of its
+    convolution and its scan's last state (both with gradients).'''
     dtype = hidden_states.dtype
     projected = mixer.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
     x, gate = projected.chunk(2, dim=1)
@@ -51,9 +97,9 @@ def mamba1_mixer(
     normalisers = (mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm) if hasattr(mixer, 'dt_layernorm') else None
     gated, last_state = selective_branch(
         rules, x, gate, SelectiveParts(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, normalisers),
-        time_step_rank, state_size, dtype, attention_mask,
+        time_step_rank, state_size, dtype, attention_mask, carried,
     )
-    return MixerOutput(mixer.out_proj(gated.transpose(1, 2).to(dtype)), x.detach(), last_state)
+    return mixer.out_proj(gated.transpose(1, 2).to(dtype)), x, last_state
 
 
 class SelectiveParts(NamedTuple):
@@ -76,16 +122,22 @@ def selective_branch(
     state_size: int,
     dtype: torch.dtype,
     attention_mask: Optional[torch.Tensor] = None,
+    carried: Optional[Carried] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     '''Convolution, SiLU, selection, scan and gate of one Mamba-1 branch under ``rules``.
 
-    ``x`` and ``gate`` are the two halves of ``in_proj``'s output, ``(batch, channels, length)``. Returns the gated
-    scan output ``(batch, channels, length)`` and the scan's last state.
+    ``x`` and ``gate`` are the two halves of ``in_proj``'s output, ``(batch, channels, length)``; ``carried``, where
+    given, the previous time block's last convolution inputs and scan state. Returns the gated scan output
+    ``(batch, channels, length)`` and the scan's last state.
     '''
     length = x.shape[-1]
-    conv = parts.conv1d(x.to(parts.conv1d.weight.dtype))[..., :length]
-    # on a GPU with all three rules on: one fused function, the selection computed without a graph (it is constant)
-    fused = rules.fuses_branch() and attention_mask is None and fused_branch.applies(conv)
+    conv_inputs = x if carried is None else torch.cat([carried.conv_inputs, x], dim=-1)
+    # the causal convolution's outputs at this block's positions (after the carried inputs)
+    start = conv_inputs.shape[-1] - length
+    conv = parts.conv1d(conv_inputs.to(parts.conv1d.weight.dtype))[..., start:start + length]
+    # with all three rules on: one fused function, the selection computed without a graph (it is constant); with
+    # padding the masked scan input is not silu(conv), so the rule set's operations run in turn
+    fused = rules.fuses_branch() and attention_mask is None and carried is None and fused_branch.applies(conv)
     with torch.no_grad() if fused else contextlib.nullcontext():
         x = (F.silu(conv) if fused else rules.activation('silu', conv)).to(dtype)
         x = mask_padding(x.transpose(1, 2), attention_mask)
@@ -99,8 +151,11 @@ def selective_branch(
     if fused:
         return fused_branch.SiLUScanGate.apply(conv, x.transpose(1, 2), gate, delta.transpose(1, 2), A,
                                                B.transpose(1, 2), C.transpose(1, 2), D)
-    scanned, last_state = rules.scan(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
-                                     C.transpose(1, 2), D)
+    selection = (delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D)
+    if carried is None:
+        scanned, last_state = rules.scan(x.transpose(1, 2), *selection)
+    else:
+        scanned, last_state = rules.scan(x.transpose(1, 2), *selection, initial_state=carried.state)
     gate = rules.activation('silu', gate)
     return rules.gate(scanned.to(torch.promote_types(scanned.dtype, gate.dtype)), gate), last_state
 
@@ -115,8 +170,9 @@ def transformers_forward(
 ) -> torch.Tensor:
     '''Forward of a canonized transformers Mamba-1 mixer; fills a fresh cache as the original does.'''
     def run() -> MixerOutput:
+        # time blocks only without a cache: a cache recording the past keeps the whole convolution input
         return run_mixer(rules, mamba1_mixer, self, hidden_states, attention_mask, self.time_step_rank,
-                         self.ssm_state_size)
+                         self.ssm_state_size, cache is None)
 
     return with_transformers_cache(self, cache, kwargs, run, hidden_states.dtype)
 

@@ -307,10 +307,19 @@ class RuleSet:
         (:py:class:`~zennit_mamba.fused.GatedRMSNorm`).'''
         return self.fuses({'silu', 'gate', 'norm'}, ('activation', 'gate', 'norm'))
 
-    def scan(self, x, delta, A, B, C, D) -> Tuple[torch.Tensor, torch.Tensor]:
-        '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.scan.selective_scan`) with the selection rule.'''
+    def scan(self, x, delta, A, B, C, D, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.scan.selective_scan`) with the selection rule; from
+        ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
         delta, A, B, C = self.selection(delta, A, B, C)
-        return selective_scan(x, delta, A, B, C, D)
+        if initial_state is None:
+            return selective_scan(x, delta, A, B, C, D)
+        return selective_scan(x, delta, A, B, C, D, implementation='torch', initial_state=initial_state)
+
+    def scans_in_time_blocks(self) -> bool:
+        '''Whether a Mamba-1 mixer may run over time blocks, each scan continued from the previous block's last
+        state (:py:data:`~zennit_mamba.mamba1.CPU_TIME_BLOCK`): not where a subclass changes the scan, which then
+        sees the whole sequence at once.'''
+        return self.fuses((), ('scan',))
 
     def ssd(self, x, delta, A, B, C, D, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         '''The Mamba-2 SSD scan (:py:func:`~zennit_mamba.ssd.ssd_scan`) with the selection rule.'''

@@ -143,7 +143,7 @@ class _SelectiveScan(torch.autograd.Function):
     '''
 
     @staticmethod
-    def forward(ctx, x, delta, A, B, C, D):
+    def forward(ctx, x, delta, A, B, C, D, initial_state):
         batch, channels, length = x.shape
         chunk = chunk_length(length)
         B_, C_ = to_chunks(B, chunk), to_chunks(C, chunk)
@@ -156,24 +156,26 @@ class _SelectiveScan(torch.autograd.Function):
             shape = _block_shape(x_, A)
             workspace = workspace or _Workspace(x, shape)  # the first block is the largest
             decay, states = workspace.take(shape)
-            _states(x_, delta_, A[block], B_, decay, states)
+            _states(x_, delta_, A[block], B_, decay, states,
+                    None if initial_state is None else initial_state[:, block])
             # the decays are spent: their buffer takes the products with C
             output_ = torch.mul(states, C_[:, None], out=decay).sum(2)
             output[:, block] = _with_skip(from_chunks(output_, length), D, block, x)
             last_state[:, block] = states[..., last[0], last[1]]
-        ctx.save_for_backward(x, delta, A, B, C, D)
-        ctx.mark_non_differentiable(last_state)
+        ctx.save_for_backward(x, delta, A, B, C, D, initial_state)
         return output, last_state
 
     @staticmethod
-    def backward(ctx, grad_output, _):
-        x, delta, A, B, C, D = ctx.saved_tensors
-        needs_x, needs_delta, needs_A, needs_B, needs_C, needs_D = ctx.needs_input_grad
+    def backward(ctx, grad_output, grad_last_state):
+        x, delta, A, B, C, D, initial_state = ctx.saved_tensors
+        needs_x, needs_delta, needs_A, needs_B, needs_C, needs_D, needs_initial = ctx.needs_input_grad
         selection = needs_delta or needs_A or needs_B or needs_C
         batch, channels, length = x.shape
         chunk = chunk_length(length)
         B_, C_ = to_chunks(B, chunk), to_chunks(C, chunk)
-        grad_x = x.new_empty(batch, channels, length) if needs_x or selection else None
+        grad_x = x.new_empty(batch, channels, length) if needs_x or selection or needs_initial else None
+        grad_initial = torch.empty_like(initial_state) if needs_initial else None
+        last = (length - 1) % chunk, (length - 1) // chunk
         grad_delta = torch.empty_like(grad_x) if selection else None
         grad_A = torch.empty_like(A) if selection else None
         grad_B = torch.zeros_like(B_) if selection else None
@@ -193,24 +195,32 @@ class _SelectiveScan(torch.autograd.Function):
             workspace = workspace or _Workspace(x, shape)
             decay, grad_states = workspace.take(shape)
             torch.mul(grad_output_[:, :, None], C_[:, None], out=grad_states)
+            # the last state's own gradient joins the transposed recurrence where it starts, at the last position
+            grad_states[..., last[0], last[1]] += grad_last_state[:, block]
             _recurrence_in_chunks_(_decay(next_delta, A_block, out=decay), grad_states, reverse=True)
+            if grad_initial is not None:
+                # s_0 = exp(delta_0 A) h + drive_0
+                grad_initial[:, block] = torch.exp(delta[:, block, 0, None] * A_block) * grad_states[..., 0, 0]
             grad_drive = torch.mul(grad_states, B_[:, None], out=decay).sum(2)
             grad_x[:, block] = _with_skip(from_chunks(delta_block * grad_drive, length), D, block, grad_output)
             if selection:
                 x_block = to_chunks(x[:, block], chunk)
                 delta_x = delta_block * x_block
                 drive = delta_x[:, :, None] * B_[:, None]
-                states = _recurrence_in_chunks_(_decay(delta_block, A_block), drive.clone())
+                decay_block = _decay(delta_block, A_block)
+                states = _with_initial_state(drive.clone(), decay_block,
+                                             None if initial_state is None else initial_state[:, block])
+                states = _recurrence_in_chunks_(decay_block, states)
                 grad_C.add_((states * grad_output_[:, :, None]).sum(1))
                 grad_B.add_((grad_states * delta_x[:, :, None]).sum(1))
-                # d s_t / d log_a_t = exp(log_a_t) s_{t-1} = s_t - drive_t
+                # d s_t / d log_a_t = exp(log_a_t) s_{t-1} = s_t - drive_t (s_{-1} the initial state)
                 grad_log_a = grad_states.mul_(states.sub_(drive))
                 grad_delta[:, block] = from_chunks(
                     (grad_log_a * A_block[None, :, :, None, None]).sum(2) + grad_drive * x_block, length)
                 grad_A[block] = (grad_log_a * delta_block[:, :, None]).sum((0, 3, 4))
         if selection:
             grad_B, grad_C = (from_chunks(tensor, length) for tensor in (grad_B, grad_C))
-        return grad_x if needs_x else None, grad_delta, grad_A, grad_B, grad_C, grad_D
+        return grad_x if needs_x else None, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_initial
 
 
 def _with_skip(y: torch.Tensor, D: Optional[torch.Tensor], block: slice, x: torch.Tensor) -> torch.Tensor:
@@ -224,11 +234,21 @@ def _decay(delta: torch.Tensor, A: torch.Tensor, out: Optional[torch.Tensor] = N
     return torch.mul(delta[:, :, None], A[None, :, :, None, None], out=out).exp_()
 
 
-def _states(x, delta, A, B, decay: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+def _with_initial_state(drive: torch.Tensor, decay: torch.Tensor,
+                        initial_state: Optional[torch.Tensor]) -> torch.Tensor:
+    '''``drive`` (chunk layout) with the initial state's share of the first state added in place, ``s_0 = a_0 h +
+    drive_0`` (unchanged where ``initial_state``, of the block's channels, is None).'''
+    if initial_state is not None:
+        drive[..., 0, 0].addcmul_(decay[..., 0, 0], initial_state)
+    return drive
+
+
+def _states(x, delta, A, B, decay: torch.Tensor, states: torch.Tensor,
+            initial_state: Optional[torch.Tensor] = None) -> torch.Tensor:
     '''Scan states ``(batch, channels, state, chunk, num_chunks)`` from inputs in the chunk layout, written to
-    ``states``, with the decays written to ``decay``.'''
+    ``states``, with the decays written to ``decay``; from ``initial_state`` (this block's channels) where given.'''
     torch.mul((delta * x)[:, :, None], B[:, None], out=states)
-    return _recurrence_in_chunks_(_decay(delta, A, out=decay), states)
+    return _recurrence_in_chunks_(decay, _with_initial_state(states, _decay(delta, A, out=decay), initial_state))
 
 
 def uses_kernel(
@@ -258,6 +278,7 @@ def selective_scan(
     C: torch.Tensor,
     D: Optional[torch.Tensor] = None,
     implementation: str = 'auto',
+    initial_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     '''Mamba-1 selective scan ``y_t = C_t . s_t + D x_t``, ``s_t = exp(delta_t A) s_{t-1} + delta_t B_t x_t``.
 
@@ -280,13 +301,18 @@ def selective_scan(
         Skip weights of shape ``(channels,)``.
     implementation : str, optional
         ``'torch'`` for the chunked scan above, ``'mamba_ssm'`` for mamba-ssm's CUDA kernel (``selective_scan_fn``),
-        ``'auto'`` for the kernel where it applies (mamba-ssm installed, CUDA tensors, not float64), else torch.
+        ``'auto'`` for the kernel where it applies (mamba-ssm installed, CUDA tensors, not float64, no initial
+        state), else torch.
+    initial_state : :py:obj:`torch.Tensor`, optional
+        ``s_{-1}`` of shape ``(batch, channels, state_size)`` (zero by default), differentiable; the torch
+        implementation only (a scan continued from an earlier one, e.g. over time blocks).
 
     Returns
     -------
     tuple[:py:obj:`torch.Tensor`, :py:obj:`torch.Tensor`]
         Outputs ``y`` shaped like ``x``, and the last state of shape ``(batch, channels, state_size)`` in float32 or
-        wider, which carries no gradient.
+        wider: differentiable from the torch implementation (so that a continued scan passes gradient back), without
+        gradient from mamba-ssm's kernel.
 
     Examples
     --------
@@ -297,13 +323,16 @@ def selective_scan(
     (torch.Size([1, 4, 10]), torch.Size([1, 4, 3]))
     '''
     kernel = mamba_ssm_selective_scan()
-    if uses_kernel(kernel, x, implementation):
+    if initial_state is not None and implementation == 'mamba_ssm':
+        raise ValueError('mamba-ssm\'s selective_scan_fn takes no initial state; use implementation=\'torch\'.')
+    if initial_state is None and uses_kernel(kernel, x, implementation):
         output, last_state = kernel(x, delta, A.float(), B, C, None if D is None else D.float(), return_last_state=True)
         return output.to(x.dtype), last_state.detach().float()
 
     dtype = torch.promote_types(x.dtype, torch.float32)
     # any strides: each channel block is copied into the chunk layout on its own
     output, last_state = _SelectiveScan.apply(
-        *(tensor.to(dtype) for tensor in (x, delta, A, B, C)), None if D is None else D.to(dtype)
+        *(tensor.to(dtype) for tensor in (x, delta, A, B, C)), None if D is None else D.to(dtype),
+        None if initial_state is None else initial_state.to(dtype),
     )
     return output.to(x.dtype), last_state
