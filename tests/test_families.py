@@ -273,9 +273,9 @@ def test_token_ids_give_the_relevance_of_their_embeddings():
 @pytest.mark.parametrize('block', [2, 5])
 def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, monkeypatch):
     '''On a CPU, a Mamba-1 mixer runs over time blocks (mamba1.CPU_TIME_BLOCK), each scan continued from the previous
-    block's state and each convolution from its last inputs: with blocks of 2 (shorter than the convolution's context
-    of 3) and of 5 positions, 13 tokens give the logits and the relevance of one pass, with padding and with gamma on
-    the projections too.'''
+    block's state, each block's projection and convolution also reading the 3 positions before it: with blocks of 2
+    (shorter than that context) and of 5 positions, 13 tokens give the logits and the relevance of one pass, with
+    padding and with gamma on the projections too.'''
     from conftest import make_mamba
     from zennit_mamba import mamba1
 

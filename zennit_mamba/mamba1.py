@@ -4,7 +4,8 @@
 Every operation on the relevance path runs through the mixer's own ``in_proj``, ``conv1d`` and ``out_proj`` (so
 that Zennit rules such as Gamma can attach to them) or through the :py:class:`~zennit_mamba.rules.RuleSet` the
 canonizer bound: the SiLUs, the scan with its selection, the gate. transformers' own forward calls functional kernels
-and ``dt_proj.weight`` directly instead.
+and ``dt_proj.weight`` directly instead. On a CPU, long inputs run through the mixer in time blocks
+(:py:data:`CPU_TIME_BLOCK`), so that its projections and convolution are called once per block.
 '''
 import contextlib
 from typing import NamedTuple, Optional, Tuple
@@ -17,17 +18,11 @@ from .mixer_io import MixerOutput, mask_padding, run_mixer, with_mamba_ssm_cache
 
 
 #: on a CPU, a Mamba-1 mixer runs over time blocks of this many positions (each block's scan continued from the
-#: previous block's last state, its convolution from the previous block's last inputs): every tensor of the mixer
-#: is then of a bounded size, which keeps a long input's time per token that of a short one (whole 8,192-token
-#: tensors outgrow the caches and the TLB and are fresh mappings from the system, paid in page faults)
+#: previous block's last state; its projection and convolution also read the positions before it that the
+#: convolution needs): every tensor of the mixer is then of a bounded size, which keeps a long input's time per token
+#: that of a short one (whole 8,192-token tensors outgrow the caches and the TLB and are fresh mappings from the
+#: system, paid in page faults)
 CPU_TIME_BLOCK = 1024
-
-
-class Carried(NamedTuple):
-    '''What a time block of a Mamba-1 mixer passes to the next: the last inputs of its convolution
-    ``(batch, channels, kernel - 1)`` and its scan's last state ``(batch, channels, state)``, both with gradients.'''
-    conv_inputs: torch.Tensor
-    state: torch.Tensor
 
 
 def mamba1_mixer(
@@ -70,34 +65,35 @@ def mamba1_mixer(
             and rules.scans_in_time_blocks()):
         output, x, last_state = _mixer_block(rules, mixer, hidden_states, attention_mask, time_step_rank, state_size)
         return MixerOutput(output, x.detach(), last_state.detach())
-    outputs, carried = [], None
-    kept = mixer.conv1d.kernel_size[0] - 1
+    outputs, last_state = [], None
     for start in range(0, length, CPU_TIME_BLOCK):
-        positions = slice(start, start + CPU_TIME_BLOCK)
+        # the convolution's left context: the positions before the block that its first outputs read, projected
+        # again with the block (as many as it has, so that a block's first output sees what one pass sees)
+        context = min(start, mixer.conv1d.kernel_size[0] - 1)
+        positions = slice(start - context, start + CPU_TIME_BLOCK)
         output, x, last_state = _mixer_block(
             rules, mixer, hidden_states[:, positions], None if attention_mask is None else attention_mask[:, positions],
-            time_step_rank, state_size, carried)
+            time_step_rank, state_size, last_state, context)
         outputs.append(output)
-        # the convolution's left context for the next block: the last inputs, of this block and (for a block shorter
-        # than the kernel) of earlier ones
-        context = x if carried is None or x.shape[-1] >= kept else torch.cat([carried.conv_inputs, x], dim=-1)
-        carried = Carried(context[..., max(context.shape[-1] - kept, 0):], last_state)
     return MixerOutput(torch.cat(outputs, 1), x.detach(), last_state.detach())
 
 
 def _mixer_block(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                 time_step_rank: int, state_size: int,
-                 carried: Optional[Carried] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    '''The mixer on consecutive positions, continued from ``carried`` where given: its output, the input of its
-    convolution and its scan's last state (both with gradients).'''
+                 time_step_rank: int, state_size: int, initial_state: Optional[torch.Tensor] = None,
+                 context: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    '''The mixer on consecutive positions whose first ``context`` are the convolution's left context only, its scan
+    continued from ``initial_state`` where given: the output at the other positions, the input of the convolution
+    and the scan's last state (both with gradients).'''
     dtype = hidden_states.dtype
     projected = mixer.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
     x, gate = projected.chunk(2, dim=1)
     # FalconMamba and Jamba normalise the selection
     normalisers = (mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm) if hasattr(mixer, 'dt_layernorm') else None
     gated, last_state = selective_branch(
-        rules, x, gate, SelectiveParts(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, normalisers),
-        time_step_rank, state_size, dtype, attention_mask, carried,
+        rules, x, gate[..., context:],
+        SelectiveParts(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, normalisers),
+        time_step_rank, state_size, dtype, None if attention_mask is None else attention_mask[:, context:],
+        initial_state, context,
     )
     return mixer.out_proj(gated.transpose(1, 2).to(dtype)), x, last_state
 
@@ -122,22 +118,23 @@ def selective_branch(
     state_size: int,
     dtype: torch.dtype,
     attention_mask: Optional[torch.Tensor] = None,
-    carried: Optional[Carried] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    context: int = 0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     '''Convolution, SiLU, selection, scan and gate of one Mamba-1 branch under ``rules``.
 
-    ``x`` and ``gate`` are the two halves of ``in_proj``'s output, ``(batch, channels, length)``; ``carried``, where
-    given, the previous time block's last convolution inputs and scan state. Returns the gated scan output
+    ``x`` and ``gate`` are the two halves of ``in_proj``'s output, ``(batch, channels, length)``, except that ``x``
+    starts with ``context`` positions before those of ``gate``, which only the convolution reads (a time block's left
+    context); the scan starts from ``initial_state`` where given. Returns the gated scan output
     ``(batch, channels, length)`` and the scan's last state.
     '''
-    length = x.shape[-1]
-    conv_inputs = x if carried is None else torch.cat([carried.conv_inputs, x], dim=-1)
-    # the causal convolution's outputs at this block's positions (after the carried inputs)
-    start = conv_inputs.shape[-1] - length
-    conv = parts.conv1d(conv_inputs.to(parts.conv1d.weight.dtype))[..., start:start + length]
+    length = gate.shape[-1]
+    # the causal convolution's outputs at the positions after the context
+    conv = parts.conv1d(x.to(parts.conv1d.weight.dtype))[..., context:context + length]
     # with all three rules on: one fused function, the selection computed without a graph (it is constant); with
     # padding the masked scan input is not silu(conv), so the rule set's operations run in turn
-    fused = rules.fuses_branch() and attention_mask is None and carried is None and fused_branch.applies(conv)
+    fused = (rules.fuses_branch() and attention_mask is None and initial_state is None
+             and fused_branch.applies(conv))
     with torch.no_grad() if fused else contextlib.nullcontext():
         x = (F.silu(conv) if fused else rules.activation('silu', conv)).to(dtype)
         x = mask_padding(x.transpose(1, 2), attention_mask)
@@ -152,10 +149,10 @@ def selective_branch(
         return fused_branch.SiLUScanGate.apply(conv, x.transpose(1, 2), gate, delta.transpose(1, 2), A,
                                                B.transpose(1, 2), C.transpose(1, 2), D)
     selection = (delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D)
-    if carried is None:
+    if initial_state is None:
         scanned, last_state = rules.scan(x.transpose(1, 2), *selection)
     else:
-        scanned, last_state = rules.scan(x.transpose(1, 2), *selection, initial_state=carried.state)
+        scanned, last_state = rules.scan(x.transpose(1, 2), *selection, initial_state=initial_state)
     gate = rules.activation('silu', gate)
     return rules.gate(scanned.to(torch.promote_types(scanned.dtype, gate.dtype)), gate), last_state
 
