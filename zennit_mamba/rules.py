@@ -311,9 +311,7 @@ class RuleSet:
         '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.scan.selective_scan`) with the selection rule; from
         ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
         delta, A, B, C = self.selection(delta, A, B, C)
-        if initial_state is None:
-            return selective_scan(x, delta, A, B, C, D)
-        return selective_scan(x, delta, A, B, C, D, implementation='torch', initial_state=initial_state)
+        return selective_scan(x, delta, A, B, C, D, initial_state=initial_state)
 
     def scans_in_time_blocks(self) -> bool:
         '''Whether a Mamba-1 mixer may run over time blocks, each scan continued from the previous block's last

@@ -207,10 +207,8 @@ class _SelectiveScan(torch.autograd.Function):
                 x_block = to_chunks(x[:, block], chunk)
                 delta_x = delta_block * x_block
                 drive = delta_x[:, :, None] * B_[:, None]
-                decay_block = _decay(delta_block, A_block)
-                states = _with_initial_state(drive.clone(), decay_block,
-                                             None if initial_state is None else initial_state[:, block])
-                states = _recurrence_in_chunks_(decay_block, states)
+                states = _states(x_block, delta_block, A_block, B_, torch.empty_like(drive), torch.empty_like(drive),
+                                 None if initial_state is None else initial_state[:, block])
                 grad_C.add_((states * grad_output_[:, :, None]).sum(1))
                 grad_B.add_((grad_states * delta_x[:, :, None]).sum(1))
                 # d s_t / d log_a_t = exp(log_a_t) s_{t-1} = s_t - drive_t (s_{-1} the initial state)
