@@ -162,6 +162,11 @@ def test_unknown_or_unavailable_implementation_is_refused():
         selective_scan(*inputs, implementation='triton')
     with pytest.raises(RuntimeError, match='needs mamba-ssm installed and CUDA tensors'):
         selective_scan(*inputs, implementation='mamba_ssm')
+    with pytest.raises(ValueError, match='takes no initial state'):
+        selective_scan(*inputs, implementation='mamba_ssm', initial_state=torch.zeros(2, 5, 4))
+    # a state broadcast over the batch would be silently wrong in the backward: refused
+    with pytest.raises(ValueError, match=r'initial_state must have the shape .* \(2, 5, 4\), got \(1, 5, 4\)'):
+        selective_scan(*inputs, initial_state=torch.zeros(1, 5, 4))
 
 
 def test_strong_decay_stays_finite():

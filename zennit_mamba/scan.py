@@ -323,6 +323,10 @@ def selective_scan(
     kernel = mamba_ssm_selective_scan()
     if initial_state is not None and implementation == 'mamba_ssm':
         raise ValueError('mamba-ssm\'s selective_scan_fn takes no initial state; use implementation=\'torch\'.')
+    expected = (x.shape[0], x.shape[1], A.shape[1])
+    if initial_state is not None and tuple(initial_state.shape) != expected:
+        raise ValueError(f'initial_state must have the shape (batch, channels, state_size) = {expected}, got '
+                         f'{tuple(initial_state.shape)}.')
     if initial_state is None and uses_kernel(kernel, x, implementation):
         output, last_state = kernel(x, delta, A.float(), B, C, None if D is None else D.float(), return_last_state=True)
         return output.to(x.dtype), last_state.detach().float()
