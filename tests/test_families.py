@@ -269,15 +269,16 @@ def test_token_ids_give_the_relevance_of_their_embeddings():
     assert relative_error(relevance, expected) <= 1e-10
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'FalconMamba', 'Jamba'])
+@pytest.mark.parametrize('name', ['Mamba', 'FalconMamba', 'Jamba', 'Mamba2', 'Bamba', 'FalconH1', 'Zamba2'])
 @pytest.mark.parametrize('block', [2, 5])
 def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, monkeypatch):
-    '''On a CPU, a Mamba-1 mixer runs over time blocks (mamba1.CPU_TIME_BLOCK), each scan continued from the previous
+    '''On a CPU, a mixer runs over time blocks (mixer_io.CPU_TIME_BLOCK), each scan continued from the previous
     block's state, each block's projection and convolution also reading the 3 positions before it: with blocks of 2
     (shorter than that context) and of 5 positions, 13 tokens give the logits and the relevance of one pass, with
-    padding and with gamma on the projections too.'''
+    padding and with gamma on the projections too (Mamba-1 mixers, Mamba-2 mixers with FalconH1's multipliers and
+    Zamba2's shared attention among them).'''
     from conftest import make_mamba
-    from zennit_mamba import mamba1
+    from zennit_mamba import mamba1, mamba2, mixer_io
 
     model = make_mamba() if name == 'Mamba' else build(name)
     embeddings = embeddings_for(model)
@@ -294,14 +295,46 @@ def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, mon
         return [tensor for result in results for tensor in result[:2]]
 
     calls = []
-    mixer_block = mamba1._mixer_block
-    monkeypatch.setattr(mamba1, '_mixer_block', lambda *arguments: calls.append(1) or mixer_block(*arguments))
-    mixers = sum(type(module).__name__.endswith('Mixer') for module in model.modules())
+    for module in (mamba1, mamba2):
+        monkeypatch.setattr(module, '_mixer_block', lambda *arguments, block_of=module._mixer_block: calls.append(1)
+                            or block_of(*arguments))
     whole = outcomes()
-    assert len(calls) == 3 * mixers
-    monkeypatch.setattr(mamba1, 'CPU_TIME_BLOCK', block)
+    one_pass_calls = len(calls)
+    assert one_pass_calls > 0
+    monkeypatch.setattr(mixer_io, 'CPU_TIME_BLOCK', block)
     calls.clear()
     blocked = outcomes()
-    assert len(calls) == 3 * -(-13 // block) * mixers  # the blocks ran
+    assert len(calls) == -(-13 // block) * one_pass_calls  # the blocks ran
     for got, want in zip(blocked, whole):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('name, scan', [('Mamba', 'scan'), ('Mamba2', 'ssd')])
+def test_a_rule_set_that_changes_a_scan_sees_the_whole_sequence(name, scan, monkeypatch):
+    '''A RuleSet subclass that changes a scan (e.g. a baseline computing it another way) gets the whole sequence in
+    one call, not time blocks, since it need not continue from a state.'''
+    from conftest import make_mamba
+    from zennit_mamba import MambaCanonizer, RuleSet, mixer_io
+
+    class RecordingRules(RuleSet):
+        def __init__(self):
+            super().__init__(('silu', 'ssm', 'gate', 'norm'))
+            self.lengths = []
+
+    def recorded(self, x, *arguments, **keywords):
+        self.lengths.append(x.shape[2 if scan == 'scan' else 1])
+        return getattr(RuleSet, scan)(self, x, *arguments, **keywords)
+
+    setattr(RecordingRules, scan, recorded)
+    model = make_mamba() if name == 'Mamba' else build(name)
+    monkeypatch.setattr(mixer_io, 'CPU_TIME_BLOCK', 5)
+    for rules, expected in ((RecordingRules(), [13, 13]), (RuleSet(()), None)):
+        instances = MambaCanonizer(rules).apply(model)
+        try:
+            model(inputs_embeds=embeddings_for(model), use_cache=False)
+        finally:
+            for instance in instances:
+                instance.remove()
+        assert rules.scans_in_time_blocks() == (expected is None)
+        if expected is not None:
+            assert rules.lengths == expected

@@ -186,13 +186,13 @@ def test_half_precision_inputs_accumulate_in_float32():
     assert (output.double() - expected).abs().max() <= 1e-2 * expected.abs().max()
 
 
-def sequential_ssd(x, dt, A, B, C, D):
+def sequential_ssd(x, dt, A, B, C, D, initial_state=None):
     '''Mamba-2's recurrence step by step: S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, y_t = S_t C_t + D x_t (B and C
-    one per head or shared; D per head or per channel).'''
+    one per head or shared; D per head or per channel), from S_{-1} = initial_state (zero by default).'''
     batch, length, heads, head_dim = x.shape
     B, C = (matrix[:, :, None].expand(-1, -1, heads, -1) if matrix.dim() == 3 else matrix for matrix in (B, C))
     D = D.reshape(heads, -1)
-    state = torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=x.dtype)
+    state = torch.zeros(batch, heads, head_dim, B.shape[-1], dtype=x.dtype) if initial_state is None else initial_state
     outputs = []
     for t in range(length):
         decay = torch.exp(dt[:, t] * A)[:, :, None, None]
@@ -248,6 +248,54 @@ def test_ssd_backward_for_a_constant_selection_is_the_transposed_scan(skip_per_c
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('length', [1, 13, 70])
+@pytest.mark.parametrize('selection_detached', [False, True])
+def test_an_ssd_continued_from_a_state_passes_gradient_to_it_and_from_its_last_state(length, selection_detached):
+    '''As the time blocks of a Mamba-2 mixer: every input, the initial state among them, gets the recurrence's
+    gradient of a loss that reads both the outputs and the last state, through the transposed scan (the selection
+    detached, the SSM rule) or autograd through the chunks (chunks of 16: one partial, one, several and a tail).'''
+    from zennit_mamba.ssd import ssd_scan
+
+    generator = torch.Generator().manual_seed(length)
+    x = torch.randn(2, length, 4, 3, generator=generator, dtype=torch.float64)
+    dt = torch.rand(2, length, 4, generator=generator, dtype=torch.float64)
+    A = -2 * torch.rand(4, generator=generator, dtype=torch.float64)
+    B, C = (torch.randn(2, length, 2, 5, generator=generator, dtype=torch.float64) for _ in range(2))
+    D = torch.randn(4, generator=generator, dtype=torch.float64)
+    initial = torch.randn(2, 4, 3, 5, generator=generator, dtype=torch.float64)
+    inputs = [tensor.requires_grad_() for tensor in (x, dt, A, B, C, D, initial)]
+    x, dt, A, B, C, D, initial = inputs
+    if selection_detached:
+        dt, A, B, C = (tensor.detach() for tensor in (dt, A, B, C))
+    wanted = [tensor for tensor in (x, dt, A, B, C, D, initial) if tensor.requires_grad]
+    outputs, last = ssd_scan(x, dt, A, B, C, D, chunk_size=16, initial_state=initial)
+    assert outputs.grad_fn.name().startswith('_LinearSSD') == selection_detached
+    expected, expected_last = sequential_ssd(
+        x, dt, A, *(matrix.repeat_interleave(2, 2) for matrix in (B, C)), D, initial_state=initial)
+    torch.testing.assert_close(outputs, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(last, expected_last, rtol=1e-10, atol=1e-12)
+    grad_outputs = torch.randn(outputs.shape, generator=generator, dtype=torch.float64)
+    grad_last = torch.randn(last.shape, generator=generator, dtype=torch.float64)
+    actual = torch.autograd.grad((outputs, last), wanted, (grad_outputs, grad_last))
+    expected = torch.autograd.grad((expected, expected_last), wanted, (grad_outputs, grad_last))
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_an_ssd_from_an_initial_state_refuses_the_kernels_and_a_wrong_shape():
+    from zennit_mamba import ssd, ssd_triton
+
+    x, dt, B, C = torch.ones(2, 3, 4, 2), torch.ones(2, 3, 4), torch.ones(2, 3, 1, 5), torch.ones(2, 3, 1, 5)
+    A, D = -torch.ones(4), torch.zeros(4)
+    with pytest.raises(ValueError, match='from an initial state runs in PyTorch'):
+        ssd.ssd_scan(x, dt, A, B, C, D, implementation='mamba_ssm', initial_state=torch.zeros(2, 4, 2, 5))
+    # a state broadcast over the batch would be silently wrong in the backward: refused
+    with pytest.raises(ValueError, match=r'initial_state must have the shape .* \(2, 4, 2, 5\), got \(1, 4, 2, 5\)'):
+        ssd.ssd_scan(x, dt, A, B, C, D, initial_state=torch.zeros(1, 4, 2, 5))
+    with pytest.raises(ValueError, match='The Triton SSD starts from a zero state'):
+        ssd_triton.triton_ssd(x, dt, B, C, 2, initial_state=torch.zeros(2, 4, 2, 5))
+
+
 @pytest.fixture
 def interpreted_triton(monkeypatch):
     '''The Triton SSD's kernels built by Triton's interpreter (``TRITON_INTERPRET=1``): they run on the CPU.'''
@@ -279,7 +327,7 @@ def test_triton_ssd_forward_and_transposed_scan_match_the_recurrence(
     A = -2 * torch.rand(heads, generator=generator)
     B, C = (torch.randn(batch, length, groups, state, generator=generator) for _ in range(2))
     D = torch.randn(heads, generator=generator)
-    outputs, last_state = ssd._LinearSSD.apply(x, dt, A, B, C, D, chunk, None, interpreted_triton.triton_ssd)
+    outputs, last_state = ssd._LinearSSD.apply(x, dt, A, B, C, D, chunk, None, interpreted_triton.triton_ssd, None)
     x64 = x.detach().double().requires_grad_()
     expected, expected_state = sequential_ssd(
         x64, dt.double(), A.double(), *(matrix.double().repeat_interleave(heads // groups, 2) for matrix in (B, C)),

@@ -5,7 +5,8 @@ Every operation on the relevance path runs through the mixer's own ``in_proj``, 
 that Zennit rules such as Gamma can attach to them) or through the :py:class:`~zennit_mamba.rules.RuleSet` the
 canonizer bound: the SiLUs, the scan with its selection, the gate. transformers' own forward calls functional kernels
 and ``dt_proj.weight`` directly instead. On a CPU, long inputs run through the mixer in time blocks
-(:py:data:`CPU_TIME_BLOCK`), so that its projections and convolution are called once per block.
+(:py:data:`~zennit_mamba.mixer_io.CPU_TIME_BLOCK`), so that its projections and convolution are called once per
+block.
 '''
 import contextlib
 from typing import NamedTuple, Optional, Tuple
@@ -14,15 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from . import fused as fused_branch
-from .mixer_io import MixerOutput, mask_padding, run_mixer, with_mamba_ssm_cache, with_transformers_cache
-
-
-#: on a CPU, a Mamba-1 mixer runs over time blocks of this many positions (each block's scan continued from the
-#: previous block's last state; its projection and convolution also read the positions before it that the
-#: convolution needs): every tensor of the mixer is then of a bounded size, which keeps a long input's time per token
-#: that of a short one (whole 8,192-token tensors outgrow the caches and the TLB and are fresh mappings from the
-#: system, paid in page faults)
-CPU_TIME_BLOCK = 1024
+from .mixer_io import (
+    MixerOutput, mask_padding, run_mixer, runs_in_time_blocks, time_blocks, with_mamba_ssm_cache,
+    with_transformers_cache,
+)
 
 
 def mamba1_mixer(
@@ -32,11 +28,11 @@ def mamba1_mixer(
     attention_mask: Optional[torch.Tensor],
     time_step_rank: int,
     state_size: int,
-    time_blocks: bool = False,
+    blocks_allowed: bool = False,
 ) -> MixerOutput:
-    '''Run a Mamba-1 mixer on ``(batch, length, hidden)`` normalised hidden states under ``rules``; with
-    ``time_blocks``, on a CPU, over time blocks of :py:data:`CPU_TIME_BLOCK` positions (the same values and relevance
-    as at once).
+    '''Run a Mamba-1 mixer on ``(batch, length, hidden)`` normalised hidden states under ``rules``; where
+    ``blocks_allowed``, on a CPU, over time blocks of :py:data:`~zennit_mamba.mixer_io.CPU_TIME_BLOCK` positions (the
+    same values and relevance as at once).
 
     Parameters
     ----------
@@ -50,7 +46,7 @@ def mamba1_mixer(
         ``(batch, length)`` mask; padded positions are zeroed before ``in_proj`` and after the convolution.
     time_step_rank, state_size : int
         Split sizes of the ``x_proj`` output: ``dt``, ``B`` and ``C``.
-    time_blocks : bool, optional
+    blocks_allowed : bool, optional
         Whether the mixer may run over time blocks (on a CPU, for inputs longer than one block, with a rule set
         whose scan is the standard one); then the returned convolution input is the last block's only, so a cache
         that keeps more than its last positions must not ask for blocks.
@@ -60,17 +56,12 @@ def mamba1_mixer(
     MixerOutput
         The mixer output, the (detached) input of the convolution and the (detached) last scan state, for caches.
     '''
-    length = hidden_states.shape[1]
-    if not (time_blocks and hidden_states.device.type == 'cpu' and length > CPU_TIME_BLOCK
-            and rules.scans_in_time_blocks()):
+    if not runs_in_time_blocks(rules, hidden_states, blocks_allowed):
         output, x, last_state = _mixer_block(rules, mixer, hidden_states, attention_mask, time_step_rank, state_size)
         return MixerOutput(output, x.detach(), last_state.detach())
     outputs, last_state = [], None
-    for start in range(0, length, CPU_TIME_BLOCK):
-        # the convolution's left context: the positions before the block that its first outputs read, projected
-        # again with the block (as many as it has, so that a block's first output sees what one pass sees)
-        context = min(start, mixer.conv1d.kernel_size[0] - 1)
-        positions = slice(start - context, start + CPU_TIME_BLOCK)
+    # each block's projection also reads the convolution's left context (projected again with the block)
+    for positions, context in time_blocks(hidden_states.shape[1], mixer.conv1d.kernel_size[0] - 1):
         output, x, last_state = _mixer_block(
             rules, mixer, hidden_states[:, positions], None if attention_mask is None else attention_mask[:, positions],
             time_step_rank, state_size, last_state, context)

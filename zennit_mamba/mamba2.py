@@ -6,7 +6,8 @@ A Mamba-2 mixer is ``in_proj -> conv1d -> core -> out_proj``. The projections ru
 Zennit rules such as Gamma can attach to them); the core holds every nonlinear operation, computed through the
 :py:class:`~zennit_mamba.rules.RuleSet` the canonizer bound: the activation after the convolution, the step sizes,
 the SSD scan with its selection, the gated RMS norm ``norm(y * silu(gate))`` and, in mamba-ssm's variant with
-``d_ssm < d_inner``, the gated MLP ``silu(z0) * x0`` beside the SSM.
+``d_ssm < d_inner``, the gated MLP ``silu(z0) * x0`` beside the SSM. On a CPU, long inputs run through the mixer in
+time blocks (:py:data:`~zennit_mamba.mixer_io.CPU_TIME_BLOCK`), as Mamba-1's do.
 '''
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -14,7 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from . import fused
-from .mixer_io import MixerOutput, mask_padding, run_mixer, with_mamba_ssm_cache, with_transformers_cache
+from .mixer_io import (
+    MixerOutput, mask_padding, run_mixer, runs_in_time_blocks, time_blocks, with_mamba_ssm_cache,
+    with_transformers_cache,
+)
 
 
 class Mamba2Layout(NamedTuple):
@@ -83,12 +87,13 @@ def _gated_norm(rules, mixer: torch.nn.Module, y: torch.Tensor, gate: torch.Tens
 
 def mamba2_core(
     rules, mixer: torch.nn.Module, layout: Mamba2Layout, gates: torch.Tensor, conv: torch.Tensor,
-    time_step: torch.Tensor, attention_mask: Optional[torch.Tensor],
+    time_step: torch.Tensor, attention_mask: Optional[torch.Tensor], initial_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     '''Everything of a Mamba-2 mixer between its projections, on ``gates = cat([mlp_gate, mlp_input, gate], -1)``,
     the convolution output ``conv`` (before its activation) and the step sizes before the softplus, each
     ``(batch, length, width)`` (widths ``layout.projection_split``): the input of ``out_proj`` and the last scan
-    state. (Passed apart, not concatenated: a concatenation would copy the projection forward and backward.)'''
+    state (the scan continued from ``initial_state`` where given). (Passed apart, not concatenated: a concatenation
+    would copy the projection forward and backward.)'''
     batch, length, _ = conv.shape
     heads, groups = layout.heads, layout.groups
     mlp_gate, mlp_input, gate = torch.split(gates, layout.projection_split[:3], dim=-1)
@@ -109,6 +114,7 @@ def mamba2_core(
         # mamba-ssm's D_has_hdim keeps one skip weight per channel
         mixer.D if mixer.D.numel() == heads else mixer.D.reshape(heads, layout.head_dim),
         chunk_size=layout.chunk_size,
+        initial_state=initial_state,
     )
     output = _gated_norm(rules, mixer, scanned.reshape(batch, length, -1), gate)
     if layout.mlp_width:
@@ -119,11 +125,32 @@ def mamba2_core(
 
 def mamba2_mixer(
     rules, mixer: torch.nn.Module, layout: Mamba2Layout, hidden_states: torch.Tensor,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None, blocks_allowed: bool = False,
 ) -> MixerOutput:
     '''Run a Mamba-2 mixer of ``layout`` on ``(batch, length, hidden)`` hidden states under ``rules``; returns the
-    mixer output, the (detached) input of the convolution and the last scan state, for caches.'''
-    length = hidden_states.shape[1]
+    mixer output, the (detached) input of the convolution and the (detached) last scan state, for caches. Where
+    ``blocks_allowed``, on a CPU, over time blocks (:py:func:`~zennit_mamba.mixer_io.runs_in_time_blocks`; the same
+    values and relevance as at once): then the convolution input returned is the last block's only, so a cache that
+    keeps more than its last positions must not allow blocks.'''
+    if not runs_in_time_blocks(rules, hidden_states, blocks_allowed):
+        output, conv_input, last_state = _mixer_block(rules, mixer, layout, hidden_states, attention_mask)
+        return MixerOutput(output, conv_input.detach(), last_state.detach())
+    outputs, last_state = [], None
+    # each block's projection also reads the convolution's left context (projected again with the block)
+    for positions, context in time_blocks(hidden_states.shape[1], mixer.conv1d.kernel_size[0] - 1):
+        output, conv_input, last_state = _mixer_block(
+            rules, mixer, layout, hidden_states[:, positions],
+            None if attention_mask is None else attention_mask[:, positions], last_state, context)
+        outputs.append(output)
+    return MixerOutput(torch.cat(outputs, 1), conv_input.detach(), last_state.detach())
+
+
+def _mixer_block(rules, mixer: torch.nn.Module, layout: Mamba2Layout, hidden_states: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor], initial_state: Optional[torch.Tensor] = None,
+                 context: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    '''The mixer on consecutive positions whose first ``context`` are the convolution's left context only, its scan
+    continued from ``initial_state`` where given: the output at the other positions, the input of the convolution
+    ``(batch, width, positions)`` and the scan's last state (both with gradients).'''
     hidden_states = mask_padding(hidden_states, attention_mask)
     if getattr(mixer, 'ssm_in_multiplier', None) is not None:
         hidden_states = hidden_states * mixer.ssm_in_multiplier
@@ -131,13 +158,17 @@ def mamba2_mixer(
     if getattr(mixer, 'mup_vector', None) is not None:
         projected = projected * mixer.mup_vector
     split = layout.projection_split
-    before, conv, time_step = torch.split(projected, [sum(split[:3]), split[3], split[4]], dim=-1)
-    conv_input = conv.transpose(1, 2).detach()
-    conv = mixer.conv1d(conv.transpose(1, 2).to(mixer.conv1d.weight.dtype))[..., :length]
+    before, conv_input, time_step = torch.split(projected, [sum(split[:3]), split[3], split[4]], dim=-1)
+    conv_input = conv_input.transpose(1, 2)
+    length = conv_input.shape[-1] - context
+    # the causal convolution's outputs at the positions after the context
+    conv = mixer.conv1d(conv_input.to(mixer.conv1d.weight.dtype))[..., context:context + length]
     # (batch, length, width) with channels contiguous, as the scan's kernels read them
     conv = conv.transpose(1, 2).to(before.dtype).contiguous()
-    output, last_state = mamba2_core(rules, mixer, layout, before, conv, time_step, attention_mask)
-    return MixerOutput(mixer.out_proj(output.to(hidden_states.dtype)), conv_input, last_state)
+    output, last_state = mamba2_core(
+        rules, mixer, layout, before[:, context:], conv, time_step[:, context:],
+        None if attention_mask is None else attention_mask[:, context:], initial_state)
+    return mixer.out_proj(output.to(hidden_states.dtype)), conv_input, last_state
 
 
 def transformers_forward(
@@ -150,7 +181,9 @@ def transformers_forward(
 ) -> torch.Tensor:
     '''Forward of a canonized transformers Mamba-2 mixer; fills a fresh cache as the original does.'''
     def run() -> MixerOutput:
-        return run_mixer(rules, mamba2_mixer, self, transformers_layout(self), hidden_states, attention_mask)
+        # time blocks only without a cache: a cache recording the past keeps the whole convolution input
+        return run_mixer(rules, mamba2_mixer, self, transformers_layout(self), hidden_states, attention_mask,
+                         cache is None)
 
     return with_transformers_cache(self, cache, kwargs, run, None)
 

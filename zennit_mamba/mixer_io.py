@@ -1,6 +1,6 @@
 '''What every canonized mixer shares around its computation: padding masks, refused arguments, caches filled as the
-original forward fills them, and recomputation in the backward pass.'''
-from typing import Callable, NamedTuple, Optional, TypeVar
+original forward fills them, recomputation in the backward pass, and time blocks on the CPU.'''
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,13 @@ LAYER_KEYWORDS = frozenset({
 #: what a mixer function returns (a MixerOutput, or the output tensor itself)
 T = TypeVar('T')
 
+#: on a CPU, a mixer runs over time blocks of this many positions (each block's scan continued from the previous
+#: block's last state; its projection and convolution also read the positions before it that the convolution needs):
+#: every tensor of the mixer is then of a bounded size, which keeps a long input's time per token that of a short one
+#: (whole 8,192-token tensors outgrow the caches and the TLB and are fresh mappings from the system, paid in page
+#: faults)
+CPU_TIME_BLOCK = 1024
+
 
 class MixerOutput(NamedTuple):
     '''Output of a canonized mixer computation and the states a cache keeps.'''
@@ -31,6 +38,29 @@ def mask_padding(hidden_states: torch.Tensor, attention_mask: Optional[torch.Ten
     if attention_mask is None:
         return hidden_states
     return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+
+
+def runs_in_time_blocks(rules, hidden_states: torch.Tensor, allowed: bool) -> bool:
+    '''Whether a mixer runs over time blocks of :py:data:`CPU_TIME_BLOCK` positions: where its caller ``allowed`` it
+    (no cache that keeps the whole convolution input), on a CPU, for ``(batch, length, hidden)`` inputs longer than
+    one block, with a rule set whose scans are the standard ones.'''
+    return (allowed and hidden_states.device.type == 'cpu' and hidden_states.shape[1] > CPU_TIME_BLOCK
+            and rules.scans_in_time_blocks())
+
+
+def time_blocks(length: int, context_size: int) -> Iterator[Tuple[slice, int]]:
+    '''The positions each time block of a ``length``-position input reads, and how many of them come before the
+    block: its own, and up to ``context_size`` before it that the causal convolution's first outputs read (as many
+    as there are, so that a block's first output sees what one pass sees).
+
+    Examples
+    --------
+    >>> list(time_blocks(2500, 3))  # with CPU_TIME_BLOCK = 1024
+    [(slice(0, 1024, None), 0), (slice(1021, 2048, None), 3), (slice(2045, 3072, None), 3)]
+    '''
+    for start in range(0, length, CPU_TIME_BLOCK):
+        context = min(start, context_size)
+        yield slice(start - context, start + CPU_TIME_BLOCK), context
 
 
 def refuse_keywords(module: torch.nn.Module, kwargs: dict) -> None:

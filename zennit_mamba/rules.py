@@ -314,12 +314,13 @@ class RuleSet:
         return selective_scan(x, delta, A, B, C, D, initial_state=initial_state)
 
     def scans_in_time_blocks(self) -> bool:
-        '''Whether a Mamba-1 mixer may run over time blocks, each scan continued from the previous block's last
-        state (:py:data:`~zennit_mamba.mamba1.CPU_TIME_BLOCK`): not where a subclass changes the scan, which then
-        sees the whole sequence at once.'''
-        return self.fuses((), ('scan',))
+        '''Whether a mixer may run over time blocks, each scan continued from the previous block's last state
+        (:py:data:`~zennit_mamba.mixer_io.CPU_TIME_BLOCK`): not where a subclass changes a scan, which then sees
+        the whole sequence at once.'''
+        return self.fuses((), ('scan', 'ssd'))
 
-    def ssd(self, x, delta, A, B, C, D, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        '''The Mamba-2 SSD scan (:py:func:`~zennit_mamba.ssd.ssd_scan`) with the selection rule.'''
+    def ssd(self, x, delta, A, B, C, D, chunk_size: int, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        '''The Mamba-2 SSD scan (:py:func:`~zennit_mamba.ssd.ssd_scan`) with the selection rule; from
+        ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
         delta, A, B, C = self.selection(delta, A, B, C)
-        return ssd_scan(x, delta, A, B, C, D, chunk_size=chunk_size)
+        return ssd_scan(x, delta, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state)

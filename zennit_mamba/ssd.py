@@ -9,7 +9,7 @@ precision (at least float32): float64 models are explained in float64.
 The scan is differentiable in all inputs; MambaLRP detaches ``dt``, ``A``, ``B`` and ``C``, which makes it linear in
 ``x``: then its backward is the transposed scan (:py:class:`_LinearSSD`), and nothing of the forward is kept for it.
 '''
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,14 @@ def _within_chunks(log_decay, C, B, x_dt, causal) -> torch.Tensor:
     return torch.einsum('bclsh,bcshp->bclhp', mixing, x_dt)
 
 
-def _ssd(x_dt, log_step, B, C, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
-    '''``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} log_step_r) (C_t . B_s) x_dt_s`` in chunks, and the last state.
+def _ssd(x_dt, log_step, B, C, chunk_size, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    '''``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} log_step_r) (C_t . B_s) x_dt_s`` in chunks, and the last state;
+    from the state ``initial_state`` before the first position where given (its term in ``y_t`` is
+    ``exp(sum_{r = 0}^{t} log_step_r) C_t . initial_state``).
 
     ``x_dt`` is ``(batch, length, heads, head_dim)``, ``log_step`` (non-positive) ``(batch, length, heads)``, ``B``
-    and ``C`` ``(batch, length, heads, state)``, all of one dtype.
+    and ``C`` ``(batch, length, heads, state)``, ``initial_state`` ``(batch, heads, head_dim, state)``, all of one
+    dtype.
     '''
     batch, length, heads, _ = x_dt.shape
     # zero inputs and log-steps in the padded tail: decay 1, no input
@@ -68,7 +71,7 @@ def _ssd(x_dt, log_step, B, C, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
     to_end = torch.exp(log_decay[:, :, -1:] - log_decay)
     contributions = torch.einsum('bclhn,bclh,bclhp->bchpn', B, to_end, x_dt)
     chunk_decay = torch.exp(log_decay[:, :, -1])                        # (b, c, h)
-    state = torch.zeros_like(contributions[:, 0])
+    state = torch.zeros_like(contributions[:, 0]) if initial_state is None else initial_state
     entering = []
     for chunk in range(contributions.shape[1]):
         entering.append(state)
@@ -79,10 +82,11 @@ def _ssd(x_dt, log_step, B, C, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _pytorch_ssd(x, log_step, B, C, chunk_size, input_scale=None, output_scale=None, skip=None,
-                 reverse=False) -> Tuple[torch.Tensor, torch.Tensor]:
+                 reverse=False, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
     '''The SSD core with its input and output scaled and the skip, in either direction of time (the interface
-    :py:func:`~zennit_mamba.ssd_triton.triton_ssd` shares): :py:func:`_ssd` of ``u = x * input_scale`` in scan order
-    (reversed where ``reverse``), then ``out = output_scale * y + skip * x`` in the order of ``x``.
+    :py:func:`~zennit_mamba.ssd_triton.triton_ssd` shares): :py:func:`_ssd` of
+    ``u = x * input_scale`` in scan order (reversed where ``reverse``) from ``initial_state`` where given, then
+    ``out = output_scale * y + skip * x`` in the order of ``x``.
 
     ``x`` is ``(batch, length, heads, head_dim)``; ``log_step`` and the scales ``(batch, length, heads)`` in the
     order of ``x``; ``B`` and ``C`` ``(batch, length, groups, state)``, repeated from groups to heads; ``skip``
@@ -92,7 +96,7 @@ def _pytorch_ssd(x, log_step, B, C, chunk_size, input_scale=None, output_scale=N
     inputs = x if input_scale is None else x * input_scale[..., None]
     B, C = (matrix.repeat_interleave(heads // matrix.shape[2], dim=2) for matrix in (B, C))
     in_scan_order = (lambda tensor: tensor.flip(1)) if reverse else (lambda tensor: tensor)
-    outputs, state = _ssd(*(in_scan_order(tensor) for tensor in (inputs, log_step, B, C)), chunk_size)
+    outputs, state = _ssd(*(in_scan_order(tensor) for tensor in (inputs, log_step, B, C)), chunk_size, initial_state)
     outputs = in_scan_order(outputs)
     if output_scale is not None:
         outputs = outputs * output_scale[..., None]
@@ -101,12 +105,13 @@ def _pytorch_ssd(x, log_step, B, C, chunk_size, input_scale=None, output_scale=N
     return outputs, state
 
 
-def _exact_ssd(core, x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:
+def _exact_ssd(core, x, dt, A, B, C, D, chunk_size, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
     '''The SSD with skip in the promoted dtype of ``x`` (float32 or wider) by ``core`` (:py:func:`_pytorch_ssd` or
-    :py:func:`~zennit_mamba.ssd_triton.triton_ssd`).'''
+    :py:func:`~zennit_mamba.ssd_triton.triton_ssd`), from ``initial_state`` where given (the PyTorch core only).'''
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, dt, A, B, C, D = (tensor.to(dtype) for tensor in (x, dt, A, B, C, D))
-    return core(x, dt * A, B, C, chunk_size, input_scale=dt, skip=D)
+    return core(x, dt * A, B, C, chunk_size, input_scale=dt, skip=D,
+                initial_state=None if initial_state is None else initial_state.to(dtype))
 
 
 class _LinearSSD(torch.autograd.Function):
@@ -124,30 +129,42 @@ class _LinearSSD(torch.autograd.Function):
     the step size, so the reversed gradient is divided by the moved steps (at least ``SMALLEST_STEP``) and the scan
     runs in float32. Otherwise ``core`` does (:py:func:`_pytorch_ssd`, or the Triton SSD for CUDA float32), in the
     promoted dtype of ``x``.
+
+    With the PyTorch core the map is linear in an ``initial_state`` ``S_{-1}`` too (a time block continuing the
+    previous block's scan), and the last state ``S_{L-1}`` carries gradient: the transposed scan starts from the last
+    state's gradient ``G`` (it enters ``dL/dx_s`` as ``dt_s exp(sum_{r = s+1}^{L-1} dt_r A) G B_s``), and its own last
+    state ``Lambda_0 = sum_t exp(sum_{r = 1}^{t} dt_r A) dL/dy_t C_t^T + exp(sum_{r = 1}^{L-1} dt_r A) G`` gives
+    ``dL/dS_{-1} = exp(dt_0 A) Lambda_0``. The other cores' last state has no gradient.
     '''
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, chunk_size, kernel, core):
+    def forward(ctx, x, dt, A, B, C, D, chunk_size, kernel, core, initial_state):
         ctx.chunk_size, ctx.kernel, ctx.core = chunk_size, kernel, core
+        ctx.carries_state = kernel is None and core is _pytorch_ssd
         ctx.save_for_backward(x, dt, A, B, C, D)
         if kernel is None:
-            outputs, state = _exact_ssd(core, x, dt, A, B, C, D, chunk_size)
+            outputs, state = _exact_ssd(core, x, dt, A, B, C, D, chunk_size, initial_state)
         else:
             outputs, state = _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size)
-        ctx.mark_non_differentiable(state)
+        if not ctx.carries_state:
+            ctx.mark_non_differentiable(state)
         return outputs, state
 
     @staticmethod
-    def backward(ctx, grad_outputs, _):
+    def backward(ctx, grad_outputs, grad_state):
         x, dt, A, B, C, D = ctx.saved_tensors
         heads = x.shape[2]
         dtype = torch.promote_types(x.dtype, torch.float32)
         dt, grad_outputs = dt.to(dtype), grad_outputs.to(dtype)
+        grad_initial = None
         if ctx.kernel is None:
             # the log-step of position t + 1 (zero after the last); the core reverses time as it reads
             later_log_step = F.pad((dt * A.to(dtype))[:, 1:], (0, 0, 0, 1))
-            grad_x, _ = ctx.core(grad_outputs, later_log_step, C.to(dtype), B.to(dtype), ctx.chunk_size,
-                                 output_scale=dt, skip=D.to(dtype), reverse=True)
+            grad_x, reversed_last = ctx.core(
+                grad_outputs, later_log_step, C.to(dtype), B.to(dtype), ctx.chunk_size, output_scale=dt,
+                skip=D.to(dtype), reverse=True, initial_state=grad_state.to(dtype) if ctx.carries_state else None)
+            if ctx.needs_input_grad[9]:
+                grad_initial = torch.exp(dt[:, 0] * A.to(dtype))[..., None, None] * reversed_last
         else:
             # the step of position t + 1 (any positive one after the last: it decays the reversed scan's zero state)
             later = F.pad(dt[:, 1:], (0, 0, 0, 1), value=1.0).clamp_min(SMALLEST_STEP)
@@ -160,7 +177,7 @@ class _LinearSSD(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             per_channel = (grad_outputs * x.to(dtype)).sum((0, 1))              # (heads, head_dim)
             grad_D = (per_channel if D.dim() == 2 else per_channel.sum(-1)).to(D.dtype)
-        return grad_x.to(x.dtype), None, None, None, None, grad_D, None, None, None
+        return grad_x.to(x.dtype), None, None, None, None, grad_D, None, None, None, grad_initial
 
 
 def ssd_scan(
@@ -172,6 +189,7 @@ def ssd_scan(
     D: torch.Tensor,
     chunk_size: int = 256,
     implementation: str = 'auto',
+    initial_state: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     '''Mamba-2's SSD scan with positive step sizes ``dt`` (softplus and limits already applied).
 
@@ -197,12 +215,16 @@ def ssd_scan(
         exact to float32 rounding) where the selection is constant (MambaLRP's SSM rule, or no gradient taken),
         and the PyTorch computation otherwise, as every other device and dtype does; ``'torch'`` always takes the
         PyTorch computation; ``'mamba_ssm'`` asks for mamba-ssm's kernel anyway.
+    initial_state : :py:obj:`torch.Tensor`, optional
+        The state ``S_{-1}`` before the first position, ``(batch, heads, head_dim, state)`` (zero by default),
+        differentiable; the PyTorch computation only (a scan continued from an earlier one, e.g. over time blocks).
 
     Returns
     -------
     tuple of :py:obj:`torch.Tensor`
         The outputs ``(batch, length, heads, head_dim)`` in the promoted dtype of ``x`` and float32, and the last
-        state ``(batch, heads, head_dim, state)``.
+        state ``(batch, heads, head_dim, state)``: differentiable from the PyTorch computation (so that a continued
+        scan passes gradient back), without gradient from the kernels.
 
     Examples
     --------
@@ -212,20 +234,28 @@ def ssd_scan(
     >>> y.flatten()
     tensor([1.0000, 1.5000, 1.7500])
     '''
+    if initial_state is not None and implementation == 'mamba_ssm':
+        raise ValueError('An SSD scan from an initial state runs in PyTorch; use implementation=\'torch\'.')
+    expected = (x.shape[0], x.shape[2], x.shape[3], B.shape[-1])
+    if initial_state is not None and tuple(initial_state.shape) != expected:
+        raise ValueError(f'initial_state must have the shape (batch, heads, head_dim, state) = {expected}, got '
+                         f'{tuple(initial_state.shape)}.')
     kernel = mamba_ssm_chunk_scan()
-    if not uses_kernel(kernel, x, implementation, auto_dtypes=(torch.float16, torch.bfloat16)):
+    if initial_state is not None or not uses_kernel(kernel, x, implementation,
+                                                    auto_dtypes=(torch.float16, torch.bfloat16)):
         kernel = None
     selection_constant = not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (dt, A, B, C)))
     # the Triton SSD has no backward in the selection: it serves a constant one (forward and transposed scan)
-    on_triton = implementation == 'auto' and selection_constant and triton_ssd_applies(x, B.shape[-1])
+    on_triton = (implementation == 'auto' and initial_state is None and selection_constant
+                 and triton_ssd_applies(x, B.shape[-1]))
     core = triton_ssd if on_triton else _pytorch_ssd
     if torch.is_grad_enabled() and selection_constant:
         if x.device.type == 'cpu':
             chunk_size = min(chunk_size, CPU_CHUNK)  # the outputs do not depend on the chunk length
-        return _LinearSSD.apply(x, dt, A, B, C, D, chunk_size, kernel, core)
+        return _LinearSSD.apply(x, dt, A, B, C, D, chunk_size, kernel, core, initial_state)
     if kernel is not None:
         return _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size)
-    return _exact_ssd(core, x, dt, A, B, C, D, chunk_size)
+    return _exact_ssd(core, x, dt, A, B, C, D, chunk_size, initial_state)
 
 
 def _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -244,7 +244,8 @@ def triton_ssd_applies(x: torch.Tensor, state_size: int) -> bool:
 
 def triton_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
                input_scale: Optional[torch.Tensor] = None, output_scale: Optional[torch.Tensor] = None,
-               skip: Optional[torch.Tensor] = None, reverse: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+               skip: Optional[torch.Tensor] = None, reverse: bool = False,
+               initial_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     '''The SSD of :py:func:`~zennit_mamba.ssd._pytorch_ssd` (the same arguments and results) in float32: in scan
     order (reversed time where ``reverse``), ``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} log_step_r) (C_t . B_s) u_s``
     with ``u = x * input_scale``, and ``out = output_scale * y + skip * x``.
@@ -268,6 +269,8 @@ def triton_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torc
         ``(heads,)`` or ``(heads, head_dim)``, float32.
     reverse : bool, optional
         Scan from the last position to the first.
+    initial_state : None, optional
+        Only None: these kernels start from a zero state (a scan continued from a state takes the PyTorch SSD).
 
     Returns
     -------
@@ -278,6 +281,9 @@ def triton_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torc
     --------
     Needs Triton and a GPU (or ``TRITON_INTERPRET=1``): ``triton_ssd(x, dt * A, B, C, 256, input_scale=dt, skip=D)``.
     '''
+    if initial_state is not None:
+        raise ValueError('The Triton SSD starts from a zero state; a scan from an initial state takes the PyTorch SSD '
+                         '(ssd_scan with implementation=\'torch\').')
     kernels = triton_ssd_kernels()
     batch, length, heads, head_dim = x.shape
     groups, state_size = B.shape[2], B.shape[3]
