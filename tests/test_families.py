@@ -275,8 +275,8 @@ def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, mon
     '''On a CPU, a mixer runs over time blocks (mixer_io.CPU_TIME_BLOCK), each scan continued from the previous
     block's state, each block's projection and convolution also reading the 3 positions before it: with blocks of 2
     (shorter than that context) and of 5 positions, 13 tokens give the logits and the relevance of one pass, with
-    padding and with gamma on the projections too (Mamba-1 mixers, Mamba-2 mixers with FalconH1's multipliers and
-    Zamba2's shared attention among them).'''
+    padding, with gamma on the projections and with the mixers recomputed in the backward pass too (Mamba-1 mixers,
+    Mamba-2 mixers with FalconH1's multipliers and Zamba2's shared attention among them).'''
     from conftest import make_mamba
     from zennit_mamba import mamba1, mamba2, mixer_io
 
@@ -288,6 +288,8 @@ def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, mon
     def outcomes():
         results = [explain(model, embeddings, MambaComposite(epsilon=1e-12, gamma=0.25), targets=torch.tensor([3, 5]))]
         results.append(explain(model, embeddings, targets=torch.tensor([3, 5])))
+        results.append(explain(model, embeddings, MambaComposite(epsilon=1e-12, recompute=True),
+                               targets=torch.tensor([3, 5])))
         with MambaComposite(epsilon=1e-12).context(model) as modified:
             leaf = embeddings.clone().requires_grad_()
             logits = modified(inputs_embeds=leaf, attention_mask=mask, use_cache=False).logits[:, -1, 3]
