@@ -340,3 +340,50 @@ def test_a_rule_set_that_changes_a_scan_sees_the_whole_sequence(name, scan, monk
         assert rules.scans_in_time_blocks() == (expected is None)
         if expected is not None:
             assert rules.lengths == expected
+
+
+@pytest.mark.parametrize('name', ['Mamba', 'Mamba2'])
+@pytest.mark.parametrize('layer_name', ['in_proj', 'conv1d', 'out_proj'])
+def test_a_layer_method_inside_a_mixer_sees_the_whole_sequence(name, layer_name, monkeypatch):
+    '''Captum's hook on a layer inside a mixer would record one time block's call only (the last block's relevance,
+    with the shape of a block): such a mixer runs in one pass, so LayerMambaLRP there gives what it gives without
+    blocks.'''
+    from captum_mamba import LayerMambaLRP
+    from conftest import make_mamba
+    from zennit_mamba import mixer_io
+
+    model = make_mamba() if name == 'Mamba' else build(name)
+    layer = getattr(model.backbone.layers[0].mixer, layer_name)
+    ids = torch.randint(0, 40, (2, 13), generator=torch.Generator().manual_seed(0))
+    # the layer's output (a forward hook) and its input (a forward pre-hook)
+    whole = [LayerMambaLRP(model, layer).attribute(ids, target=3, attribute_to_layer_input=to_input)
+             for to_input in (False, True)]
+    monkeypatch.setattr(mixer_io, 'CPU_TIME_BLOCK', 4)
+    blocked = [LayerMambaLRP(model, layer).attribute(ids, target=3, attribute_to_layer_input=to_input)
+               for to_input in (False, True)]
+    for got, want in zip(blocked, whole):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_hooks_that_would_see_a_block_as_the_sequence_are_recognised():
+    '''observed_inside: a user's full backward hook or a global module hook counts, this package's Zennit rule does
+    not (it takes each call on its own), nor a hook on the mixer itself (called once).'''
+    from zennit.rules import Gamma
+
+    from zennit_mamba.hooks import ZennitRule
+    from zennit_mamba.mixer_io import observed_inside
+
+    mixer = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.SiLU())
+    handles = [ZennitRule(Gamma(0.25)).register(mixer[0]), mixer.register_forward_hook(lambda *arguments: None)]
+    assert not observed_inside(mixer)
+    for register in (lambda: mixer[1].register_full_backward_hook(lambda *arguments: None),
+                     lambda: torch.nn.modules.module.register_module_forward_hook(lambda *arguments: None)):
+        handle = register()
+        try:
+            assert observed_inside(mixer)
+        finally:
+            handle.remove()
+        assert not observed_inside(mixer)
+    for handle in handles:
+        handle.remove()

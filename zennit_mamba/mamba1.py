@@ -47,16 +47,17 @@ def mamba1_mixer(
     time_step_rank, state_size : int
         Split sizes of the ``x_proj`` output: ``dt``, ``B`` and ``C``.
     blocks_allowed : bool, optional
-        Whether the mixer may run over time blocks (on a CPU, for inputs longer than one block, with a rule set
-        whose scan is the standard one); then the returned convolution input is the last block's only, so a cache
-        that keeps more than its last positions must not ask for blocks.
+        Whether the mixer may run over time blocks (where :py:func:`~zennit_mamba.mixer_io.runs_in_time_blocks`:
+        on a CPU, for inputs longer than one block, with the standard scan, no hook inside the mixer); then the
+        returned convolution input is the last block's only, so a cache that keeps more than its last positions must
+        not ask for blocks.
 
     Returns
     -------
     MixerOutput
         The mixer output, the (detached) input of the convolution and the (detached) last scan state, for caches.
     '''
-    if not runs_in_time_blocks(rules, hidden_states, blocks_allowed):
+    if not runs_in_time_blocks(rules, mixer, hidden_states, blocks_allowed):
         output, x, last_state = _mixer_block(rules, mixer, hidden_states, attention_mask, time_step_rank, state_size)
         return MixerOutput(output, x.detach(), last_state.detach())
     outputs, last_state = [], None

@@ -132,7 +132,7 @@ def mamba2_mixer(
     ``blocks_allowed``, on a CPU, over time blocks (:py:func:`~zennit_mamba.mixer_io.runs_in_time_blocks`; the same
     values and relevance as at once): then the convolution input returned is the last block's only, so a cache that
     keeps more than its last positions must not allow blocks.'''
-    if not runs_in_time_blocks(rules, hidden_states, blocks_allowed):
+    if not runs_in_time_blocks(rules, mixer, hidden_states, blocks_allowed):
         output, conv_input, last_state = _mixer_block(rules, mixer, layout, hidden_states, attention_mask)
         return MixerOutput(output, conv_input.detach(), last_state.detach())
     outputs, last_state = [], None

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .hooks import ZennitRule
 from .offload import weights_in_place
 from .ssd_triton import on_device_of
 
@@ -40,12 +41,43 @@ def mask_padding(hidden_states: torch.Tensor, attention_mask: Optional[torch.Ten
     return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
 
 
-def runs_in_time_blocks(rules, hidden_states: torch.Tensor, allowed: bool) -> bool:
-    '''Whether a mixer runs over time blocks of :py:data:`CPU_TIME_BLOCK` positions: where its caller ``allowed`` it
-    (no cache that keeps the whole convolution input), on a CPU, for ``(batch, length, hidden)`` inputs longer than
-    one block, with a rule set whose scans are the standard ones.'''
+def runs_in_time_blocks(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor, allowed: bool) -> bool:
+    '''Whether ``mixer`` runs over time blocks of :py:data:`CPU_TIME_BLOCK` positions: where its caller ``allowed``
+    it (no cache that keeps the whole convolution input), on a CPU, for ``(batch, length, hidden)`` inputs longer than
+    one block, with a rule set whose scans are the standard ones, and with nothing inside the mixer that would see a
+    block's call as the whole sequence's (:py:func:`observed_inside`).'''
     return (allowed and hidden_states.device.type == 'cpu' and hidden_states.shape[1] > CPU_TIME_BLOCK
-            and rules.scans_in_time_blocks())
+            and rules.scans_in_time_blocks() and not observed_inside(mixer))
+
+
+def observed_inside(mixer: torch.nn.Module) -> bool:
+    '''Whether a module inside ``mixer`` has a hook other than this package's Zennit rules (which take each call on
+    its own), or torch has global module hooks: such a hook, e.g. a Captum layer method's on ``in_proj``, would record
+    one time block's call in place of the whole sequence's.
+
+    Examples
+    --------
+    >>> mixer = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> observed_inside(mixer)
+    False
+    >>> handle = mixer[0].register_forward_hook(lambda module, input, output: None)
+    >>> observed_inside(mixer)
+    True
+    >>> handle.remove()
+    '''
+    global_hooks = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks,
+                    torch.nn.modules.module._global_backward_hooks,
+                    torch.nn.modules.module._global_backward_pre_hooks)
+    if any(global_hooks):
+        return True
+    for module in mixer.modules():
+        if module is mixer:
+            continue  # the mixer itself is called once, whatever runs inside it
+        if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+            return True
+        if any(not isinstance(getattr(hook, '__self__', None), ZennitRule) for hook in module._forward_hooks.values()):
+            return True
+    return False
 
 
 def time_blocks(length: int, context_size: int) -> Iterator[Tuple[slice, int]]:
