@@ -269,7 +269,7 @@ def test_token_ids_give_the_relevance_of_their_embeddings():
     assert relative_error(relevance, expected) <= 1e-10
 
 
-@pytest.mark.parametrize('name', ['Mamba', 'FalconMamba', 'Jamba', 'Mamba2', 'Bamba', 'FalconH1', 'Zamba2'])
+@pytest.mark.parametrize('name', ['Mamba', *BUILDERS])  # every family of both generations
 @pytest.mark.parametrize('block', [2, 5])
 def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, monkeypatch):
     '''On a CPU, a mixer runs over time blocks (mixer_io.CPU_TIME_BLOCK), each scan continued from the previous
