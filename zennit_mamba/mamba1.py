@@ -141,6 +141,8 @@ def selective_branch(
         return fused_branch.SiLUScanGate.apply(conv, x.transpose(1, 2), gate, delta.transpose(1, 2), A,
                                                B.transpose(1, 2), C.transpose(1, 2), D)
     selection = (delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D)
+    # the state only where a time block continues: a rule set that changes the scan sees no blocks, so one written
+    # for the signature without it keeps working
     if initial_state is None:
         scanned, last_state = rules.scan(x.transpose(1, 2), *selection)
     else:

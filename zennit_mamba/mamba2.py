@@ -105,7 +105,7 @@ def mamba2_core(
     if (low, high) != (0.0, float('inf')):
         delta = delta.clamp(low, high)
 
-    scanned, last_state = rules.ssd(
+    inputs = (
         x.reshape(batch, length, heads, layout.head_dim),
         delta,
         -torch.exp(mixer.A_log.float()),
@@ -113,9 +113,13 @@ def mamba2_core(
         C.reshape(batch, length, groups, -1),
         # mamba-ssm's D_has_hdim keeps one skip weight per channel
         mixer.D if mixer.D.numel() == heads else mixer.D.reshape(heads, layout.head_dim),
-        chunk_size=layout.chunk_size,
-        initial_state=initial_state,
     )
+    # the state only where a time block continues: a rule set that changes the SSD sees no blocks, so one written
+    # for the signature without it keeps working (as in Mamba-1's selective_branch)
+    if initial_state is None:
+        scanned, last_state = rules.ssd(*inputs, chunk_size=layout.chunk_size)
+    else:
+        scanned, last_state = rules.ssd(*inputs, chunk_size=layout.chunk_size, initial_state=initial_state)
     output = _gated_norm(rules, mixer, scanned.reshape(batch, length, -1), gate)
     if layout.mlp_width:
         activated = rules.activation('silu', mlp_gate.to(output.dtype))
