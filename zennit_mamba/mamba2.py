@@ -14,7 +14,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import fused
+from . import causal_conv, fused
 from .mixer_io import (
     MixerOutput, mask_padding, run_mixer, runs_in_time_blocks, time_blocks, with_mamba_ssm_cache,
     with_transformers_cache,
@@ -163,12 +163,18 @@ def _mixer_block(rules, mixer: torch.nn.Module, layout: Mamba2Layout, hidden_sta
         projected = projected * mixer.mup_vector
     split = layout.projection_split
     before, conv_input, time_step = torch.split(projected, [sum(split[:3]), split[3], split[4]], dim=-1)
+    conv1d = mixer.conv1d
+    if context == 0 and causal_conv.applies(conv1d, conv_input):
+        # in the layout of the projection and the SSD, without transposing copies (a GPU without time blocks)
+        conv = causal_conv.CausalConv.apply(conv_input.to(conv1d.weight.dtype), conv1d.weight, conv1d.bias)
+        conv = conv.to(before.dtype)
+    else:
+        length = conv_input.shape[1] - context
+        # the causal convolution's outputs at the positions after the context
+        conv = conv1d(conv_input.transpose(1, 2).to(conv1d.weight.dtype))[..., context:context + length]
+        # (batch, length, width) with channels contiguous, as the scan's kernels read them
+        conv = conv.transpose(1, 2).to(before.dtype).contiguous()
     conv_input = conv_input.transpose(1, 2)
-    length = conv_input.shape[-1] - context
-    # the causal convolution's outputs at the positions after the context
-    conv = mixer.conv1d(conv_input.to(mixer.conv1d.weight.dtype))[..., context:context + length]
-    # (batch, length, width) with channels contiguous, as the scan's kernels read them
-    conv = conv.transpose(1, 2).to(before.dtype).contiguous()
     output, last_state = mamba2_core(
         rules, mixer, layout, before[:, context:], conv, time_step[:, context:],
         None if attention_mask is None else attention_mask[:, context:], initial_state)

@@ -65,10 +65,7 @@ def observed_inside(mixer: torch.nn.Module) -> bool:
     True
     >>> handle.remove()
     '''
-    global_hooks = (torch.nn.modules.module._global_forward_hooks, torch.nn.modules.module._global_forward_pre_hooks,
-                    torch.nn.modules.module._global_backward_hooks,
-                    torch.nn.modules.module._global_backward_pre_hooks)
-    if any(global_hooks):
+    if _global_module_hooks():
         return True
     for module in mixer.modules():
         if module is mixer:
@@ -78,6 +75,32 @@ def observed_inside(mixer: torch.nn.Module) -> bool:
         if any(not isinstance(getattr(hook, '__self__', None), ZennitRule) for hook in module._forward_hooks.values()):
             return True
     return False
+
+
+def called_plainly(module: torch.nn.Module) -> bool:
+    '''Whether a call of ``module`` is its class's forward and nothing else: no hook of any kind on it (a Zennit rule,
+    a Captum layer method's), no global module hooks, no forward set on the instance (accelerate's hooks set one), so
+    that computing the forward's result another way is unobservable.
+
+    Examples
+    --------
+    >>> linear = torch.nn.Linear(2, 2)
+    >>> called_plainly(linear)
+    True
+    >>> handle = linear.register_forward_pre_hook(lambda module, args: None)
+    >>> called_plainly(linear)
+    False
+    >>> handle.remove()
+    '''
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return not (any(hooks) or 'forward' in vars(module) or _global_module_hooks())
+
+
+def _global_module_hooks() -> bool:
+    '''Whether torch has hooks registered for every module's calls.'''
+    module = torch.nn.modules.module
+    return any((module._global_forward_hooks, module._global_forward_pre_hooks, module._global_backward_hooks,
+                module._global_backward_pre_hooks))
 
 
 def time_blocks(length: int, context_size: int) -> Iterator[Tuple[slice, int]]:
