@@ -31,8 +31,8 @@ def applies(conv1d: torch.nn.Module, inputs: torch.Tensor) -> bool:
     '''Whether :py:class:`CausalConv` computes ``conv1d`` on the time-major ``inputs``
     ``(batch, length, channels)`` exactly as calling it would: ``conv1d`` is a plain ``torch.nn.Conv1d``, depthwise
     and causal (padding ``K - 1`` with zeros, stride and dilation 1), called with nothing observing the call
-    (:py:func:`~zennit_mamba.mixer_io.called_plainly`), the inputs CUDA tensors of a float dtype Triton takes, and
-    Triton installed.
+    (:py:func:`~zennit_mamba.mixer_io.called_plainly`), the inputs and the weight of a dtype whose arithmetic float32
+    holds (float32, float16, bfloat16), the inputs on a GPU, and Triton installed.
 
     Parameters
     ----------
@@ -51,8 +51,9 @@ def applies(conv1d: torch.nn.Module, inputs: torch.Tensor) -> bool:
     >>> applies(conv1d, torch.zeros(1, 5, 4))  # a CPU tensor: the module is called
     False
     '''
-    return (inputs.is_cuda and inputs.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and type(conv1d) is torch.nn.Conv1d and conv1d.groups == conv1d.in_channels == conv1d.out_channels
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    return (inputs.is_cuda and inputs.dtype in dtypes and type(conv1d) is torch.nn.Conv1d
+            and conv1d.weight.dtype in dtypes and conv1d.groups == conv1d.in_channels == conv1d.out_channels
             and conv1d.padding == (conv1d.kernel_size[0] - 1,) and conv1d.stride == (1,)
             and conv1d.dilation == (1,) and conv1d.padding_mode == 'zeros' and called_plainly(conv1d)
             and _kernels() is not None)
@@ -68,7 +69,7 @@ class CausalConv(torch.autograd.Function):
         taps = weight.reshape(weight.shape[0], -1).contiguous()
         # x is a slice of the projection's output, which stays in memory anyway: kept as it is, not copied
         ctx.save_for_backward(x, taps)
-        ctx.weight_shape, ctx.has_bias = weight.shape, bias is not None
+        ctx.weight_shape, ctx.bias_dtype = weight.shape, None if bias is None else bias.dtype
         return _triton_forward(x, taps, bias)
 
     @staticmethod
@@ -78,7 +79,7 @@ class CausalConv(torch.autograd.Function):
         gradient_x, gradient_taps, gradient_bias = _triton_backward(gradient, x, taps, wants_weight or wants_bias)
         return (gradient_x if wants_input else None,
                 gradient_taps.reshape(ctx.weight_shape).to(taps.dtype) if wants_weight else None,
-                gradient_bias.to(taps.dtype) if wants_bias and ctx.has_bias else None)
+                gradient_bias.to(ctx.bias_dtype) if wants_bias else None)
 
 
 def _strides(x: torch.Tensor) -> torch.Tensor:
