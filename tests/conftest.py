@@ -146,6 +146,21 @@ def word_tokenizer(vocabulary_size: int = 40):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token='<unk>', pad_token='<pad>', eos_token='</s>')
 
 
+def run_under_triton_interpreter(script: str) -> None:
+    '''Run ``script`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (Triton's own jit functions, such as
+    ``tl.sum``, run interpreted only where it was set before Triton was first imported, and a test session imports it
+    early: zennit does) and assert that it printed ``equal``; skipped without Triton or before 3.8, whose interpreter
+    fails on loop bounds passed as arguments.'''
+    import subprocess
+
+    triton = pytest.importorskip('triton')
+    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 8):
+        pytest.skip('Triton\'s interpreter before 3.8 fails on loop bounds passed as arguments')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                            env={**os.environ, 'TRITON_INTERPRET': '1'}, timeout=300)
+    assert result.stdout.strip() == 'equal', result.stderr[-3000:]
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     '''Largest absolute difference relative to the largest absolute expected value.'''
     return ((actual - expected).abs().max() / expected.abs().max()).item()

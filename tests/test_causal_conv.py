@@ -2,23 +2,19 @@
 torch's Conv1d (under Triton's interpreter on the CPU, and on a GPU), when it stands in for the module call, and a GPU
 explanation through it against one through the module.'''
 import functools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers as tf
 
-from conftest import explain, relative_error
+from conftest import explain, relative_error, run_under_triton_interpreter
 from zennit_mamba import MambaComposite, causal_conv
 from zennit_mamba.hooks import ZennitRule
 from zennit_mamba.mixer_io import called_plainly
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
-# run in a fresh interpreter: Triton's own jit functions run interpreted only where TRITON_INTERPRET=1 was set
-# before Triton was first imported, and the test session imports it early (zennit does)
+# run in a fresh interpreter under Triton's interpreter (conftest.run_under_triton_interpreter)
 _KERNELS_AGAINST_CONV1D = '''
 import torch
 from zennit_mamba import causal_conv
@@ -55,12 +51,7 @@ print('equal')
 def test_kernels_equal_the_convolution_module_forward_and_backward():
     '''CausalConv's Triton forward and backward (under Triton's interpreter on the CPU, float32) equal torch's causal
     depthwise Conv1d and its gradients to the input, the weight and the bias.'''
-    triton = pytest.importorskip('triton')
-    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 8):
-        pytest.skip('Triton\'s interpreter before 3.8 fails on loop bounds passed as arguments')
-    result = subprocess.run([sys.executable, '-c', _KERNELS_AGAINST_CONV1D], capture_output=True, text=True,
-                            env={**os.environ, 'TRITON_INTERPRET': '1'}, timeout=300)
-    assert result.stdout.strip() == 'equal', result.stderr[-3000:]
+    run_under_triton_interpreter(_KERNELS_AGAINST_CONV1D)
 
 
 def test_a_call_is_plain_only_without_anything_observing_it():

@@ -4,6 +4,7 @@ set's operations in turn. tests/test_cuda.py runs the same backward with the ker
 import pytest
 import torch
 
+from conftest import run_under_triton_interpreter
 from zennit_mamba import MambaComposite
 from zennit_mamba.fused import branch_gradients
 from zennit_mamba.rules import RuleSet
@@ -75,8 +76,7 @@ def test_gated_norm_fused_equals_the_rule_sets_operations_in_turn(name, monkeypa
 
 
 
-# run in a fresh interpreter: Triton's own jit functions (tl.sum, tl.sigmoid) run interpreted only where
-# TRITON_INTERPRET=1 was set before Triton was first imported, and the test session imports it early (zennit does)
+# run in a fresh interpreter under Triton's interpreter (conftest.run_under_triton_interpreter)
 _NORM_KERNELS_AGAINST_PYTORCH = '''
 import torch
 from zennit_mamba import fused
@@ -106,13 +106,4 @@ def test_gated_norm_triton_kernels_equal_its_pytorch_computation():
     '''GatedRMSNorm's Triton forward and backward (under Triton's interpreter on the CPU, float32) equal its PyTorch
     computation, with and without the weight's gradient: two groups of six channels (a masked tile), 37 rows (a
     partial block of rows), the gate a slice of a wider tensor as in the mixer.'''
-    import os
-    import subprocess
-    import sys
-
-    triton = pytest.importorskip('triton')
-    if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 8):
-        pytest.skip('Triton\'s interpreter before 3.8 fails on loop bounds passed as arguments')
-    result = subprocess.run([sys.executable, '-c', _NORM_KERNELS_AGAINST_PYTORCH], capture_output=True, text=True,
-                            env={**os.environ, 'TRITON_INTERPRET': '1'}, timeout=300)
-    assert result.stdout.strip() == 'equal', result.stderr[-3000:]
+    run_under_triton_interpreter(_NORM_KERNELS_AGAINST_PYTORCH)
