@@ -9,6 +9,7 @@ and ``dt_proj.weight`` directly instead. On a CPU, long inputs run through the m
 block.
 '''
 import contextlib
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -16,8 +17,7 @@ import torch.nn.functional as F
 
 from . import fused as fused_branch
 from .mixer_io import (
-    MixerOutput, mask_padding, run_mixer, runs_in_time_blocks, time_blocks, with_mamba_ssm_cache,
-    with_transformers_cache,
+    MixerOutput, mask_padding, over_time_blocks, run_mixer, with_mamba_ssm_cache, with_transformers_cache,
 )
 
 
@@ -57,25 +57,15 @@ def mamba1_mixer(
     MixerOutput
         The mixer output, the (detached) input of the convolution and the (detached) last scan state, for caches.
     '''
-    if not runs_in_time_blocks(rules, mixer, hidden_states, blocks_allowed):
-        output, x, last_state = _mixer_block(rules, mixer, hidden_states, attention_mask, time_step_rank, state_size)
-        return MixerOutput(output, x.detach(), last_state.detach())
-    outputs, last_state = [], None
-    # each block's projection also reads the convolution's left context (projected again with the block)
-    for positions, context in time_blocks(hidden_states.shape[1], mixer.conv1d.kernel_size[0] - 1):
-        output, x, last_state = _mixer_block(
-            rules, mixer, hidden_states[:, positions], None if attention_mask is None else attention_mask[:, positions],
-            time_step_rank, state_size, last_state, context)
-        outputs.append(output)
-    return MixerOutput(torch.cat(outputs, 1), x.detach(), last_state.detach())
+    block = functools.partial(_mixer_block, rules, mixer, time_step_rank, state_size)
+    return over_time_blocks(rules, mixer, block, hidden_states, attention_mask, blocks_allowed)
 
 
-def _mixer_block(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                 time_step_rank: int, state_size: int, initial_state: Optional[torch.Tensor] = None,
-                 context: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    '''The mixer on consecutive positions whose first ``context`` are the convolution's left context only, its scan
-    continued from ``initial_state`` where given: the output at the other positions, the input of the convolution
-    and the scan's last state (both with gradients).'''
+def _mixer_block(rules, mixer: torch.nn.Module, time_step_rank: int, state_size: int, hidden_states: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+                 context: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    '''The mixer on consecutive positions (a :py:data:`~zennit_mamba.mixer_io.MixerBlock`): the output, the input of
+    the convolution and the scan's last state (both with gradients).'''
     dtype = hidden_states.dtype
     projected = mixer.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
     x, gate = projected.chunk(2, dim=1)

@@ -10,6 +10,7 @@ after the convolution, the step sizes, the SSD scan with its selection, the gate
 in mamba-ssm's variant with ``d_ssm < d_inner``, the gated MLP ``silu(z0) * x0`` beside the SSM. On a CPU, long inputs
 run through the mixer in time blocks (:py:data:`~zennit_mamba.mixer_io.CPU_TIME_BLOCK`), as Mamba-1's do.
 '''
+import functools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -17,8 +18,7 @@ import torch.nn.functional as F
 
 from . import causal_conv, fused
 from .mixer_io import (
-    MixerOutput, mask_padding, run_mixer, runs_in_time_blocks, time_blocks, with_mamba_ssm_cache,
-    with_transformers_cache,
+    MixerOutput, mask_padding, over_time_blocks, run_mixer, with_mamba_ssm_cache, with_transformers_cache,
 )
 
 
@@ -137,25 +137,15 @@ def mamba2_mixer(
     ``blocks_allowed``, on a CPU, over time blocks (:py:func:`~zennit_mamba.mixer_io.runs_in_time_blocks`; the same
     values and relevance as at once): then the convolution input returned is the last block's only, so a cache that
     keeps more than its last positions must not allow blocks.'''
-    if not runs_in_time_blocks(rules, mixer, hidden_states, blocks_allowed):
-        output, conv_input, last_state = _mixer_block(rules, mixer, layout, hidden_states, attention_mask)
-        return MixerOutput(output, conv_input.detach(), last_state.detach())
-    outputs, last_state = [], None
-    # each block's projection also reads the convolution's left context (projected again with the block)
-    for positions, context in time_blocks(hidden_states.shape[1], mixer.conv1d.kernel_size[0] - 1):
-        output, conv_input, last_state = _mixer_block(
-            rules, mixer, layout, hidden_states[:, positions],
-            None if attention_mask is None else attention_mask[:, positions], last_state, context)
-        outputs.append(output)
-    return MixerOutput(torch.cat(outputs, 1), conv_input.detach(), last_state.detach())
+    block = functools.partial(_mixer_block, rules, mixer, layout)
+    return over_time_blocks(rules, mixer, block, hidden_states, attention_mask, blocks_allowed)
 
 
 def _mixer_block(rules, mixer: torch.nn.Module, layout: Mamba2Layout, hidden_states: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor], initial_state: Optional[torch.Tensor] = None,
-                 context: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    '''The mixer on consecutive positions whose first ``context`` are the convolution's left context only, its scan
-    continued from ``initial_state`` where given: the output at the other positions, the input of the convolution
-    ``(batch, width, positions)`` and the scan's last state (both with gradients).'''
+                 attention_mask: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
+                 context: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    '''The mixer on consecutive positions (a :py:data:`~zennit_mamba.mixer_io.MixerBlock`): the output, the input of
+    the convolution ``(batch, width, positions)`` and the scan's last state (both with gradients).'''
     hidden_states = mask_padding(hidden_states, attention_mask)
     if getattr(mixer, 'ssm_in_multiplier', None) is not None:
         hidden_states = hidden_states * mixer.ssm_in_multiplier

@@ -41,6 +41,32 @@ def mask_padding(hidden_states: torch.Tensor, attention_mask: Optional[torch.Ten
     return (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
 
 
+#: a mixer's computation on consecutive positions, ``block(hidden_states, attention_mask, initial_state, context)``:
+#: the output at the positions after the first ``context`` (the convolution's left context only), the input of the
+#: convolution and the scan's last state, the scan continued from ``initial_state`` where it is not None
+MixerBlock = Callable[[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], int],
+                      Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def over_time_blocks(rules, mixer: torch.nn.Module, block: MixerBlock, hidden_states: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], allowed: bool) -> MixerOutput:
+    '''``block`` on the whole ``(batch, length, hidden)`` sequence, or, where :py:func:`runs_in_time_blocks`, over
+    time blocks, each scan continued from the previous block's last state and each projection and convolution also
+    reading the convolution's left context (projected again with the block): the same values and relevance. Returns
+    the outputs and the (detached) convolution input and last state; over blocks the convolution input is the last
+    block's only, so a cache that keeps more than its last positions must not allow blocks.'''
+    if not runs_in_time_blocks(rules, mixer, hidden_states, allowed):
+        output, conv_input, last_state = block(hidden_states, attention_mask, None, 0)
+        return MixerOutput(output, conv_input.detach(), last_state.detach())
+    outputs, last_state = [], None
+    for positions, context in time_blocks(hidden_states.shape[1], mixer.conv1d.kernel_size[0] - 1):
+        output, conv_input, last_state = block(
+            hidden_states[:, positions], None if attention_mask is None else attention_mask[:, positions], last_state,
+            context)
+        outputs.append(output)
+    return MixerOutput(torch.cat(outputs, 1), conv_input.detach(), last_state.detach())
+
+
 def runs_in_time_blocks(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor, allowed: bool) -> bool:
     '''Whether ``mixer`` runs over time blocks of :py:data:`CPU_TIME_BLOCK` positions: where its caller ``allowed``
     it (no cache that keeps the whole convolution input), on a CPU, for ``(batch, length, hidden)`` inputs longer than
