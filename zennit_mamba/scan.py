@@ -249,6 +249,27 @@ def _states(x, delta, A, B, decay: torch.Tensor, states: torch.Tensor,
     return _recurrence_in_chunks_(decay, _with_initial_state(states, _decay(delta, A, out=decay), initial_state))
 
 
+def check_initial_state(initial_state: Optional[torch.Tensor], implementation: str, kernel: str, layout: str,
+                        expected: Tuple[int, ...]) -> None:
+    '''Refuse an ``initial_state`` that a scan cannot start from: with ``implementation='mamba_ssm'`` (``kernel``
+    starts from a zero state), or of a shape other than ``expected`` (its dimensions named by ``layout``).
+
+    Examples
+    --------
+    >>> check_initial_state(torch.zeros(1, 2), 'torch', 'a kernel', '(batch, channels)', (1, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: initial_state must have the shape (batch, channels) = (1, 3), got (1, 2).
+    '''
+    if initial_state is None:
+        return
+    if implementation == 'mamba_ssm':
+        raise ValueError(f'{kernel} takes no initial state: a scan from an initial state runs in PyTorch; use '
+                         f'implementation=\'torch\'.')
+    if tuple(initial_state.shape) != expected:
+        raise ValueError(f'initial_state must have the shape {layout} = {expected}, got {tuple(initial_state.shape)}.')
+
+
 def uses_kernel(
     kernel: Optional[Callable],
     x: torch.Tensor,
@@ -321,12 +342,8 @@ def selective_scan(
     (torch.Size([1, 4, 10]), torch.Size([1, 4, 3]))
     '''
     kernel = mamba_ssm_selective_scan()
-    if initial_state is not None and implementation == 'mamba_ssm':
-        raise ValueError('mamba-ssm\'s selective_scan_fn takes no initial state; use implementation=\'torch\'.')
-    expected = (x.shape[0], x.shape[1], A.shape[1])
-    if initial_state is not None and tuple(initial_state.shape) != expected:
-        raise ValueError(f'initial_state must have the shape (batch, channels, state_size) = {expected}, got '
-                         f'{tuple(initial_state.shape)}.')
+    check_initial_state(initial_state, implementation, 'mamba-ssm\'s selective_scan_fn',
+                        '(batch, channels, state_size)', (x.shape[0], x.shape[1], A.shape[1]))
     if initial_state is None and uses_kernel(kernel, x, implementation):
         output, last_state = kernel(x, delta, A.float(), B, C, None if D is None else D.float(), return_last_state=True)
         return output.to(x.dtype), last_state.detach().float()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._optional import mamba_ssm_chunk_scan
-from .scan import BLOCK_ELEMENTS, SMALLEST_STEP, uses_kernel
+from .scan import BLOCK_ELEMENTS, SMALLEST_STEP, check_initial_state, uses_kernel
 from .ssd_triton import triton_ssd, triton_ssd_applies
 
 #: longest chunk of :py:class:`_LinearSSD` on the CPU: the within-chunk products cost ``length * chunk`` per head, the
@@ -234,12 +234,8 @@ def ssd_scan(
     >>> y.flatten()
     tensor([1.0000, 1.5000, 1.7500])
     '''
-    if initial_state is not None and implementation == 'mamba_ssm':
-        raise ValueError('An SSD scan from an initial state runs in PyTorch; use implementation=\'torch\'.')
-    expected = (x.shape[0], x.shape[2], x.shape[3], B.shape[-1])
-    if initial_state is not None and tuple(initial_state.shape) != expected:
-        raise ValueError(f'initial_state must have the shape (batch, heads, head_dim, state) = {expected}, got '
-                         f'{tuple(initial_state.shape)}.')
+    check_initial_state(initial_state, implementation, 'mamba-ssm\'s mamba_chunk_scan_combined',
+                        '(batch, heads, head_dim, state)', (x.shape[0], x.shape[2], x.shape[3], B.shape[-1]))
     kernel = mamba_ssm_chunk_scan()
     if initial_state is not None or not uses_kernel(kernel, x, implementation,
                                                     auto_dtypes=(torch.float16, torch.bfloat16)):
