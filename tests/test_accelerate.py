@@ -13,6 +13,7 @@ from test_families import build
 from zennit_mamba import MambaComposite
 from zennit_mamba._optional import mamba_ssm_selective_scan
 from zennit_mamba.instance import is_canonized
+from zennit_mamba.offload import weights_in_place
 
 accelerate = pytest.importorskip('accelerate')
 
@@ -91,6 +92,17 @@ def test_the_canonized_forward_runs_inside_the_hook():
         assert vars(mixer)['forward'] is wrapper and vars(mixer)['_old_forward'] is not original
         assert is_canonized(mixer)
     assert vars(mixer)['_old_forward'] is original and not is_canonized(mixer)
+
+
+def test_offloaded_weights_are_placed_at_any_depth_below_a_module():
+    # a canonized forward reads child weights without calling the children; they may sit deeper than one level
+    outer = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2))
+    accelerate.cpu_offload(outer, execution_device='cpu')
+    inner, beside = outer[0][0], outer[1]
+    assert inner.weight.device.type == beside.weight.device.type == 'meta'
+    with weights_in_place(outer):
+        assert inner.weight.device.type == beside.weight.device.type == 'cpu'
+    assert inner.weight.device.type == beside.weight.device.type == 'meta'
 
 
 def test_recompute_on_offloaded_weights_is_refused_and_the_model_kept():

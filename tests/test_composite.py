@@ -261,7 +261,32 @@ def _patched_mamba():
     return model
 
 
-@pytest.mark.parametrize('build, mixer', [(_patched_mamba, 'PatchedMambaMixer')], ids=['subclass'])
+class Custom(MambaMixer):
+    '''A subclass whose name does not look like a Mamba mixer's: refused for being a subclass.'''
+
+
+def _custom_mamba():
+    model = make_mamba(layers=2)
+    model.backbone.layers[1].mixer.__class__ = Custom
+    return model
+
+
+class ForeignMambaMixer(torch.nn.Module):
+    '''A Mamba mixer of another library, whose forward no canonizer knows: refused by its name.'''
+
+    def forward(self, hidden_states, **kwargs):
+        return hidden_states
+
+
+def _foreign_mamba():
+    model = make_mamba(layers=2)
+    model.backbone.layers[1].mixer = ForeignMambaMixer()
+    return model
+
+
+@pytest.mark.parametrize('build, mixer', [(_patched_mamba, 'PatchedMambaMixer'), (_custom_mamba, 'Custom'),
+                                          (_foreign_mamba, 'ForeignMambaMixer')],
+                         ids=['subclass', 'subclass-named-otherwise', 'foreign'])
 def test_unsupported_mixer_is_named_and_model_untouched(build, mixer):
     torch.manual_seed(0)
     model = build().eval()
@@ -383,6 +408,48 @@ def test_zennit_rules_combine_through_layer_map(model):
     default, _, targets = explain(model, embeddings)
     composite = MambaComposite(epsilon=1e-12, layer_map=[(torch.nn.Conv1d, ZPlus())])
     relevance, _, _ = explain(model, embeddings, targets, composite=composite)
+    assert torch.isfinite(relevance).all()
+    assert relative_error(relevance, default) > 1e-3
+
+
+def test_further_canonizers_are_applied_and_removed(model):
+    from zennit.canonizers import Canonizer
+
+    class Recording(Canonizer):
+        '''Marks the model while applied, as a canonizer that changes modules would.'''
+        def __init__(self):
+            super().__init__()
+            self.model = None
+
+        def apply(self, root_module):
+            instance = Recording()
+            instance.register(root_module)
+            return [instance]
+
+        def register(self, module):
+            self.model = module
+            module.marked = True
+
+        def remove(self):
+            del self.model.marked
+
+        def copy(self):
+            return Recording()
+
+    with MambaComposite(canonizers=[Recording()]).context(model):
+        assert model.marked
+    assert not hasattr(model, 'marked')
+
+
+def test_a_subclass_mapping_reaches_the_modules_inside_the_mixers(model):
+    # the registration skips a mixer's inside only where no rule can select it there; a subclass's own mapping may
+    class ZPlusOnInProj(MambaComposite):
+        def mapping(self, ctx, name, module):
+            return ZennitRule(ZPlus()) if name.endswith('.in_proj') else super().mapping(ctx, name, module)
+
+    embeddings = embed(model, 2, 8)
+    default, _, targets = explain(model, embeddings)
+    relevance, _, _ = explain(model, embeddings, targets, composite=ZPlusOnInProj(epsilon=1e-12))
     assert torch.isfinite(relevance).all()
     assert relative_error(relevance, default) > 1e-3
 

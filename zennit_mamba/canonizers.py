@@ -7,7 +7,7 @@ exactly. Before any module changes, every upstream forward's signature is compar
 (:py:func:`~zennit_mamba.upstream.check_forward_signature`).
 '''
 import functools
-from typing import Callable, Collection, List, Optional, Type
+from typing import Callable, Collection, Iterable, List, Optional, Type
 
 import torch
 from zennit.canonizers import Canonizer, CompositeCanonizer
@@ -54,7 +54,7 @@ class ForwardCanonizer(Canonizer):
         _check_signature_once(self.module_type, self.module_type.forward, self.forward, self.added_parameters)
 
     def apply(self, root_module: torch.nn.Module) -> List['ForwardCanonizer']:
-        return _canonize_by_type(root_module, [self])
+        return _canonize_by_type(root_module.modules(), [self])
 
     def register(self, module: torch.nn.Module) -> None:
         self.attributes = bind_forward(module, self.forward, self.rules)
@@ -76,11 +76,12 @@ def _check_signature_once(module_type: type, upstream_forward: Callable, forward
     check_forward_signature(module_type, CanonizedForward(forward, None), added)
 
 
-def _canonize_by_type(root_module: torch.nn.Module, canonizers: List[ForwardCanonizer]) -> List[ForwardCanonizer]:
-    '''In one walk over ``root_module``, register a copy of the canonizer of each module's exact type on it; on any
-    error, remove those registered and re-raise. The signatures of the forwards to replace are checked first.'''
+def _canonize_by_type(modules: Iterable[torch.nn.Module],
+                      canonizers: List[ForwardCanonizer]) -> List[ForwardCanonizer]:
+    '''Register a copy of the canonizer of each module's exact type on it; on any error, remove those registered and
+    re-raise. The signatures of the forwards to replace are checked first.'''
     by_type = {canonizer.module_type: canonizer for canonizer in canonizers}
-    targets = [(by_type[type(module)], module) for module in root_module.modules() if type(module) in by_type]
+    targets = [(by_type[type(module)], module) for module in modules if type(module) in by_type]
     for canonizer in {id(canonizer): canonizer for canonizer, _ in targets}.values():
         canonizer.check_signature()
     instances = []
@@ -127,7 +128,23 @@ class MambaCanonizer(CompositeCanonizer):
 
     def apply(self, root_module: torch.nn.Module) -> List[ForwardCanonizer]:
         # one walk over the model for all module types (a model is canonized on every explanation)
-        return _canonize_by_type(root_module, self.canonizers)
+        return self.apply_to(root_module.modules())
+
+    def apply_to(self, modules: Iterable[torch.nn.Module]) -> List[ForwardCanonizer]:
+        ''':py:meth:`apply` on the modules of a walk already made (:py:class:`~zennit_mamba.MambaComposite` walks a
+        model once per registration): the canonized forward on each module of a supported type among ``modules``.
+
+        Parameters
+        ----------
+        modules : iterable of :py:obj:`torch.nn.Module`
+            The modules to canonize where their exact type is a supported one; a mixer's inside may be left out.
+
+        Returns
+        -------
+        list of :py:class:`ForwardCanonizer`
+            One registered instance per canonized module; each one's ``remove()`` restores its module.
+        '''
+        return _canonize_by_type(modules, self.canonizers)
 
     def copy(self) -> 'MambaCanonizer':
         return MambaCanonizer(self.rules)

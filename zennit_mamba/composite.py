@@ -17,7 +17,7 @@ from .canonizers import ForwardCanonizer, MambaCanonizer
 from .hooks import ExplainedModel, ZennitRule
 from .instance import InstanceAttributes
 from .rules import MAMBA_LRP_RULES, Rule, RuleSet
-from .support import check_recompute, check_supported, mixer_types
+from .support import check_recompute, check_supported, mixer_types, walk_outside_mixers
 
 #: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
 # Vim's backward branch has its own convolution and selection projections (conv1d_b, x_proj_b, dt_proj_b)
@@ -25,6 +25,7 @@ PROJECTIONS = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj', 'conv1d_b',
 
 GammaSpec = Union[None, float, Mapping[Union[str, type], float]]
 LayerMap = List[Tuple[Tuple[type, ...], Optional[Hook]]]
+NamedModule = Tuple[str, torch.nn.Module]
 
 #: the models a MambaComposite is registered on, and the lock that makes registering one check-and-claim
 _REGISTERED: 'weakref.WeakKeyDictionary[torch.nn.Module, MambaComposite]' = weakref.WeakKeyDictionary()
@@ -115,8 +116,6 @@ class MambaComposite(Composite):
         self.epsilon = epsilon
         self.gamma = dict(gamma or {})
         self.layer_map = list(layer_map or [])
-        # true while zennit's register runs, which calls remove() first: that call must keep this composite's claim
-        self._registering = False
         super().__init__(module_map=self.mapping, canonizers=[MambaCanonizer(self.rule_set)] + list(canonizers or []))
 
     def register(self, module: torch.nn.Module) -> None:
@@ -139,18 +138,18 @@ class MambaComposite(Composite):
                 )
             _REGISTERED[module] = self
         try:
-            check_supported(module)
+            # one walk over the model for the support check, the canonizer, the rules and the explained model's ends
+            # (registration is host time on every explanation): the modules inside the mixers are left out, which the
+            # canonized forwards compute
+            walk = list(walk_outside_mixers(module))
+            check_supported(module, walk)
             if self.rule_set.recompute:
                 check_recompute(module)
-            self._registering = True
-            try:
-                super().register(module)
-            finally:
-                self._registering = False
+            walk = self._attach(module, walk)
             # last, so that its conversions wrap every other hook of the module called outermost
             ends = ExplainedModel(self.epsilon, opaque=mixer_types())
             self.hook_refs.add(ends)
-            self.handles.append(ends.register(module))
+            self.handles.append(ends.register(module, tracked=[child for _, child in walk]))
             # the canonized modules from the canonizers' instances (zennit keeps them among the handles), not from
             # another walk over the model
             canonized = [instance.attributes.module for instance in self.handles
@@ -160,11 +159,32 @@ class MambaComposite(Composite):
             self.remove()
             raise
 
+    def _attach(self, module: torch.nn.Module, walk: List[NamedModule]) -> List[NamedModule]:
+        '''Zennit's ``Composite.register`` on the walk made once: the canonizers in turn, then a copy of the module
+        map's hook on each module it maps; returns the walk, made again where a further canonizer may have changed
+        the modules. The modules inside the mixers are mapped (walked again) only where a rule may select them:
+        ``gamma``, ``layer_map`` or a module map other than :py:meth:`mapping`.'''
+        for canonizer in self.canonizers:
+            if isinstance(canonizer, MambaCanonizer):
+                self.handles += canonizer.apply_to(child for _, child in walk)
+            else:
+                self.handles += canonizer.apply(module)
+        if len(self.canonizers) > 1:
+            walk = list(walk_outside_mixers(module))
+        own_map = getattr(self.module_map, '__func__', None) is MambaComposite.mapping
+        named_modules = walk if own_map and not (self.gamma or self.layer_map) else module.named_modules()
+        ctx: dict = {}
+        for name, child in named_modules:
+            template = self.module_map(ctx, name, child)
+            if template is not None:
+                hook = template.copy()
+                self.hook_refs.add(hook)
+                self.handles.append(hook.register(child))
+        return walk
+
     def remove(self) -> None:
         '''Remove the hooks and canonized forwards of this composite; the model is left exactly as before.'''
         super().remove()
-        if self._registering:
-            return
         with _REGISTRATION:
             for model in [model for model, composite in _REGISTERED.items() if composite is self]:
                 del _REGISTERED[model]

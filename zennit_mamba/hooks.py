@@ -12,7 +12,7 @@ called twice is explained correctly.
 import functools
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
@@ -171,13 +171,17 @@ class ExplainedModel(Hook):
     def copy(self) -> 'ExplainedModel':
         return self.__class__(self.stabilizer, self.opaque)
 
-    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+    def register(self, module: torch.nn.Module,
+                 tracked: Optional[Iterable[torch.nn.Module]] = None) -> RemovableHandleList:
+        '''Register the ends on ``module``: the embeddings' hook and a pre-hook on each tracked module, which are
+        ``tracked`` where the caller has walked the model already (its modules parents first, each once, none inside
+        an opaque module), else found here.'''
         check_hooks_added_during_a_call()
         handles = RemovableHandleList([RemovableHandle(self)])
         embeddings = module.get_input_embeddings() if hasattr(module, 'get_input_embeddings') else None
         if embeddings is not None:
             handles.append(embeddings.register_forward_hook(self._relevance_leaves_at_embeddings))
-        for submodule in self._tracked(module):
+        for submodule in self._tracked(module) if tracked is None else tracked:
             # first around each call, so that the conversion at the input wraps the hooks of other rules; the exit
             # hook is registered by the outermost call on its own module only (see _enter)
             handles.append(submodule.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True))

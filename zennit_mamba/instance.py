@@ -11,7 +11,9 @@ from .offload import forward_slot
 class InstanceAttributes:
     '''Set instance attributes of a module; :py:meth:`remove` restores exactly what was there before.
 
-    An instance attribute set by someone else (e.g. accelerate's hooks on ``forward``) comes back on removal.
+    An instance attribute set by someone else (e.g. accelerate's hooks on ``forward``) comes back on removal. The
+    attributes are plain ones (functions, as canonized forwards and copy guards): not parameters, buffers or
+    submodules, which ``Module.__setattr__`` files elsewhere.
 
     Examples
     --------
@@ -30,13 +32,15 @@ class InstanceAttributes:
         self.module = module
         self.originals = {key: module.__dict__.get(key, self._missing) for key in attributes}
         for key, value in attributes.items():
-            setattr(module, key, value)
+            # object's: Module.__setattr__ would only look for parameters, buffers and submodules of that name
+            # (microseconds per attribute, on every registration)
+            object.__setattr__(module, key, value)
 
     def remove(self) -> None:
         for key, original in self.originals.items():
-            delattr(self.module, key)
+            object.__delattr__(self.module, key)
             if original is not self._missing:
-                setattr(self.module, key, original)
+                object.__setattr__(self.module, key, original)
         self.originals = {}
 
 

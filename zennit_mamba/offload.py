@@ -81,6 +81,15 @@ def weights_in_place(module: torch.nn.Module) -> ContextManager[None]:
     >>> with weights_in_place(torch.nn.Linear(2, 2)):  # no accelerate hook: nothing to place
     ...     pass
     '''
-    placed = [(child, hook) for child in module.modules() if child is not module for hook in offloading_hooks(child)]
-    # every canonized mixer call asks: without offloading, the cheapest context there is
+    # every canonized mixer call asks (on a GPU, its host time counts): the children from the submodule
+    # dictionaries, parents first as modules() gives them, without its nested generators; without offloading, the
+    # cheapest context there is
+    placed, pending = [], list(reversed(module._modules.values()))
+    while pending:
+        child = pending.pop()
+        if child is None:
+            continue
+        if '_hf_hook' in child.__dict__:
+            placed += [(child, hook) for hook in offloading_hooks(child)]
+        pending += reversed(child._modules.values())
     return _Placed(placed) if placed else nullcontext()

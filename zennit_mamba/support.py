@@ -6,7 +6,7 @@ README's support table (:func:`support_table`) are built from it.
 import functools
 import re
 from collections import Counter
-from typing import Callable, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,6 +14,7 @@ from . import efficientvim, hybrid, mamba1, mamba2, mamba_ssm_blocks, vim
 from ._optional import optional_class as module_class
 from .instance import is_canonized
 from .offload import offloading_hooks
+from .walk import modules_parents_first
 
 
 class Family(NamedTuple):
@@ -67,6 +68,31 @@ def mixer_types(hybrid_only: bool = False) -> Tuple[type, ...]:
     '''The installed supported mixer classes (of the hybrid families only, if asked).'''
     found = (family.mixer_type() for family in FAMILIES if family.hybrid or not hybrid_only)
     return tuple(dict.fromkeys(filter(None, found)))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_mamba_like(class_name: str) -> bool:
+    return _MAMBA_LIKE.fullmatch(class_name) is not None
+
+
+def _base_mixer(module: torch.nn.Module) -> type:
+    return next(mixer for mixer in mixer_types() if isinstance(module, mixer))
+
+
+def walk_outside_mixers(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Module]]:
+    '''The modules of ``model`` with their qualified names, parents first and each once (as ``named_modules``), the
+    supported mixers (and their subclasses) included but not the modules inside them, which the canonized forwards
+    compute.
+
+    Examples
+    --------
+    >>> from transformers import MambaConfig, MambaModel
+    >>> model = MambaModel(MambaConfig(vocab_size=10, hidden_size=8, state_size=4, num_hidden_layers=1))
+    >>> [name for name, _ in walk_outside_mixers(model)]
+    ['', 'embeddings', 'layers', 'layers.0', 'layers.0.norm', 'layers.0.mixer', 'norm_f']
+    '''
+    mixers = mixer_types()
+    return modules_parents_first(model, lambda module: not isinstance(module, mixers))
 
 
 def support_table() -> str:
@@ -127,13 +153,16 @@ def _unsupported_mamba_ssm_parts(named_modules: List[Tuple[str, torch.nn.Module]
     return found
 
 
-def check_supported(model: torch.nn.Module) -> List[str]:
+def check_supported(model: torch.nn.Module, walk: Optional[Sequence[Tuple[str, torch.nn.Module]]] = None) -> List[str]:
     '''Check that MambaLRP can explain ``model``; return the names of its supported mixers.
 
     Parameters
     ----------
     model : :py:obj:`torch.nn.Module`
         The model to explain.
+    walk : sequence of (str, :py:obj:`torch.nn.Module`), optional
+        ``model``'s modules as :py:func:`walk_outside_mixers` lists them, where the caller has made that walk
+        already (:py:class:`~zennit_mamba.MambaComposite` walks a model once per registration); made here if None.
 
     Returns
     -------
@@ -165,7 +194,7 @@ def check_supported(model: torch.nn.Module) -> List[str]:
             'Explain model.module on one device (split the batch yourself for several devices).'
         )
     # one walk over the model for every check (it runs on every explanation)
-    named_modules = list(model.named_modules())
+    named_modules = list(walk_outside_mixers(model)) if walk is None else walk
     canonized = [name for name, module in named_modules if is_canonized(module)]
     if canonized:
         raise RuntimeError(
@@ -179,7 +208,10 @@ def check_supported(model: torch.nn.Module) -> List[str]:
     for name, module in named_modules:
         if type(module) in supported_types:
             supported.append(name)
-        elif _MAMBA_LIKE.fullmatch(type(module).__name__):
+        elif isinstance(module, supported_types):
+            # a subclass may compute something else than the forward the canonizer replaces
+            unsupported.append(f'{type(module).__name__} at \'{name}\' (a subclass of {_base_mixer(module).__name__})')
+        elif _is_mamba_like(type(module).__name__):
             unsupported.append(f'{type(module).__name__} at \'{name}\'')
     if unsupported:
         raise UnsupportedModelError(
