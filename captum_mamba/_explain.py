@@ -83,7 +83,7 @@ class HeldRegistration:
     def registered(self: Explainer) -> Iterator[Explainer]:
         '''Register the composite once for every ``attribute()`` call of this thread inside the block (in eval
         mode), and restore the model exactly on leaving. Each call's result is the same as outside; what it saves
-        is the registration per call, a few milliseconds of host time that a GPU spends waiting on short inputs.
+        is the registration per call, 1-3 ms of host time that a GPU spends waiting on short inputs.
 
         Yields
         ------
