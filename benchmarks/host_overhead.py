@@ -4,13 +4,20 @@ held across calls, beside gradient x input of the unmodified model (a), side by 
 For each size: (a); MambaLRP registering the composite per call (``lrp_zennit`` of ``speed.py``); registering and
 restoring alone; MambaLRP inside one registration held across calls (as ``with composite.context(model)`` around a
 corpus, or ``captum_mamba.MambaLRP.registered()``); and the per-call explanation split into its phases, each ended
-by a synchronisation (register, forward, backward, restore). Medians of ``--repeats`` calls after a warm-up, with the
-time Python's garbage collector took in them. On a GPU, short inputs are bound by the host, so that a few
-milliseconds of registration show in the ratio to (a).
+by a synchronisation (register, forward, backward, restore). The first four are measured in turn, round after
+round (``--repeats`` rounds after a warm-up): medians, the time Python's garbage collector took in them, and for
+MambaLRP the median over the rounds of its time divided by (a)'s in the same round, with quartiles (a host whose speed
+drifts moves that less than the ratio of two medians). On a GPU, short inputs are bound by the host, so that a
+millisecond of registration shows in the ratio to (a).
+
+An A/B against another commit runs this script with that commit's checkout named in ``PYTHONPATH`` (its
+``zennit_mamba`` is then imported instead of this one's; the header names the library measured), alternately with
+this checkout's, on one machine.
 
 Usage::
 
     python benchmarks/host_overhead.py --device cuda --sizes bamba:8192:1 bamba:1024:8 mamba:1024:1
+    PYTHONPATH=/path/to/other/checkout python benchmarks/host_overhead.py --device cuda --sizes mamba:1024:1
 '''
 import argparse
 import gc
@@ -18,12 +25,13 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import FAMILIES, build_model, explained_logit, method_table, relevance_through  # noqa: E402
+import zennit_mamba  # noqa: E402
+from speed import FAMILIES, build_model, explained_logit, method_table, paired_ratio, relevance_through  # noqa: E402
 from zennit_mamba import MambaComposite  # noqa: E402
 
 
@@ -68,9 +76,41 @@ def measure_size(model, family: str, length: int, batch: int, device: str, repea
     methods = method_table(family)
     composite = MambaComposite()
 
+    def measured(function: Callable[[], object]) -> Tuple[float, float]:
+        '''Seconds of one synchronised call, and the collector's seconds in it.'''
+        synchronize()
+        collector.reset()
+        start = time.perf_counter()
+        function()
+        synchronize()
+        return time.perf_counter() - start, collector.seconds
+
     def register_and_restore():
         with composite.context(model):
             pass
+
+    def held() -> Tuple[float, float]:
+        with composite.context(model) as modified:
+            relevance_through(modified, embeddings)  # the registration's first call is not the one timed
+            return measured(lambda: relevance_through(modified, embeddings))
+
+    calls = {
+        '(a) gradient x input': lambda: measured(lambda: methods['gi'](model, embeddings)),
+        'MambaLRP, registered per call': lambda: measured(lambda: methods['lrp_zennit'](model, embeddings)),
+        'register and restore alone': lambda: measured(register_and_restore),
+        'MambaLRP, registration held': held,
+    }
+    for call in calls.values():
+        call()  # warm-up
+    rounds = [{name: call() for name, call in calls.items()} for _ in range(repeats)]
+    seconds = [{name: value[0] for name, value in round_.items()} for round_ in rounds]
+    row = {}
+    for name in calls:
+        row[name] = (f'{statistics.median(round_[name] for round_ in seconds) * 1e3:.1f} ms '
+                     f'(gc {statistics.median(round_[name][1] for round_ in rounds) * 1e3:.1f})')
+        if name.startswith('MambaLRP'):
+            lower, middle, upper = paired_ratio(seconds, name, '(a) gradient x input')
+            row[name] += f', {middle:.3f} of (a) paired [{lower:.3f}, {upper:.3f}]'
 
     phases: Dict[str, List[float]] = {}
 
@@ -92,15 +132,6 @@ def measure_size(model, family: str, length: int, batch: int, device: str, repea
         for name, start, end in zip(('register', 'forward', 'backward', 'restore'), marks, marks[1:]):
             phases.setdefault(name, []).append((end - start) * 1e3)
 
-    row = {
-        '(a) gradient x input': timed(lambda: methods['gi'](model, embeddings), synchronize, collector, repeats),
-        'MambaLRP, registered per call': timed(lambda: methods['lrp_zennit'](model, embeddings), synchronize,
-                                               collector, repeats),
-        'register and restore alone': timed(register_and_restore, synchronize, collector, repeats),
-    }
-    with composite.context(model) as modified:
-        row['MambaLRP, registration held'] = timed(lambda: relevance_through(modified, embeddings), synchronize,
-                                                   collector, repeats)
     timed(phased, synchronize, collector, repeats)
     row['phases of a call (each synchronised)'] = ', '.join(
         f'{name} {statistics.median(values):.1f}' for name, values in phases.items()) + ' ms'
@@ -116,7 +147,9 @@ def main(argv: Optional[List[str]] = None) -> str:
     args = parser.parse_args(argv)
     collector = CollectorTime()
     device_name = torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'
-    lines = [f'# Host overhead, {device_name}, {torch.get_num_threads()} threads', '']
+    library = os.path.dirname(os.path.abspath(zennit_mamba.__file__))
+    lines = [f'# Host overhead, {device_name}, {torch.get_num_threads()} threads, library {library}', '']
+    print(lines[0], flush=True)
     models = {}
     for size in args.sizes:
         family, length, batch = size.split(':')

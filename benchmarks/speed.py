@@ -47,7 +47,11 @@ from transformers import MambaConfig
 from transformers.utils import logging as transformers_logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
+# this checkout's packages ahead of installed ones, but after the entries of PYTHONPATH: a checkout of another commit
+# named there is measured instead (an A/B, e.g. host_overhead.py)
+_NAMED = {os.path.abspath(entry) for entry in os.environ.get('PYTHONPATH', '').split(os.pathsep) if entry}
+_AFTER = max((index + 1 for index, entry in enumerate(sys.path) if os.path.abspath(entry or '.') in _NAMED), default=0)
+sys.path[_AFTER:_AFTER] = [ROOT, os.path.join(ROOT, 'tests')]
 
 from captum_mamba import MambaLRP  # noqa: E402
 from reference import reference_relevance  # noqa: E402
