@@ -30,8 +30,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import zennit_mamba  # noqa: E402
 from speed import FAMILIES, build_model, explained_logit, method_table, paired_ratio, relevance_through  # noqa: E402
+# after speed, which puts this checkout on the path
+import zennit_mamba  # noqa: E402
 from zennit_mamba import MambaComposite  # noqa: E402
 
 
@@ -52,20 +53,23 @@ class CollectorTime:
         self.seconds = 0.0
 
 
+def measured(function: Callable[[], object], synchronize: Callable[[], None],
+             collector: CollectorTime) -> Tuple[float, float]:
+    '''Seconds of one synchronised call of ``function``, and the collector's seconds in it.'''
+    synchronize()
+    collector.reset()
+    start = time.perf_counter()
+    function()
+    synchronize()
+    return time.perf_counter() - start, collector.seconds
+
+
 def timed(function: Callable[[], object], synchronize: Callable[[], None], collector: CollectorTime,
           repeats: int) -> str:
     '''Median milliseconds of ``function`` (and of the collector's time in it) after one warm-up call.'''
     function()
     synchronize()
-    seconds, collected = [], []
-    for _ in range(repeats):
-        synchronize()
-        collector.reset()
-        start = time.perf_counter()
-        function()
-        synchronize()
-        seconds.append(time.perf_counter() - start)
-        collected.append(collector.seconds)
+    seconds, collected = zip(*(measured(function, synchronize, collector) for _ in range(repeats)))
     return f'{statistics.median(seconds) * 1e3:.1f} ms (gc {statistics.median(collected) * 1e3:.1f})'
 
 
@@ -76,15 +80,6 @@ def measure_size(model, family: str, length: int, batch: int, device: str, repea
     methods = method_table(family)
     composite = MambaComposite()
 
-    def measured(function: Callable[[], object]) -> Tuple[float, float]:
-        '''Seconds of one synchronised call, and the collector's seconds in it.'''
-        synchronize()
-        collector.reset()
-        start = time.perf_counter()
-        function()
-        synchronize()
-        return time.perf_counter() - start, collector.seconds
-
     def register_and_restore():
         with composite.context(model):
             pass
@@ -92,12 +87,13 @@ def measure_size(model, family: str, length: int, batch: int, device: str, repea
     def held() -> Tuple[float, float]:
         with composite.context(model) as modified:
             relevance_through(modified, embeddings)  # the registration's first call is not the one timed
-            return measured(lambda: relevance_through(modified, embeddings))
+            return measured(lambda: relevance_through(modified, embeddings), synchronize, collector)
 
     calls = {
-        '(a) gradient x input': lambda: measured(lambda: methods['gi'](model, embeddings)),
-        'MambaLRP, registered per call': lambda: measured(lambda: methods['lrp_zennit'](model, embeddings)),
-        'register and restore alone': lambda: measured(register_and_restore),
+        '(a) gradient x input': lambda: measured(lambda: methods['gi'](model, embeddings), synchronize, collector),
+        'MambaLRP, registered per call': lambda: measured(lambda: methods['lrp_zennit'](model, embeddings),
+                                                          synchronize, collector),
+        'register and restore alone': lambda: measured(register_and_restore, synchronize, collector),
         'MambaLRP, registration held': held,
     }
     for call in calls.values():

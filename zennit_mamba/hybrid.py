@@ -103,9 +103,10 @@ def is_rms_norm(module: torch.nn.Module) -> bool:
                                                                            torch.nn.Parameter)
 
 
-def _has_submodules(module: torch.nn.Module, names) -> bool:
-    # looked up in the submodule dictionary (as is_attention and is_experts read instance attributes from vars()):
-    # a missing attribute raises inside Module.__getattr__, microseconds on each module at every registration
+def has_submodules(module: torch.nn.Module, names) -> bool:
+    '''Whether ``module`` has registered submodules of all ``names``, looked up in the submodule dictionary (as
+    is_attention and is_experts read instance attributes from vars()): a missing attribute raises inside
+    ``Module.__getattr__``, microseconds on each module at every registration and on every mixer call.'''
     children = module._modules
     for name in names:
         if not isinstance(children.get(name), torch.nn.Module):
@@ -117,7 +118,7 @@ def gated_mlp_output(module: torch.nn.Module) -> Optional[str]:
     '''The name of the projection that receives the gated product of a gated MLP (whose projections are registered
     submodules), or None.'''
     for attributes, output in GATED_MLP_LAYOUTS:
-        if _has_submodules(module, attributes):
+        if has_submodules(module, attributes):
             return output
     return None
 
@@ -125,7 +126,7 @@ def gated_mlp_output(module: torch.nn.Module) -> Optional[str]:
 def is_attention(module: torch.nn.Module) -> bool:
     '''A transformers attention module (an ``o_proj`` submodule, a ``config`` instance attribute) whose
     implementation is selected through its config.'''
-    return _has_submodules(module, ('o_proj',)) and hasattr(vars(module).get('config'), '_attn_implementation')
+    return has_submodules(module, ('o_proj',)) and hasattr(vars(module).get('config'), '_attn_implementation')
 
 
 def is_excitation(module: torch.nn.Module) -> bool:

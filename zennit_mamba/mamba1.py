@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fused as fused_branch
+from .hybrid import has_submodules
 from .mixer_io import (
     MixerOutput, mask_padding, over_time_blocks, run_mixer, with_mamba_ssm_cache, with_transformers_cache,
 )
@@ -70,9 +71,8 @@ def _mixer_block(rules, mixer: torch.nn.Module, time_step_rank: int, state_size:
     projected = mixer.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
     x, gate = projected.chunk(2, dim=1)
     # FalconMamba and Jamba normalise the selection
-    # (looked up among the submodules: a missing attribute raises inside Module.__getattr__, microseconds per call)
-    normalisers = ((mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm) if 'dt_layernorm' in mixer._modules
-                   else None)
+    normalisers = ((mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm)
+                   if has_submodules(mixer, ('dt_layernorm',)) else None)
     gated, last_state = selective_branch(
         rules, x, gate[..., context:],
         SelectiveParts(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, normalisers),

@@ -11,6 +11,8 @@ from typing import ContextManager, List, Tuple
 
 import torch
 
+from .walk import modules_parents_first
+
 
 def forward_slot(module: torch.nn.Module) -> str:
     '''Where the module's own forward lives: ``forward``, or ``_old_forward`` under an accelerate hook, whose
@@ -81,15 +83,7 @@ def weights_in_place(module: torch.nn.Module) -> ContextManager[None]:
     >>> with weights_in_place(torch.nn.Linear(2, 2)):  # no accelerate hook: nothing to place
     ...     pass
     '''
-    # every canonized mixer call asks (on a GPU, its host time counts): the children from the submodule
-    # dictionaries, parents first as modules() gives them, without its nested generators; without offloading, the
-    # cheapest context there is
-    placed, pending = [], list(reversed(module._modules.values()))
-    while pending:
-        child = pending.pop()
-        if child is None:
-            continue
-        if '_hf_hook' in child.__dict__:
-            placed += [(child, hook) for hook in offloading_hooks(child)]
-        pending += reversed(child._modules.values())
+    placed = [(child, hook) for _, child in modules_parents_first(module) if child is not module
+              for hook in offloading_hooks(child)]
+    # every canonized mixer call asks: without offloading, the cheapest context there is
     return _Placed(placed) if placed else nullcontext()
