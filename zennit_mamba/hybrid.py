@@ -8,7 +8,7 @@ untouched.
 '''
 import copy
 import functools
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -103,10 +103,18 @@ def is_rms_norm(module: torch.nn.Module) -> bool:
                                                                            torch.nn.Parameter)
 
 
-def has_submodules(module: torch.nn.Module, names) -> bool:
+def has_submodules(module: torch.nn.Module, names: Iterable[str]) -> bool:
     '''Whether ``module`` has registered submodules of all ``names``, looked up in the submodule dictionary (as
     is_attention and is_experts read instance attributes from vars()): a missing attribute raises inside
-    ``Module.__getattr__``, microseconds on each module at every registration and on every mixer call.'''
+    ``Module.__getattr__``, microseconds on each module at every registration and on every mixer call.
+
+    Examples
+    --------
+    >>> block = torch.nn.Module()
+    >>> block.o_proj = torch.nn.Linear(2, 2)
+    >>> has_submodules(block, ('o_proj',)), has_submodules(block, ('o_proj', 'q_proj'))
+    (True, False)
+    '''
     children = module._modules
     for name in names:
         if not isinstance(children.get(name), torch.nn.Module):
