@@ -153,7 +153,8 @@ def test_the_hooks_of_one_explanation(model):
         forwards = snapshot(model)['instance_forwards']
     layers = model.config.num_hidden_layers
     assert hooks == {LNRule: layers + 1, ZennitRule: 1, ExplainedModel: 1}
-    assert forwards == layers
+    # the canonized mixers, and the norms, whose standard RMSNorm forward takes the LN-rule without a hook
+    assert forwards == layers + layers + 1
 
 
 def test_one_pass_relevance_flows_through_the_parts_the_user_calls(model):
@@ -327,9 +328,10 @@ def test_registering_the_same_composite_twice_is_refused_and_keeps_its_hooks(mod
 @pytest.mark.parametrize('composite', [MambaComposite(), MambaComposite(gamma=0.25)], ids=['lrp-0', 'gamma'])
 def test_only_the_forwards_and_hooks_change_inside_the_context(model, composite):
     with restored_afterwards(model), composite.context(model) as modified:
-        # one canonized forward per mixer, no attribute that holds rule state
+        # one canonized forward per mixer and per norm (two per layer and the final norm), no attribute that holds
+        # rule state
         inside = snapshot(modified)
-        assert inside['instance_forwards'] == model.config.num_hidden_layers
+        assert inside['instance_forwards'] == 2 * model.config.num_hidden_layers + 1
         assert inside['rule_settings'] == 0
 
 

@@ -2,6 +2,8 @@
 mixers call through a RuleSet, and the Zennit hook on a module), and Zennit's own rules inside the one pass.'''
 import inspect
 import math
+import textwrap
+import types
 
 import pytest
 import torch
@@ -110,6 +112,57 @@ def test_ln_rule_conserves_per_element_and_gradient_x_input_does_not():
     _, (plain,) = through(None, norm, hidden)
     # the normalisation is scale invariant: gradient x input sums to ~0 per position (up to the norm's eps)
     assert plain.sum(-1).abs().max() < 1e-4 * output.abs().sum(-1).min()
+
+
+class OffsetRMSNorm(MambaRMSNorm):
+    '''An RMSNorm whose forward is not transformers' standard one: ``(1 + w) * h / rms(h)``.'''
+
+    def forward(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return (1 + self.weight) * hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+
+
+def test_ln_rule_on_a_float32_standard_rms_norm_is_its_forward_with_the_scale_constant():
+    torch.manual_seed(0)
+    norm = MambaRMSNorm(6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    hidden = torch.randn(2, 3, 6)
+    original = norm(hidden)
+    handles = LNRule().register(norm)
+    assert 'forward' in vars(norm)  # no hook: the forward itself, with the scale detached
+    leaf = hidden.clone().requires_grad_()
+    output = norm(leaf)
+    gradient, = torch.autograd.grad(output, leaf, torch.ones_like(output), retain_graph=True)
+    handles.remove()
+    assert 'forward' not in vars(norm)
+    assert torch.equal(output, original)
+    scale = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    assert torch.allclose(gradient, norm.weight * scale, rtol=1e-6)  # d(w h r)/dh for a constant r
+    relevance, = gradient_x_input(output, [leaf])
+    assert torch.allclose(relevance, output.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_ln_rule_takes_a_hook_on_norms_that_do_not_run_the_standard_forward():
+    torch.manual_seed(0)
+    offset = OffsetRMSNorm(6).double()
+    wrapped = MambaRMSNorm(6).double()
+    wrapped.forward = lambda hidden_states: 2 * MambaRMSNorm.forward(wrapped, hidden_states)
+    hidden = torch.randn(2, 3, 6, dtype=torch.float64)
+    # the standard forward's code (compiled beside an import, as in a module), where ``torch`` then names another
+    # object
+    namespace = {}
+    exec('import torch\n' + textwrap.dedent(inspect.getsource(MambaRMSNorm.forward)), namespace)
+    namespace['torch'] = types.SimpleNamespace(float32=torch.float32, rsqrt=lambda value: 2 * torch.rsqrt(value))
+    elsewhere = type('ElsewhereRMSNorm', (MambaRMSNorm,), {'forward': namespace['forward']})(6).double()
+    for norm in (offset, wrapped, elsewhere):
+        with torch.no_grad():
+            norm.weight.normal_()
+        original = norm(hidden)
+        output, (relevance,) = through(LNRule(), norm, hidden)
+        # the module's own forward ran, with the ratio u / h held constant
+        assert torch.equal(output, original)
+        assert torch.allclose(relevance, output, rtol=1e-14)
 
 
 def scan_leaves(x, delta, B, C):

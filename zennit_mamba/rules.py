@@ -11,7 +11,8 @@ standalone module (an activation, an RMSNorm, attention, a gated MLP in a hybrid
 that applies the same function to the module's output (:py:class:`~zennit_mamba.MambaComposite` maps module types to
 rules as Zennit's composites do).
 '''
-from typing import ClassVar, Collection, Optional, Tuple
+import functools
+from typing import Callable, ClassVar, Collection, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from transformers.activations import ACT2FN
 from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
 from . import hybrid
+from .instance import bind_forward
+from .offload import forward_slot
 from .scan import selective_scan
 from .ssd import ssd_scan
 
@@ -121,15 +124,73 @@ class SiLUIdentity(_ConstantFactor):
     name = 'silu'
 
 
+def _standard_rms_norm_forward(self, hidden_states):
+    # transformers' RMSNorm forward, verbatim (Llama's, "copied from" in Mamba, Mamba2, FalconMamba, Bamba, Jamba,
+    # Zamba, ...): a norm whose class forward compiles to the same code computes what LNRule.standard_rms_forward does
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_standard_rms_norm_forward(forward: Callable) -> bool:
+    '''Whether ``forward`` is :py:func:`_standard_rms_norm_forward` in another place: the same bytecode, constants,
+    names and variables, no closure, and ``torch`` in its globals being torch (once per function object).'''
+    code, reference = getattr(forward, '__code__', None), _standard_rms_norm_forward.__code__
+    if code is None or getattr(forward, '__globals__', {}).get('torch') is not torch:
+        return False
+    fields = ('co_code', 'co_consts', 'co_names', 'co_varnames', 'co_argcount', 'co_kwonlyargcount', 'co_freevars')
+    return all(getattr(code, field) == getattr(reference, field) for field in fields)
+
+
+def runs_standard_rms_norm(module: torch.nn.Module) -> bool:
+    '''Whether a call of ``module`` runs transformers' standard RMSNorm forward: its class's forward (also inside
+    accelerate's hook) is that code, and no other forward is set on the instance.
+
+    Examples
+    --------
+    >>> from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+    >>> runs_standard_rms_norm(MambaRMSNorm(4)), runs_standard_rms_norm(torch.nn.LayerNorm(4))
+    (True, False)
+    '''
+    own = module.__dict__.get(forward_slot(module))
+    forward = type(module).forward
+    if own is not None and getattr(own, '__func__', None) is not forward:
+        return False
+    return _is_standard_rms_norm_forward(forward)
+
+
 class LNRule(_ConstantFactor):
     '''LN-rule: the normalisation's denominator held constant.
 
     RMSNorm ``u = w * h * r`` with ``r = rsqrt(mean(h^2) + eps)`` constant is diagonal in ``h``: ``R(h_i) = R(u_i)``
     (``u / h`` held constant). LayerNorm ``u = w * (h - mean(h)) * r + b`` with ``r = rsqrt(var(h) + eps)`` constant
     is linear in ``h``, the centring included (:py:meth:`apply_centred`).
+
+    A norm that runs transformers' standard RMSNorm forward (:py:func:`runs_standard_rms_norm`) gets that forward
+    with the rule (:py:meth:`standard_rms_forward`: on float32 inputs its own operations with ``r`` detached, no hook
+    or autograd function on each call, whose host time shows on short inputs); any other norm a hook on its output.
     '''
 
     name = 'norm'
+
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        if runs_standard_rms_norm(module):
+            return RemovableHandleList([RemovableHandle(self), bind_forward(module, LNRule.standard_rms_forward, self)])
+        return super().register(module)
+
+    @staticmethod
+    def standard_rms_forward(rule: 'LNRule', module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        '''transformers' standard RMSNorm forward (:py:func:`runs_standard_rms_norm`) under the rule: on float32
+        inputs its own operations with the scale held constant, ``u = w * (h * r.detach())`` (so ``u`` is the
+        original output); on others the ratio ``u / h`` held (:py:meth:`apply`), since that forward computes in
+        float32 and casts back, and a gradient through the cast would conserve only to float32's precision.'''
+        if hidden_states.dtype != torch.float32:
+            return rule.apply(hidden_states, _standard_rms_norm_forward(module, hidden_states))
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return module.weight * (hidden_states * torch.rsqrt(variance + module.variance_epsilon).detach())
 
     @staticmethod
     def apply_centred(h: torch.Tensor, u: torch.Tensor, dims: Tuple[int, ...], weight: Optional[torch.Tensor],
