@@ -9,7 +9,8 @@ Each rule has one function, ``apply``, the equation itself. The canonized Mamba 
 :py:class:`RuleSet` that :py:class:`~zennit_mamba.canonizers.MambaCanonizer` binds into their forwards; on a
 standalone module (an activation, an RMSNorm, attention, a gated MLP in a hybrid) the rule registers as a Zennit hook
 that applies the same function to the module's output (:py:class:`~zennit_mamba.MambaComposite` maps module types to
-rules as Zennit's composites do).
+rules as Zennit's composites do); an RMSNorm that runs transformers' standard forward takes that forward with the
+rule in place instead (:py:meth:`LNRule.standard_rms_forward`).
 '''
 import functools
 from typing import Callable, ClassVar, Collection, Optional, Tuple
