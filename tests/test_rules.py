@@ -1,5 +1,6 @@
 '''Each rule on its own: local conservation and hand-computed cases, in both of its forms (the function the canonized
 mixers call through a RuleSet, and the Zennit hook on a module), and Zennit's own rules inside the one pass.'''
+import importlib
 import inspect
 import math
 import textwrap
@@ -12,6 +13,7 @@ from zennit.core import Hook
 from zennit.rules import Epsilon, Gamma, Pass
 
 from zennit_mamba import AttentionRule, DetachSelection, HalfRule, LNRule, RuleSet, SiLUIdentity, ZennitRule
+from zennit_mamba.rules import runs_standard_rms_norm
 
 
 def gradient_x_input(output, inputs, output_relevance=None):
@@ -141,6 +143,16 @@ def test_ln_rule_on_a_float32_standard_rms_norm_is_its_forward_with_the_scale_co
     assert torch.allclose(gradient, norm.weight * scale, rtol=1e-6)  # d(w h r)/dh for a constant r
     relevance, = gradient_x_input(output, [leaf])
     assert torch.allclose(relevance, output.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('family', ['mamba', 'falcon_mamba', 'mamba2', 'bamba', 'jamba', 'zamba2', 'granitemoehybrid',
+                                    'falcon_h1'])
+def test_the_families_norms_run_the_standard_forward(family):
+    # upstream code that stops matching falls back to the hook (correct, slower): this test notices it
+    module = importlib.import_module(f'transformers.models.{family}.modeling_{family}')
+    norm, = (value for name, value in vars(module).items()
+             if name.endswith('RMSNorm') and 'Gated' not in name and 'Weightless' not in name)
+    assert runs_standard_rms_norm(norm(4))
 
 
 def test_ln_rule_takes_a_hook_on_norms_that_do_not_run_the_standard_forward():
