@@ -1,5 +1,6 @@
-'''Each rule on its own: local conservation and hand-computed cases, in both of its forms (the function the canonized
-mixers call through a RuleSet, and the Zennit hook on a module), and Zennit's own rules inside the one pass.'''
+'''Each rule on its own: local conservation and hand-computed cases, in each of its forms (the function the canonized
+mixers call through a RuleSet, the Zennit hook on a module, and for the LN-rule the standard RMSNorm's forward with the
+rule in place), and Zennit's own rules inside the one pass.'''
 import importlib
 import inspect
 import math

@@ -150,6 +150,16 @@ def runs_standard_rms_norm(module: torch.nn.Module) -> bool:
     '''Whether a call of ``module`` runs transformers' standard RMSNorm forward: its class's forward (also inside
     accelerate's hook) is that code, and no other forward is set on the instance.
 
+    Parameters
+    ----------
+    module : :py:obj:`torch.nn.Module`
+        Any module (the composite asks for those it maps to :py:class:`LNRule`).
+
+    Returns
+    -------
+    bool
+        True where :py:meth:`LNRule.standard_rms_forward` computes what the module's call computes.
+
     Examples
     --------
     >>> from transformers.models.mamba.modeling_mamba import MambaRMSNorm
@@ -187,7 +197,22 @@ class LNRule(_ConstantFactor):
         '''transformers' standard RMSNorm forward (:py:func:`runs_standard_rms_norm`) under the rule: on float32
         inputs its own operations with the scale held constant, ``u = w * (h * r.detach())`` (so ``u`` is the
         original output); on others the ratio ``u / h`` held (:py:meth:`apply`), since that forward computes in
-        float32 and casts back, and a gradient through the cast would conserve only to float32's precision.'''
+        float32 and casts back, and a gradient through the cast would conserve only to float32's precision.
+
+        Parameters
+        ----------
+        rule : :py:class:`LNRule`
+            The registered rule (bound as the first argument, as a rule set is to a canonized mixer's forward).
+        module : :py:obj:`torch.nn.Module`
+            The norm, whose ``weight`` and ``variance_epsilon`` are read.
+        hidden_states : :py:obj:`torch.Tensor`
+            The norm's input ``h``, normalised over its last dimension.
+
+        Returns
+        -------
+        :py:obj:`torch.Tensor`
+            The norm's output ``u``, with the LN-rule's gradient.
+        '''
         if hidden_states.dtype != torch.float32:
             return rule.apply(hidden_states, _standard_rms_norm_forward(module, hidden_states))
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
