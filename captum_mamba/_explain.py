@@ -2,7 +2,7 @@
 import inspect
 import threading
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, Tuple, TypeVar
 
 import torch
 from captum._utils.typing import TargetType
@@ -10,7 +10,6 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 from zennit_mamba._optional import mamba_ssm_modules
-from zennit_mamba.hooks import replace_output
 
 
 MAMBA_SSM_TAKES_NO_MASK = (
@@ -20,47 +19,19 @@ MAMBA_SSM_TAKES_NO_MASK = (
 )
 
 
-class _TimesOutput(torch.autograd.Function):
-    '''Identity whose backward multiplies the gradient by the output: relevance ``y * df/dy`` enters here.'''
-
-    @staticmethod
-    def forward(ctx, output: Tensor) -> Tensor:
-        ctx.save_for_backward(output)
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, gradient: Tensor) -> Tensor:
-        output, = ctx.saved_tensors
-        return gradient * output
-
-
-def _relevance_enters_at_output(module: torch.nn.Module, args: Any, output: Any) -> Any:
-    '''Forward hook on the explained model: its logits become the place where relevance enters.
-
-    For an explained value ``f`` that selects one logit, ``y * df/dy`` is that logit at its position and zero
-    elsewhere, the usual start of LRP; for a function of the logits (e.g. Captum's log-probabilities) it is
-    gradient x input through that function.
-    '''
-    replaced = replace_output(output, _TimesOutput.apply, field='logits')
-    if replaced is None:
-        raise TypeError(f'Cannot find the logits in the model output of type {type(output).__name__}')
-    return replaced
-
-
 @contextmanager
 def explaining(model: torch.nn.Module, composite: MambaComposite) -> Iterator[None]:
-    '''Register ``composite`` on ``model`` in eval mode; restore training flags and hooks afterwards.'''
+    '''Register ``composite`` on ``model`` in eval mode, its rules acting only on this thread's calls inside
+    ``composite.rule_set.switch.acting()`` (other methods, gradients and threads see the unmodified model); restore
+    training flags and hooks afterwards. The front end holds the explanation's ends
+    (:py:meth:`~zennit_mamba.hooks.ExplainedModel.explained_by_caller`).'''
     training = [(module, module.training) for module in model.modules()]
     # only where a flag is set: setting the flags of a few hundred modules takes milliseconds of host time per call
     if any(flag for _, flag in training):
         model.eval()
     try:
-        with composite.context(model):
-            handle = model.register_forward_hook(_relevance_enters_at_output)
-            try:
-                yield
-            finally:
-                handle.remove()
+        with composite.context(model), composite.rule_set.switch.held_by_this_thread():
+            yield
     finally:
         for module, flag in training:
             if module.training != flag:
@@ -71,19 +42,33 @@ def explaining(model: torch.nn.Module, composite: MambaComposite) -> Iterator[No
 Explainer = TypeVar('Explainer', bound='HeldRegistration')
 
 
+class _Hold:
+    '''The thread inside :py:meth:`HeldRegistration.registered`, or None: only its calls skip the registration
+    (another thread's call still registers, and is refused while the composite is held, rather than find the model
+    restored under it). One object shared by the explainer's shallow copies (Captum's LLM classes make one).'''
+
+    thread: Optional[int] = None
+
+
 class HeldRegistration:
     '''What a Captum front end (with ``self.model`` and ``self.composite``) adds: :py:meth:`registered`, which keeps
     the composite registered across ``attribute()`` calls instead of registering it on every call.'''
 
-    #: the thread inside :py:meth:`registered`, or None: only its calls skip the registration (another thread's
-    #: call still registers, and is refused while the composite is held, rather than find the model restored under it)
-    _holder: Optional[int] = None
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._hold = _Hold()
+
+    @property
+    def _holder(self) -> Optional[int]:
+        return self._hold.thread
 
     @contextmanager
     def registered(self: Explainer) -> Iterator[Explainer]:
         '''Register the composite once for every ``attribute()`` call of this thread inside the block (in eval
         mode), and restore the model exactly on leaving. Each call's result is the same as outside; what it saves
-        is the registration per call, 1-3 ms of host time that a GPU spends waiting on short inputs.
+        is the registration per call, 1-3 ms of host time that a GPU spends waiting on short inputs. The rules act
+        on this explainer's calls only: inside the block, other methods (Captum's, a gradient of your own) and
+        other threads compute with the unmodified model.
 
         Yields
         ------
@@ -113,16 +98,19 @@ class HeldRegistration:
                 f'the registration for all attribute() calls inside it).'
             )
         with explaining(self.model, self.composite):
-            self._holder = threading.get_ident()
+            self._hold.thread = threading.get_ident()
             try:
                 yield self
             finally:
-                self._holder = None
+                self._hold.thread = None
 
-    def _registration(self) -> ContextManager[None]:
-        '''The registration for one ``attribute()`` call: none where this thread holds one.'''
+    @contextmanager
+    def _registration(self) -> Iterator[None]:
+        '''The registration for one ``attribute()`` call (none where this thread holds one), its rules acting.'''
         held = self._holder == threading.get_ident()
-        return nullcontext() if held else explaining(self.model, self.composite)
+        registration = nullcontext() if held else explaining(self.model, self.composite)
+        with registration, self.composite.rule_set.switch.acting():
+            yield
 
 
 def explained_model(method: str, forward_func: Any, model: Optional[torch.nn.Module]) -> torch.nn.Module:
@@ -178,11 +166,33 @@ def check_inputs(method: str, inputs: Tuple[Any, ...], embeddings: bool, layer: 
                 f'Input {index} of shape {tuple(tensor.shape)}: a language model takes embeddings of shape (batch, '
                 'length, hidden); add the batch dimension with embeddings[None].'
             )
+        if isinstance(layer, torch.nn.Embedding) and not tensor.is_floating_point() and tensor.dim() != 2:
+            raise ValueError(
+                f'Input {index} of shape {tuple(tensor.shape)}: token ids are (batch, length); add the batch '
+                'dimension with input_ids[None].'
+            )
         if isinstance(layer, torch.nn.Embedding) and tensor.is_floating_point():
             raise TypeError(
                 f'{method} on the embedding layer takes token ids, but input {index} is {tensor.dtype}: for '
                 'embeddings use MambaLRP(model).attribute(embeddings, target=...).'
             )
+
+
+def check_position(position: Any) -> None:
+    '''Refuse a ``position`` that is not an int (a sequence index, negative from the end).'''
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise TypeError(f'position must be an int (a sequence index, -1 for the last), not {position!r}.')
+
+
+def check_additional_forward_args(arguments: Any) -> None:
+    '''Refuse a dict of further arguments: Captum passes ``additional_forward_args`` by position, so a dict would
+    arrive as one positional argument.'''
+    if isinstance(arguments, Mapping):
+        raise TypeError(
+            f'additional_forward_args is a {type(arguments).__name__}: Captum passes these arguments by position, so '
+            f'it would arrive as one argument. Pass a tuple in the order the model takes them, e.g. '
+            f'additional_forward_args=(attention_mask,); the attention mask is passed to the model by name.'
+        )
 
 
 def check_target(output: Tensor, target: TargetType) -> None:
@@ -201,7 +211,13 @@ def check_target(output: Tensor, target: TargetType) -> None:
     if output.dim() < 2:
         raise ValueError('The explained output is one value per example; pass target=None.')
     if isinstance(target, list) and target and isinstance(target[0], tuple):
-        return  # multi-dimensional targets are checked by Captum's own selection
+        wrong = [index for index in target if len(index) != output.dim() - 1]
+        if wrong:
+            raise ValueError(
+                f'target {wrong[0]!r} indexes {len(wrong[0])} dimensions, but each example\'s output has '
+                f'{output.dim() - 1} ({tuple(output.shape[1:])}).'
+            )
+        return  # checked further by Captum's own selection
     indices = torch.as_tensor(target).flatten()
     classes = output.shape[1]
     if indices.is_floating_point() or ((indices < 0) | (indices >= classes)).any():
@@ -258,16 +274,45 @@ class ExplainedForward:
         output = _logits(self.forward_func(*args, **keywords))
         if output.dim() == 3:
             output = logits_at(output, self.position, mask)
+        elif self.position != -1:
+            raise ValueError(
+                f'position={self.position} chooses among logits per position, but the forward function returns '
+                f'{tuple(output.shape)}, one position already chosen: choose it there (ExplainedLogits(model, '
+                f'position={self.position})), and leave position at -1 here.'
+            )
         check_target(output, self.target)
         return output
 
     def _attention_mask(self, args: Tuple[Any, ...]) -> Optional[Tensor]:
-        '''An integer or boolean ``(batch, length)`` argument of a language model after the inputs.'''
-        if not (self.pretrained or self.mamba_ssm) or not args or not torch.is_tensor(args[0]):
+        '''The attention mask of a language model, the one further argument it takes (its forward's other parameters
+        come in different orders: transformers' Mamba2 takes ``inputs_embeds`` second); None where there is none.'''
+        if not (self.pretrained or self.mamba_ssm) or not args or not torch.is_tensor(args[0]) or len(args) == 1:
             return None
-        shape = args[0].shape[:2]
-        return next((argument for argument in args[1:] if torch.is_tensor(argument) and argument.shape == shape
-                     and not argument.is_floating_point()), None)
+        if len(args) == 2 and is_padding_mask(args[1], args[0]):
+            return args[1]
+        given = ', '.join(f'{type(value).__name__} of shape {tuple(value.shape)}' if torch.is_tensor(value)
+                          else type(value).__name__ for value in args[1:])
+        raise TypeError(
+            f'A language model takes, besides its inputs, only an attention_mask among additional_forward_args: one '
+            f'tensor of the inputs\' (batch, length) {tuple(args[0].shape[:2])}, 1 for real tokens and 0 for pads. Got '
+            f'{given}. Pass other arguments through a forward function, e.g. MambaLRP(lambda embeddings: '
+            f'model(inputs_embeds=embeddings, ...).logits, model=model).'
+        )
+
+
+def is_padding_mask(value: Any, inputs: Tensor) -> bool:
+    '''Whether ``value`` is a padding mask of ``inputs``: a tensor of their ``(batch, length)`` holding only 0 and 1
+    (booleans, integers or floats, as transformers takes them).
+
+    Examples
+    --------
+    >>> inputs = torch.zeros(2, 3, 4)
+    >>> is_padding_mask(torch.tensor([[0, 1, 1], [1, 1, 1]]), inputs), is_padding_mask(torch.ones(2, 3) * 2, inputs)
+    (True, False)
+    '''
+    if not torch.is_tensor(value) or value.shape != inputs.shape[:2]:
+        return False
+    return value.dtype == torch.bool or bool(((value == 0) | (value == 1)).all())
 
 
 def logits_at(logits: Tensor, position: int, mask: Optional[Tensor] = None) -> Tensor:
@@ -276,11 +321,20 @@ def logits_at(logits: Tensor, position: int, mask: Optional[Tensor] = None) -> T
     length = logits.shape[1]
     if not -length <= position < length:
         raise ValueError(f'position {position} is outside the {length} positions of the input.')
-    if mask is None or position != -1:
+    if mask is None:
         return logits[:, position]
     real = mask.to(torch.bool)
     if not real.any(1).all():
         raise ValueError('An example of the batch is all padding (its attention_mask has no 1): nothing to explain.')
+    if position != -1:
+        padded = (~real[:, position]).nonzero().flatten().tolist()
+        if padded:
+            raise ValueError(
+                f'position {position} is padding in examples {padded} of the batch (their attention_mask is 0 there): '
+                f'a pad\'s logits explain nothing. Choose a position that is real in every example, position=-1 for '
+                f'each example\'s last real token, or explain those examples on their own.'
+            )
+        return logits[:, position]
     last = length - 1 - real.flip(1).to(torch.int8).argmax(1)
     return logits[torch.arange(len(logits), device=logits.device), last.to(logits.device)]
 
@@ -309,4 +363,7 @@ def _logits(output: Any) -> Tensor:
         return output.logits
     if isinstance(output, tuple):
         return output[0]
-    raise TypeError(f'Cannot find the logits in the model output of type {type(output).__name__}')
+    raise TypeError(
+        f'Cannot find the logits in the model output of type {type(output).__name__}: explain a model that returns '
+        f'logits (e.g. MambaForCausalLM, not its backbone), or pass a forward function that returns them.'
+    )

@@ -11,7 +11,8 @@ from torch import Tensor
 from zennit_mamba import MambaComposite
 
 from ._explain import (
-    ExplainedForward, HeldRegistration, _is_language_model, check_inputs, explained_model, refuse_extra_arguments,
+    ExplainedForward, HeldRegistration, _is_language_model, check_additional_forward_args, check_inputs,
+    check_position, explained_model, refuse_extra_arguments,
 )
 
 
@@ -27,7 +28,10 @@ class MambaLRP(HeldRegistration, GradientAttribution):
     ----------
     forward_func : :py:obj:`torch.nn.Module` or callable
         The model, or (as Captum's methods take it) a function of the inputs that calls ``model`` and returns its
-        output or a value computed from its logits, e.g. :py:class:`~captum_mamba.ExplainedLogits`.
+        output or a value computed from its logits, e.g. :py:class:`~captum_mamba.ExplainedLogits`. Relevance leaves
+        at the inputs given to :py:meth:`attribute`: what the function computes from them before the model is
+        differentiated as it is (LRP-0), so a scaling passes relevance on exactly and a shift (a normalisation's
+        mean) takes its share as a bias does.
     position : int, optional
         Sequence position explained when the output has logits per position (last by default).
     model : :py:obj:`torch.nn.Module`, optional
@@ -58,6 +62,7 @@ class MambaLRP(HeldRegistration, GradientAttribution):
     ):
         super().__init__(forward_func)
         self.model = explained_model('MambaLRP', forward_func, model)
+        check_position(position)
         self.position = position
         self.composite = MambaComposite(**composite_options)
 
@@ -89,6 +94,7 @@ class MambaLRP(HeldRegistration, GradientAttribution):
             Attributions shaped like ``inputs``; they sum to the explained output (up to biases and epsilon).
         '''
         refuse_extra_arguments('MambaLRP', kwargs)
+        check_additional_forward_args(additional_forward_args)
         is_inputs_tuple = _is_tuple(inputs)
         check_inputs('MambaLRP', inputs if is_inputs_tuple else (inputs,),
                      embeddings=_is_language_model(self.forward_func))
@@ -104,8 +110,18 @@ class MambaLRP(HeldRegistration, GradientAttribution):
 
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=True)
         with self._registration(), torch.enable_grad():
-            explained = _run_forward(forward, inputs, target, additional_forward_args)
-            relevance = torch.autograd.grad(torch.unbind(explained), inputs)
+            # the ends are here: the gradient of the explained value starts the backward pass, and relevance leaves at
+            # the inputs given here (what a forward function computes around the model is differentiated as it is)
+            with self.composite.ends.explained_by_caller(inputs) as converted:
+                explained = _run_forward(forward, converted, target, additional_forward_args)
+                relevance = torch.autograd.grad(torch.unbind(explained), inputs, allow_unused=True)
+        unused = [index for index, gradient in enumerate(relevance) if gradient is None]
+        if unused:
+            raise ValueError(
+                f'The explained output has no gradient path to input {unused[0]}: a forward function that detaches '
+                f'it or computes under torch.no_grad() hides it from the explanation (relevance would be 0). Remove '
+                f'the detach; an input the output does not use has no relevance to explain.'
+            )
         attributions = _format_output(is_inputs_tuple, relevance)
         if return_convergence_delta:
             return attributions, self.compute_convergence_delta(attributions, explained.detach())

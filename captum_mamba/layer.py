@@ -10,8 +10,12 @@ from captum.log import log_usage
 from torch import Tensor
 
 from zennit_mamba import MambaComposite
+from zennit_mamba.hooks import check_finite, check_relevance_finite
 
-from ._explain import ExplainedForward, HeldRegistration, check_inputs, explained_model, refuse_extra_arguments
+from ._explain import (
+    ExplainedForward, HeldRegistration, check_additional_forward_args, check_inputs, check_position,
+    explained_model, refuse_extra_arguments,
+)
 
 
 class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):
@@ -56,6 +60,7 @@ class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):
     ):
         super().__init__(forward_func, layer, device_ids, multiply_by_inputs=False)
         self.model = explained_model('LayerMambaLRP', forward_func, model)
+        check_position(position)
         self.position = position
         self.composite = MambaComposite(**composite_options)
 
@@ -87,10 +92,18 @@ class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):
             Relevance shaped like the layer's output (or input); it sums to the explained output.
         '''
         refuse_extra_arguments('LayerMambaLRP', kwargs)
+        check_additional_forward_args(additional_forward_args)
+        if attribute_to_layer_input and isinstance(self.layer, torch.nn.Embedding):
+            raise TypeError(
+                'The embedding layer\'s input is token ids, which carry no relevance: attribute_to_layer_input=False '
+                'gives the relevance of the embeddings (sum it over the last dimension for each token\'s).'
+            )
         check_inputs('LayerMambaLRP', inputs if isinstance(inputs, tuple) else (inputs,), embeddings=False,
                      layer=self.layer)
+        inputs_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
+        check_finite([tensor for tensor in inputs_tuple if tensor.is_floating_point()])
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=False)
-        with self._registration(), torch.enable_grad():
+        with self._registration(), self.composite.ends.explained_by_caller(), torch.enable_grad():
             relevance, activations = compute_layer_gradients_and_eval(
                 forward,
                 self.layer,
@@ -100,9 +113,11 @@ class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):
                 device_ids=self.device_ids,
                 attribute_to_layer_input=attribute_to_layer_input,
             )
-        # inside the explained model tensors carry gradients of the rule-modified forward (the composite's
-        # ExplainedModel converts only at the model's ends): the layer's relevance is gradient x activation
+        # the gradient of the explained value through the rule-modified forward: the layer's relevance is gradient x
+        # activation
         relevance = tuple((gradient * activation).detach() for gradient, activation in zip(relevance, activations))
+        for tensor in relevance:
+            check_relevance_finite(tensor)
         return _format_output(len(relevance) > 1, relevance)
 
     @classmethod

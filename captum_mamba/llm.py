@@ -7,6 +7,9 @@ from captum.attr._core.llm_attr import GradientForwardFunc, _convert_ids_to_pret
 from captum.attr._utils.interpretable_input import InterpretableInput
 from torch import Tensor
 
+from .layer import LayerMambaLRP
+from .model import ExplainedLogits
+
 TARGET_OUTPUTS = ('log_prob', 'logit')
 
 
@@ -86,8 +89,9 @@ class MambaLLMAttribution(LLMGradientAttribution):
 
     Parameters
     ----------
-    attr_method : LayerMambaLRP (or another layer method Captum supports)
-        The attribution method, typically ``LayerMambaLRP(model, model.get_input_embeddings())``.
+    attr_method : LayerMambaLRP
+        The attribution method, ``LayerMambaLRP(model, model.get_input_embeddings())``; other methods are refused
+        (their rows sum to no ``explained``: use Captum's ``LLMGradientAttribution`` for them).
     tokenizer
         The model's tokenizer (Hugging Face interface).
     target_output : {'logit', 'log_prob'}, optional
@@ -97,6 +101,25 @@ class MambaLLMAttribution(LLMGradientAttribution):
     def __init__(self, attr_method: Any, tokenizer: Any, target_output: str = 'logit'):
         if target_output not in TARGET_OUTPUTS:
             raise ValueError(f'target_output must be one of {TARGET_OUTPUTS}, not {target_output!r}')
+        if not isinstance(attr_method, LayerMambaLRP):
+            raise TypeError(
+                f'MambaLLMAttribution reports each row\'s explained output, which only LayerMambaLRP\'s relevances sum '
+                f'to; {type(attr_method).__name__}\'s attributions sum to something else (IntegratedGradients: f(x) - '
+                f'f(baseline), approximately). For it use Captum\'s LLMGradientAttribution({type(attr_method).__name__}'
+                f'(...), tokenizer), whose token_attr has the same layout.'
+            )
+        model = attr_method.model
+        if not hasattr(model, 'get_input_embeddings') or isinstance(model, ExplainedLogits):
+            raise TypeError(
+                f'MambaLLMAttribution generates text with the language model itself: pass it to LayerMambaLRP, '
+                f'LayerMambaLRP(model, model.get_input_embeddings()), not a {type(model).__name__}.'
+            )
+        if attr_method.layer is not model.get_input_embeddings():
+            raise ValueError(
+                'MambaLLMAttribution explains tokens: its LayerMambaLRP must be on the input embedding layer, '
+                'LayerMambaLRP(model, model.get_input_embeddings()) (relevance at a layer inside the model does not '
+                'sum to the explained output: the residual stream passes beside it).'
+            )
         super().__init__(attr_method, tokenizer)
         self.target_output = target_output
         self.attr_method.forward_func = _TokenForwardFunc(self, target_output)
@@ -126,6 +149,11 @@ class MambaLLMAttribution(LLMGradientAttribution):
         MambaLLMAttributionResult
         '''
         target_tokens = self._get_target_tokens(inp, target, gen_args=gen_args)
+        if not len(target_tokens):
+            raise ValueError(
+                f'The target {target!r} has no tokens (or the generation none): nothing to explain. Give a '
+                f'continuation that tokenizes to at least one token, or gen_args that generate one.'
+            )
         prompt = inp.to_tensor().to(self.device)
         count = len(target_tokens)
         on_prompt, on_generated, explained = [], [], []

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._explain import MAMBA_SSM_TAKES_NO_MASK, _is_mamba_ssm_lm, _logits, logits_at
+from ._explain import MAMBA_SSM_TAKES_NO_MASK, _is_mamba_ssm_lm, _logits, check_position, logits_at
 
 
 class ExplainedLogits(torch.nn.Module):
@@ -44,6 +44,7 @@ class ExplainedLogits(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, position: int = -1):
         super().__init__()
+        check_position(position)
         self.model = model
         self.position = position
         self._mamba_ssm = _is_mamba_ssm_lm(model)
@@ -71,6 +72,11 @@ class ExplainedLogits(torch.nn.Module):
         attention_mask : Tensor, optional
             ``(batch, length)``, 1 for real tokens and 0 for pads (transformers models only).
         '''
+        if attention_mask is not None and not torch.is_tensor(attention_mask):
+            raise TypeError(
+                f'attention_mask is a {type(attention_mask).__name__}, not a tensor: pass the (batch, length) mask '
+                f'itself, e.g. additional_forward_args=(encoding[\'attention_mask\'],).'
+            )
         if self._mamba_ssm:
             logits = self._mamba_ssm_logits(inputs, attention_mask)
         else:

@@ -123,15 +123,19 @@ def test_a_gpu_explanation_through_the_kernel_equals_one_through_the_module(monk
     embeddings = model.get_input_embeddings()(torch.randint(0, 40, (2, 300), device='cuda')).detach()
     convolutions = [layer.mixer.conv1d for layer in model.backbone.layers]
 
-    def relevance(targets=None):
-        return explain(model, embeddings, targets=targets, composite=MambaComposite())
+    class Observed(MambaComposite):
+        '''The composite with a hook on each convolution once registered, as a Captum layer method puts one.'''
+
+        def register(self, module):
+            super().register(module)
+            self.handles.extend(conv1d.register_forward_hook(lambda *arguments: None) for conv1d in convolutions)
+
+    def relevance(composite, targets=None):
+        return explain(model, embeddings, targets=targets, composite=composite)
 
     assert all(causal_conv.applies(conv1d, embeddings) for conv1d in convolutions)
-    through_kernel, explained, targets = relevance()
-    handles = [conv1d.register_forward_hook(lambda module, args, output: None) for conv1d in convolutions]
-    through_module, _, _ = relevance(targets)
-    for handle in handles:
-        handle.remove()
+    through_kernel, explained, targets = relevance(MambaComposite())
+    through_module, _, _ = relevance(Observed(), targets)
     # float32 sums of terms of both signs: rounding relative to the terms' magnitude
     scale = through_kernel.abs().sum((1, 2))
     assert ((through_kernel.sum((1, 2)) - explained).abs() <= 1e-5 * scale).all()

@@ -7,14 +7,14 @@ exactly. Before any module changes, every upstream forward's signature is compar
 (:py:func:`~zennit_mamba.upstream.check_forward_signature`).
 '''
 import functools
-from typing import Callable, Collection, Iterable, List, Optional, Type
+from typing import Callable, Collection, Iterable, List, Optional, Tuple, Type
 
 import torch
 from zennit.canonizers import Canonizer, CompositeCanonizer
 
-from .instance import CanonizedForward, InstanceAttributes, bind_forward
+from .instance import CanonizedForward, InstanceAttributes, bind_forward, replaced_forward
 from .rules import RuleSet
-from .support import FAMILIES, MAMBA_SSM_STRUCTURE, module_class
+from .support import FAMILIES, MAMBA_SSM_STRUCTURE, UnsupportedModelError, module_class
 from .upstream import check_forward_signature
 
 
@@ -54,7 +54,7 @@ class ForwardCanonizer(Canonizer):
         _check_signature_once(self.module_type, self.module_type.forward, self.forward, self.added_parameters)
 
     def apply(self, root_module: torch.nn.Module) -> List['ForwardCanonizer']:
-        return _canonize_by_type(root_module.modules(), [self])
+        return _canonize_by_type(root_module.named_modules(), [self])
 
     def register(self, module: torch.nn.Module) -> None:
         self.attributes = bind_forward(module, self.forward, self.rules)
@@ -76,17 +76,26 @@ def _check_signature_once(module_type: type, upstream_forward: Callable, forward
     check_forward_signature(module_type, CanonizedForward(forward, None), added)
 
 
-def _canonize_by_type(modules: Iterable[torch.nn.Module],
+def _canonize_by_type(named_modules: Iterable[Tuple[str, torch.nn.Module]],
                       canonizers: List[ForwardCanonizer]) -> List[ForwardCanonizer]:
     '''Register a copy of the canonizer of each module's exact type on it; on any error, remove those registered and
-    re-raise. The signatures of the forwards to replace are checked first.'''
+    re-raise. The signatures of the forwards to replace are checked first, and a module whose forward is not its
+    class's own (:py:func:`~zennit_mamba.instance.replaced_forward`) is refused: the canonized forward would drop it.'''
     by_type = {canonizer.module_type: canonizer for canonizer in canonizers}
-    targets = [(by_type[type(module)], module) for module in modules if type(module) in by_type]
-    for canonizer in {id(canonizer): canonizer for canonizer, _ in targets}.values():
+    targets = [(by_type[type(module)], name, module) for name, module in named_modules if type(module) in by_type]
+    for canonizer in {id(canonizer): canonizer for canonizer, _, _ in targets}.values():
         canonizer.check_signature()
+    replaced = [(name, module, replaced_forward(module)) for _, name, module in targets]
+    replaced = [f'{type(module).__name__} at \'{name}\' ({how})' for name, module, how in replaced if how is not None]
+    if replaced:
+        raise UnsupportedModelError(
+            f'{", ".join(replaced)}: MambaLRP computes the forward the class defines, so the change would be dropped '
+            f'and another model explained. Make the change in a forward hook (hooks run around the canonized '
+            f'forward), or remove it while explaining.'
+        )
     instances = []
     try:
-        for canonizer, module in targets:
+        for canonizer, _, module in targets:
             instance = canonizer.copy()
             instance.register(module)
             instances.append(instance)
@@ -128,23 +137,24 @@ class MambaCanonizer(CompositeCanonizer):
 
     def apply(self, root_module: torch.nn.Module) -> List[ForwardCanonizer]:
         # one walk over the model for all module types (a model is canonized on every explanation)
-        return self.apply_to(root_module.modules())
+        return self.apply_to(root_module.named_modules())
 
-    def apply_to(self, modules: Iterable[torch.nn.Module]) -> List[ForwardCanonizer]:
+    def apply_to(self, named_modules: Iterable[Tuple[str, torch.nn.Module]]) -> List[ForwardCanonizer]:
         ''':py:meth:`apply` on the modules of a walk already made (:py:class:`~zennit_mamba.MambaComposite` walks a
         model once per registration): the canonized forward on each module of a supported type among ``modules``.
 
         Parameters
         ----------
-        modules : iterable of :py:obj:`torch.nn.Module`
-            The modules to canonize where their exact type is a supported one; a mixer's inside may be left out.
+        named_modules : iterable of (str, :py:obj:`torch.nn.Module`)
+            The modules to canonize where their exact type is a supported one, with their qualified names (for
+            errors); a mixer's inside may be left out.
 
         Returns
         -------
         list of :py:class:`ForwardCanonizer`
             One registered instance per canonized module; each one's ``remove()`` restores its module.
         '''
-        return _canonize_by_type(modules, self.canonizers)
+        return _canonize_by_type(named_modules, self.canonizers)
 
     def copy(self) -> 'MambaCanonizer':
         return MambaCanonizer(self.rules)

@@ -1,9 +1,11 @@
 '''The MambaLRP composite: the canonizer that binds the rule set into the Mamba mixers, and the map from module types
 to rules, as in Zennit's own composites.'''
+import difflib
 import threading
 import weakref
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
-from typing import Collection, List, Mapping, Optional, Tuple, Union
+from typing import Collection, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from zennit.canonizers import Canonizer
@@ -67,14 +69,19 @@ class MambaComposite(Composite):
         mixers (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``, and Vim's ``conv1d_b``, ``x_proj_b``,
         ``dt_proj_b``). A mapping selects linear and
         convolution layers by module type, by attribute name (``'out_proj'``) or by a pattern on the qualified name
-        (``'backbone.layers.0.*'``), each with its own gamma.
+        (``'backbone.layers.0.*'``), each with its own gamma. A key that selects no layer, keys that give one layer
+        different values, and a key that selects a module holding layers it leaves unselected (a wrapper) are
+        refused when registering. A layer whose weight is computed (parametrizations, weight norm) takes the rule on
+        the weight it computes.
     rules : collection of str, optional
         The MambaLRP rules that are on, a subset of ``{'silu', 'ssm', 'gate', 'norm', 'attention'}`` (all by
         default). A rule switched off leaves its operation's gradient as it is: ``rules={'norm'}`` is the "LRP
         (LN-rule)" baseline, ``rules=()`` gradient x input, and dropping one rule gives the ablations of the paper.
     layer_map : list of (types, Hook), optional
         Rules for further module types, checked before all others: a Zennit rule (e.g.
-        ``[(torch.nn.Linear, ZPlus())]``), a MambaLRP rule, or None for the plain gradient.
+        ``[(torch.nn.Linear, ZPlus())]``), a MambaLRP rule, or None for the plain gradient. An entry that selects no
+        module is refused. A Zennit rule that gives zero inputs relevance (``Flat``, ``WSquare``, ``ZBox``) is exact
+        on a layer that takes the explained input itself and refused inside the model.
     canonizers : list of Canonizer, optional
         Further canonizers, applied after :py:class:`~zennit_mamba.canonizers.MambaCanonizer`.
     recompute : bool, optional
@@ -108,14 +115,17 @@ class MambaComposite(Composite):
         if not epsilon > 0:
             raise ValueError(f'epsilon must be positive (it stabilises a division), got {epsilon!r}; use 1e-12 for '
                              f'an almost exact LRP-0.')
-        if isinstance(gamma, (int, float)):
+        #: a float gamma applies to the projections of the mixers, whichever of them the model has
+        self._gamma_everywhere = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
+        if self._gamma_everywhere:
             gamma = {name: float(gamma) for name in PROJECTIONS}
-        negative = {str(key): value for key, value in (gamma or {}).items() if not value >= 0}
-        if negative:
-            raise ValueError(f'gamma must be >= 0 (0 is LRP-0), got {negative}.')
+        _check_gamma(gamma)
+        _check_layer_map(layer_map)
         self.epsilon = epsilon
         self.gamma = dict(gamma or {})
         self.layer_map = list(layer_map or [])
+        #: the explained model's ends of the current registration (None while not registered)
+        self.ends: Optional[ExplainedModel] = None
         super().__init__(module_map=self.mapping, canonizers=[MambaCanonizer(self.rule_set)] + list(canonizers or []))
 
     def register(self, module: torch.nn.Module) -> None:
@@ -148,6 +158,8 @@ class MambaComposite(Composite):
             walk = self._attach(module, walk)
             # last, so that its conversions wrap every other hook of the module called outermost
             ends = ExplainedModel(self.epsilon, opaque=mixer_types())
+            ends.switch = self.rule_set.switch
+            self.ends = ends
             self.hook_refs.add(ends)
             self.handles.append(ends.register(module, tracked=[child for _, child in walk]))
             # the canonized modules from the canonizers' instances (zennit keeps them among the handles), not from
@@ -166,28 +178,79 @@ class MambaComposite(Composite):
         ``gamma``, ``layer_map`` or a module map other than :py:meth:`mapping`.'''
         for canonizer in self.canonizers:
             if isinstance(canonizer, MambaCanonizer):
-                self.handles += canonizer.apply_to(child for _, child in walk)
+                self.handles += canonizer.apply_to(walk)
             else:
                 self.handles += canonizer.apply(module)
         if len(self.canonizers) > 1:
             walk = list(walk_outside_mixers(module))
         own_map = getattr(self.module_map, '__func__', None) is MambaComposite.mapping
-        named_modules = walk if own_map and not (self.gamma or self.layer_map) else module.named_modules()
+        named_modules = walk if own_map and not (self.gamma or self.layer_map) else list(module.named_modules())
         ctx: dict = {}
         for name, child in named_modules:
             template = self.module_map(ctx, name, child)
             if template is not None:
                 hook = template.copy()
+                if hasattr(hook, 'switch'):
+                    hook.switch = self.rule_set.switch  # the rules act where the registration's switch is on
                 self.hook_refs.add(hook)
                 self.handles.append(hook.register(child))
+        if own_map:
+            self._check_selections(ctx, named_modules)
         return walk
+
+    def _check_selections(self, ctx: dict, named_modules: List[NamedModule]) -> None:
+        '''Refuse a ``gamma`` key or ``layer_map`` entry that selected no layer, and a ``gamma`` key that selected a
+        module which is not a layer but holds layers it left unselected (a wrapper, such as a LoRA adapter's): each
+        would silently leave LRP-0 where the user asked for a rule.'''
+        unused = [types for index, (types, _) in enumerate(self.layer_map) if index not in ctx.get('layer_map', ())]
+        if unused:
+            names = ', '.join('(' + ', '.join(kind.__name__ for kind in _as_tuple(types)) + ')' for types in unused)
+            raise ValueError(
+                f'layer_map entries {names} select no module of this model (or only modules an earlier entry '
+                f'takes): their rules would act nowhere. Remove them, or name the types the model has.'
+            )
+        ruled = ctx.get('ruled', set())
+        for name, module, keys in ctx.get('gamma_on_non_layers', ()):
+            left = [inner for inner, child in module.named_modules(prefix=name)
+                    if isinstance(child, (Linear, Convolution)) and inner not in ruled]
+            if left:
+                raise ValueError(
+                    f'gamma key {keys[0]!r} selects \'{name}\', a {type(module).__name__}, which is not a linear or '
+                    f'convolution layer: its layers {left[:4]} would keep LRP-0 (a wrapper, such as a LoRA adapter\'s, '
+                    f'hides the layer it wraps). Select its layers (e.g. \'{name}.*\'), or merge the wrapper into one '
+                    f'layer first (peft: merge_and_unload()).'
+                )
+        selected = ctx.get('gamma', {})
+        if self._gamma_everywhere:
+            missing = [] if selected else [f'the mixer projections {list(PROJECTIONS)}']
+        else:
+            missing = [_describe_key(key, named_modules) for key in self.gamma if key not in selected]
+        if missing:
+            raise ValueError(
+                f'gamma selects no linear or convolution layer for {"; ".join(missing)}: LRP-0 would stay where you '
+                f'asked for the gamma rule. Keys are a layer\'s attribute name (\'out_proj\'), a pattern on its '
+                f'qualified name (\'backbone.layers.0.*\') or a module type.'
+            )
 
     def remove(self) -> None:
         '''Remove the hooks and canonized forwards of this composite; the model is left exactly as before.'''
         super().remove()
+        self.ends = None
         with _REGISTRATION:
             for model in [model for model, composite in _REGISTERED.items() if composite is self]:
                 del _REGISTERED[model]
+
+    @contextmanager
+    def inactive(self) -> Iterator['MambaComposite']:
+        '''Zennit's switch for the registered rules: inside, the model computes its own forward and plain gradient, as
+        if nothing were registered (the decision is made in the forward pass, where MambaLRP's rules act).'''
+        switch = self.rule_set.switch
+        previous, switch.active = switch.active, False
+        try:
+            with super().inactive():
+                yield self
+        finally:
+            switch.active = previous
 
     def explains_whole_model(self, model: torch.nn.Module) -> bool:
         '''Always True: every model is explained in one pass, so inside it the relevance of a tensor ``h`` is
@@ -198,11 +261,13 @@ class MambaComposite(Composite):
         '''The hook for one module (modules come parent first), or None to leave its gradient unmodified.'''
         if not name:
             return None  # the root takes ExplainedModel, registered after every other hook (see register)
-        for types, hook in self.layer_map:
+        for index, (types, hook) in enumerate(self.layer_map):
             if isinstance(module, types):
+                ctx.setdefault('layer_map', set()).add(index)
+                ctx.setdefault('ruled', set()).add(name)
                 return hook if hook is None or isinstance(hook, Rule) else ZennitRule(hook)
-        gamma = self._gamma_for(name, module) if self.gamma else None
-        if gamma is not None and isinstance(module, (Linear, Convolution)):
+        gamma = self._gamma_for(ctx, name, module) if self.gamma else None
+        if gamma is not None:
             return ZennitRule(Gamma(gamma=gamma, stabilizer=self.epsilon))
         mixers = ctx.setdefault('mixers', ())
         if name.startswith(mixers):
@@ -225,12 +290,76 @@ class MambaComposite(Composite):
             return self.rule_set.rule('gate')
         return None
 
-    def _gamma_for(self, name: str, module: torch.nn.Module) -> Optional[float]:
+    def _gamma_for(self, ctx: dict, name: str, module: torch.nn.Module) -> Optional[float]:
+        '''The gamma of a linear or convolution layer, from the keys that select it (which must agree); the keys that
+        select something are noted in ``ctx`` for :py:meth:`_check_selections`.'''
         attribute = name.rsplit('.', 1)[-1]
-        for key, value in self.gamma.items():
-            if isinstance(key, type):
-                if isinstance(module, key):
-                    return value
-            elif key == attribute or fnmatchcase(name, key):
-                return value
-        return None
+        keys = [key for key in self.gamma
+                if (isinstance(module, key) if isinstance(key, type) else key == attribute or fnmatchcase(name, key))]
+        if not keys:
+            return None
+        if not isinstance(module, (Linear, Convolution)):
+            ctx.setdefault('gamma_on_non_layers', []).append((name, module, keys))
+            return None
+        values = {self.gamma[key] for key in keys}
+        if len(values) > 1:
+            listing = ', '.join(f'{_key_name(key)}: {self.gamma[key]}' for key in keys)
+            raise ValueError(
+                f'gamma selects \'{name}\' with different values ({listing}): which one holds is not defined. Make '
+                f'the keys select disjoint layers, or give them one value.'
+            )
+        for key in keys:
+            ctx.setdefault('gamma', {}).setdefault(key, []).append(name)
+        ctx.setdefault('ruled', set()).add(name)
+        return values.pop()
+
+
+def _check_gamma(gamma: Optional[Mapping]) -> None:
+    '''Refuse a ``gamma`` that is not a mapping of attribute names, patterns or module types to finite numbers
+    >= 0.'''
+    if gamma is None:
+        return
+    if not isinstance(gamma, Mapping):
+        raise TypeError(f'gamma must be a float or a mapping of names, patterns or module types to floats, not '
+                        f'{type(gamma).__name__}.')
+    for key, value in gamma.items():
+        if not isinstance(key, (str, type)):
+            raise TypeError(f'gamma keys are attribute names, patterns on qualified names or module types; got '
+                            f'{key!r}.')
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f'gamma values are numbers; got {value!r} for {_key_name(key)}.')
+        if not 0 <= value < float('inf'):
+            raise ValueError(f'gamma must be >= 0 and finite (0 is LRP-0), got {value!r} for {_key_name(key)}.')
+
+
+def _check_layer_map(layer_map: Optional[LayerMap]) -> None:
+    '''Refuse a ``layer_map`` that is not a list of ``(types, rule)`` pairs: a type or tuple of types, and a Zennit
+    hook or None.'''
+    for entry in layer_map or ():
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise TypeError(f'layer_map holds (types, rule) pairs; got {entry!r}.')
+        types, hook = entry
+        if not all(isinstance(kind, type) for kind in _as_tuple(types)):
+            raise TypeError(f'layer_map types must be a type or a tuple of types (as isinstance takes them); got '
+                            f'{types!r}.')
+        if hook is not None and not isinstance(hook, Hook):
+            raise TypeError(f'layer_map rules are Zennit rules (e.g. zennit.rules.Epsilon()), MambaLRP rules or None; '
+                            f'got {hook!r}.')
+
+
+def _as_tuple(types) -> tuple:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _key_name(key: Union[str, type]) -> str:
+    return key.__name__ if isinstance(key, type) else repr(key)
+
+
+def _describe_key(key: Union[str, type], named_modules: List[NamedModule]) -> str:
+    '''A ``gamma`` key that selected no layer, with the nearest names of the model's layers.'''
+    layers = [name for name, module in named_modules if isinstance(module, (Linear, Convolution))]
+    if isinstance(key, type):
+        return f'{key.__name__} (no such layer in this model)'
+    candidates = sorted(set(layers) | {name.rsplit('.', 1)[-1] for name in layers})
+    near = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    return f'{key!r}' + (f' (did you mean {", ".join(map(repr, near))}?)' if near else '')

@@ -12,24 +12,46 @@ called twice is explained correctly.
 import functools
 import threading
 import weakref
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
-from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
+from torch.nn.utils import parametrize
+from zennit.core import BasicHook, Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
+from .switch import RuleSwitch, acts
 from .upstream import check_hooks_added_during_a_call
 from .walk import modules_parents_first
 
 StabilizerLike = Union[float, Callable[[torch.Tensor], torch.Tensor]]
 
+#: the suffixes of the parameters that torch's pre-hook reparametrisations compute ``<name>`` from before each call:
+#: pruning and spectral_norm (``_orig``), the older weight_norm (``_g``, ``_v``)
+_COMPUTED_FROM = ('_orig', '_g', '_v')
 
-def _active(hook_ref: Callable) -> Optional[Hook]:
+
+def _registered(hook_ref: Callable) -> Hook:
+    '''The hook of a conversion made in the forward pass, or raise where its composite was removed, or switched off
+    (``inactive()``), since: that graph holds the rules' detached factors, and its gradient without the conversions
+    would be neither the relevance nor the plain gradient.'''
     hook = hook_ref()
-    return hook if hook is not None and hook.active else None
+    if hook is None or getattr(hook, 'removed', False):
+        raise RuntimeError(
+            'This gradient passes through a MambaLRP explanation whose composite was removed since the forward pass '
+            '(its context was left, or remove() called): it would be neither the relevance nor the plain gradient. '
+            'Take the gradient (torch.autograd.grad or backward) inside the composite\'s context.'
+        )
+    if not hook.active:
+        raise RuntimeError(
+            'This gradient is taken inside composite.inactive() through a forward pass computed with the MambaLRP '
+            'rules: it would be neither the relevance nor the plain gradient. For the plain gradient, compute the '
+            'forward pass inside inactive() too.'
+        )
+    return hook
 
 
 class _RelevanceToGradient(torch.autograd.Function):
-    '''Identity whose backward divides the incoming relevance by the (stabilised) output while its hook is active.'''
+    '''Identity whose backward divides the incoming relevance by the (stabilised) output.'''
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, stabilizer: Callable, hook_ref: Callable) -> torch.Tensor:
@@ -40,36 +62,61 @@ class _RelevanceToGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
         output, = ctx.saved_tensors
-        if _active(ctx.hook_ref) is None:
-            return relevance, None, None
+        _registered(ctx.hook_ref)
         return relevance / ctx.stabilizer(output), None, None
 
 
+class ZeroInputRelevance:
+    '''Relevance that a Zennit rule gives to elements of its input that are exactly 0 (Flat, WSquare, ZBox do): as
+    gradient x input it would be 0, so the rule of a layer that takes an explained input directly hands it to that
+    input's conversion here, which adds it to the input's relevance.'''
+
+    #: the attribute of a converted input tensor that holds its ZeroInputRelevance
+    ATTRIBUTE = '_mamba_lrp_zero_input_relevance'
+
+    def __init__(self):
+        self._relevance: Optional[torch.Tensor] = None
+
+    def add(self, relevance: torch.Tensor) -> None:
+        self._relevance = relevance if self._relevance is None else self._relevance + relevance
+
+    def take(self) -> Optional[torch.Tensor]:
+        relevance, self._relevance = self._relevance, None
+        return relevance
+
+
 class _GradientToRelevance(torch.autograd.Function):
-    '''Identity whose backward multiplies the gradient by the input while its hook is active.'''
+    '''Identity whose backward multiplies the gradient by the input, and adds the relevance that rules gave to its
+    zero elements.'''
 
     @staticmethod
-    def forward(ctx, input: torch.Tensor, hook_ref: Callable) -> torch.Tensor:
+    def forward(ctx, input: torch.Tensor, hook_ref: Callable, zero_inputs: ZeroInputRelevance) -> torch.Tensor:
         ctx.save_for_backward(input)
-        ctx.hook_ref = hook_ref
+        ctx.hook_ref, ctx.zero_inputs = hook_ref, zero_inputs
         return input.view_as(input)
 
     @staticmethod
-    def backward(ctx, gradient: torch.Tensor) -> Tuple[torch.Tensor, None]:
+    def backward(ctx, gradient: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
         input, = ctx.saved_tensors
-        if _active(ctx.hook_ref) is None:
-            return gradient, None
+        _registered(ctx.hook_ref)
         relevance = gradient * input
-        if not torch.isfinite(relevance).all():
-            # the input was checked in the forward: the output, or a value on the way to it, is not finite
-            raise FloatingPointError(
-                f'The relevance at the explained model\'s input holds NaN or inf (examples '
-                f'{_examples_with(~torch.isfinite(relevance))} of the batch) although the input is finite: the '
-                f'explained output, or a value on the way to it, overflowed in {input.dtype}. This happens in '
-                f'bfloat16 and float16 with long inputs or untrained weights; explain the model in float32 '
-                f'(model.float()), or check its output for those examples.'
-            )
-        return relevance, None
+        at_zeros = ctx.zero_inputs.take()
+        if at_zeros is not None:
+            relevance = relevance + at_zeros
+        check_relevance_finite(relevance)
+        return relevance, None, None
+
+
+def check_relevance_finite(relevance: torch.Tensor) -> None:
+    '''Raise where relevance of a finite input (checked in the forward pass) holds NaN or inf, naming the examples.'''
+    if not torch.isfinite(relevance).all():
+        raise FloatingPointError(
+            f'The relevance at the explained model\'s input holds NaN or inf (examples '
+            f'{_examples_with(~torch.isfinite(relevance))} of the batch) although the input is finite: the '
+            f'explained output, or a value on the way to it, overflowed in {relevance.dtype}. This happens in '
+            f'bfloat16 and float16 with long inputs or untrained weights; explain the model in float32 '
+            f'(model.float()), or check its output for those examples.'
+        )
 
 
 def _examples_with(mask: torch.Tensor) -> list:
@@ -78,18 +125,22 @@ def _examples_with(mask: torch.Tensor) -> list:
 
 
 def relevance_to_gradient(output: torch.Tensor, stabilizer: StabilizerLike, hook: Hook) -> torch.Tensor:
-    '''``output``, whose incoming relevance is divided by ``stabilize(output)`` in the backward pass while ``hook`` is
-    active (:py:meth:`zennit.core.Composite.inactive` switches it off).'''
+    '''``output``, whose incoming relevance is divided by ``stabilize(output)`` in the backward pass (which ``hook``'s
+    removal, or :py:meth:`zennit.core.Composite.inactive`, since the forward pass refuses).'''
     if not output.requires_grad:
         return output
     return _RelevanceToGradient.apply(output, Stabilizer.ensure(stabilizer), weakref.ref(hook))
 
 
 def gradient_to_relevance(input: torch.Tensor, hook: Hook) -> torch.Tensor:
-    '''``input``, whose outgoing gradient is multiplied by ``input`` in the backward pass while ``hook`` is active.'''
+    '''``input``, whose outgoing gradient is multiplied by ``input`` in the backward pass (plus the relevance a Zennit
+    rule on a layer that takes it gives to its zero elements).'''
     if not (input.requires_grad and input.is_floating_point()):
         return input
-    return _GradientToRelevance.apply(input, weakref.ref(hook))
+    zero_inputs = ZeroInputRelevance()
+    converted = _GradientToRelevance.apply(input, weakref.ref(hook), zero_inputs)
+    setattr(converted, ZeroInputRelevance.ATTRIBUTE, zero_inputs)
+    return converted
 
 
 def replace_output(output: Any, function: Callable[[torch.Tensor], torch.Tensor], field: Optional[str] = None) -> Any:
@@ -129,6 +180,29 @@ def _is_float_tensor(value) -> bool:
     return torch.is_tensor(value) and value.is_floating_point()
 
 
+def check_finite(inputs: Iterable[torch.Tensor]) -> None:
+    '''Raise for an input that holds NaN or inf, naming the examples: its relevance would be NaN.'''
+    for value in inputs:
+        if not torch.isfinite(value).all():
+            raise ValueError(
+                f'An input of the explained model holds NaN or inf (examples {_examples_with(~torch.isfinite(value))} '
+                f'of the batch): its relevance would be NaN. Remove or replace those values before explaining.'
+            )
+
+
+def _refuse_function_transforms() -> None:
+    '''Raise inside a ``torch.func`` transform (``vjp``, ``grad``, ``jacrev``, ``vmap``): the rules are autograd
+    functions of the classic form, which those transforms cannot trace.'''
+    functorch = getattr(torch._C, '_functorch', None)
+    peek = getattr(functorch, 'peek_interpreter_stack', None)
+    if peek is not None and peek() is not None:
+        raise RuntimeError(
+            'A MambaLRP explanation runs under a torch.func transform (vjp, grad, jacrev, vmap), which cannot trace '
+            'its rules: take the relevance with torch.autograd.grad(output, inputs, output_relevance) inside the '
+            'composite\'s context instead (or Captum\'s MambaLRP, which does).'
+        )
+
+
 class ExplainedModel(Hook):
     '''The two ends of an explanation: relevance enters at the output of the outermost call of any module of the
     model, divided by that output, and leaves at that call's inputs, multiplied by them: ``R = x * J^T (R_out / y)``.
@@ -157,6 +231,10 @@ class ExplainedModel(Hook):
         super().__init__()
         self.stabilizer = stabilizer
         self.opaque = opaque
+        #: whether the ends convert a call (:py:class:`~zennit_mamba.switch.RuleSwitch`; None: always)
+        self.switch: Optional[RuleSwitch] = None
+        #: set by remove(): a gradient through this explanation's graph is refused from then on
+        self.removed = False
         # per thread (one context may serve several): the module of the outermost call, how often it is entered
         # within itself, and whether that call's arguments took the multiplication
         self._local = threading.local()
@@ -166,10 +244,45 @@ class ExplainedModel(Hook):
     def _thread_state(self) -> threading.local:
         if not hasattr(self._local, 'outermost'):
             self._local.outermost, self._local.depth, self._local.input_multiplied = None, 0, False
+            self._local.at_caller = False
         return self._local
 
     def copy(self) -> 'ExplainedModel':
-        return self.__class__(self.stabilizer, self.opaque)
+        hook = self.__class__(self.stabilizer, self.opaque)
+        hook.switch = self.switch
+        return hook
+
+    @contextmanager
+    def explained_by_caller(self, inputs: Tuple[torch.Tensor, ...] = ()) -> Iterator[Tuple[torch.Tensor, ...]]:
+        '''Let the caller hold the two ends (as Captum's front ends do): inside the block, this thread's calls of the
+        model convert nothing; the caller starts the backward pass from the value it explains, whose gradient is the
+        output relevance divided by the output, exactly, and takes the relevance as gradient x input at ``inputs``,
+        which it passes on converted (yielded). What it computes between them and the model (a transform of the
+        inputs, a function of the logits, the model called in parts) is differentiated as it is, LRP-0 on it: a scaling
+        passes relevance on exactly, a shift takes its share as a bias does.
+
+        Parameters
+        ----------
+        inputs : tuple of Tensor, optional
+            Float tensors that require grad, where the relevance leaves (none for relevance read at a layer).
+
+        Yields
+        ------
+        tuple of Tensor
+            ``inputs`` converted, to be passed on instead of them.
+
+        Raises
+        ------
+        ValueError
+            Where an input holds NaN or inf.
+        '''
+        check_finite(inputs)
+        state = self._thread_state()
+        previous, state.at_caller = state.at_caller, True
+        try:
+            yield tuple(gradient_to_relevance(value, self) for value in inputs)
+        finally:
+            state.at_caller = previous
 
     def register(self, module: torch.nn.Module,
                  tracked: Optional[Iterable[torch.nn.Module]] = None) -> RemovableHandleList:
@@ -177,6 +290,7 @@ class ExplainedModel(Hook):
         ``tracked`` where the caller has walked the model already (its modules parents first, each once, none inside
         an opaque module), else found here.'''
         check_hooks_added_during_a_call()
+        self.removed = False
         handles = RemovableHandleList([RemovableHandle(self)])
         embeddings = module.get_input_embeddings() if hasattr(module, 'get_input_embeddings') else None
         if embeddings is not None:
@@ -189,6 +303,7 @@ class ExplainedModel(Hook):
 
     def remove(self) -> None:
         super().remove()
+        self.removed = True
         for handle in list(self._exits.values()):
             handle.remove()
         self._exits.clear()
@@ -202,6 +317,11 @@ class ExplainedModel(Hook):
     def _enter(self, module, args, kwargs):
         state = self._thread_state()
         if state.outermost is None:
+            if state.at_caller or not acts(self.switch):
+                # the caller holds the ends, or the rules are off for this call (the model computes as if nothing
+                # were registered)
+                return None
+            _refuse_function_transforms()
             args, kwargs = self._relevance_leaves_at_input(args, kwargs)
             state.outermost, state.depth = module, 1
             thread = threading.get_ident()
@@ -239,13 +359,7 @@ class ExplainedModel(Hook):
             return gradient_to_relevance(value, self) if _is_float_tensor(value) else value
 
         inputs = [value for value in args + tuple(kwargs.values()) if _is_float_tensor(value)]
-        for value in inputs:
-            if not torch.isfinite(value).all():
-                examples = _examples_with(~torch.isfinite(value))
-                raise ValueError(
-                    f'An input of the explained model holds NaN or inf (examples {examples} of the batch): its '
-                    f'relevance would be NaN. Remove or replace those values before explaining.'
-                )
+        check_finite(inputs)
         self._thread_state().input_multiplied = bool(inputs)
         return tuple(map(multiply, args)), {key: multiply(value) for key, value in kwargs.items()}
 
@@ -258,22 +372,33 @@ class ExplainedModel(Hook):
 
 class _ThroughZennitRule(torch.autograd.Function):
     '''``output`` of ``module`` on ``input``, whose backward maps the gradient at the output through a Zennit rule:
-    ``g_in = rule(x, y * g) / x``; while the hook is inactive, the gradient passes to ``output``'s own graph.'''
+    ``g_in = rule(x, y * g) / x``.'''
 
     @staticmethod
-    def forward(ctx, input, output, hook_ref, module):
+    def forward(ctx, input, output, hook_ref, module, parameters, zero_inputs):
         ctx.save_for_backward(input, output)
-        ctx.hook_ref, ctx.module = hook_ref, module
-        return output.view_as(output)
+        ctx.hook_ref, ctx.module, ctx.parameters, ctx.zero_inputs = hook_ref, module, parameters, zero_inputs
+        # a copy, not a view: a layer's output may be changed in place next (ReLU(inplace=True), BatchNorm)
+        return output.clone()
 
     @staticmethod
     def backward(ctx, gradient):
         input, output = ctx.saved_tensors
-        hook = _active(ctx.hook_ref)
-        if hook is None:
-            return None, gradient, None, None
-        relevance = hook.relevance(ctx.module, input, output * gradient)
-        return torch.where(input == 0, 0.0, relevance / input).to(input.dtype), None, None, None
+        hook = _registered(ctx.hook_ref)
+        relevance = hook.relevance(ctx.module, input, output * gradient, ctx.parameters)
+        zero = input == 0
+        if ctx.zero_inputs is not None and hook.may_credit_zero_inputs:
+            # the layer takes an explained input directly: its conversion adds what the rule gave to the zeros
+            ctx.zero_inputs.add(torch.where(zero, relevance, 0.0).to(input.dtype))
+        elif hook.may_credit_zero_inputs and bool((relevance.masked_fill(~zero, 0.0) != 0).any()):
+            raise RuntimeError(
+                f'{type(hook.rule).__name__} on a {type(ctx.module).__name__} gives relevance to input elements that '
+                f'are exactly 0, which no gradient can carry (relevance leaves as gradient x input, 0 there): it would '
+                f'be lost. Such rules (Flat, WSquare, ZBox) are exact only on a layer that takes the explained input '
+                f'itself (the first layer, e.g. a patch embedding\'s convolution on the pixels). Put it there, or use '
+                f'a rule that gives zero inputs no relevance (Epsilon, Gamma, ZPlus, AlphaBeta).'
+            )
+        return torch.where(zero, 0.0, relevance / input).to(input.dtype), None, None, None, None, None
 
 
 class ZennitRule(Hook):
@@ -281,8 +406,11 @@ class ZennitRule(Hook):
 
     At the module's output the gradient becomes relevance, ``R_out = y * g``; the rule computes ``R_in`` from the
     module's input of that call (Zennit's ``BasicHook`` rules: Epsilon, Gamma, ZPlus, AlphaBeta, ...; ``Pass``); at the
-    input it becomes gradient again, ``g_in = R_in / x`` (0 where ``x`` is 0, where these rules give no relevance).
-    Works with zennit 0.5 and 1.0, and for a module called several times.
+    input it becomes gradient again, ``g_in = R_in / x``. Where ``x`` is 0, gradient x input is 0: the relevance a
+    rule gives there (Flat, WSquare, ZBox do) is handed to the explained input's conversion where the layer takes that
+    input itself, and refused with an error elsewhere. The rule computes with the parameters of the call, also where
+    they are computed (``torch.nn.utils.parametrize``, weight norm). Works with zennit 0.5 and 1.0, and for a module
+    called several times.
 
     Parameters
     ----------
@@ -305,38 +433,114 @@ class ZennitRule(Hook):
     def __init__(self, rule: Hook):
         super().__init__()
         self.rule = rule
+        #: whether the rule acts on a call (:py:class:`~zennit_mamba.switch.RuleSwitch`; None: always)
+        self.switch: Optional[RuleSwitch] = None
+        #: whether the rule may give relevance to zero inputs (then checked in each backward pass)
+        self.may_credit_zero_inputs = _may_credit_zero_inputs(rule)
         # the Zennit rule keeps the input it works on in its own state: one backward pass at a time uses it
         self._lock = threading.Lock()
 
     def copy(self) -> 'ZennitRule':
-        return self.__class__(self.rule.copy())
+        hook = self.__class__(self.rule.copy())
+        hook.switch = self.switch
+        return hook
 
     def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        holders = _children_with_parameters(module)
+        if isinstance(self.rule, BasicHook) and holders and not effective_parameters(module):
+            raise TypeError(
+                f'{type(self.rule).__name__} computes with the parameters of the module it is on, but this '
+                f'{type(module).__name__} holds none of its own: its children ({", ".join(holders)}) do, and would '
+                f'keep their parameters (a wrapper such as a LoRA adapter\'s). Put the rule on those layers, or merge '
+                f'the wrapper into one layer first (peft: merge_and_unload()).'
+            )
         return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self._through_rule)])
 
     def _through_rule(self, module, args, output):
-        if not (args and _is_float_tensor(args[0])):
+        if not (args and _is_float_tensor(args[0])) or not acts(self.switch):
             return None
-        return replace_output(output, lambda tensor: _ThroughZennitRule.apply(args[0], tensor, weakref.ref(self),
-                                                                              module))
+        # the parameters of this call (a parametrization computes them on each), and where the layer takes an
+        # explained input itself, the place for the relevance of its zero elements
+        parameters = effective_parameters(module)
+        zero_inputs = getattr(args[0], ZeroInputRelevance.ATTRIBUTE, None)
+        return replace_output(output, lambda tensor: _ThroughZennitRule.apply(
+            args[0], tensor, weakref.ref(self), module, parameters, zero_inputs))
 
-    def relevance(self, module: torch.nn.Module, input: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-        '''``R_in`` of ``module``'s input ``input`` for the output relevance ``relevance``, by the Zennit rule.'''
+    def relevance(self, module: torch.nn.Module, input: torch.Tensor, relevance: torch.Tensor,
+                  parameters: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        '''``R_in`` of ``module``'s input ``input`` for the output relevance ``relevance``, by the Zennit rule, with the
+        ``parameters`` of the call (:py:func:`effective_parameters`; found now where not given).'''
+        shadow = _shadow(module, effective_parameters(module) if parameters is None else parameters)
         with self._lock:
             # what zennit 0.5 (input) and 1.0 (input and kwargs) store in the forward pass, for this call
             self.rule.stored_tensors.update(input=(input,), kwargs={})
             try:
                 with torch.enable_grad():
-                    result = self.rule.backward(_shadow(module), (input,), (relevance,))
+                    result = self.rule.backward(shadow, (input,), (relevance,))
             finally:
                 self.rule.stored_tensors.clear()
+        if result[0].shape != input.shape:
+            raise RuntimeError(
+                f'{type(self.rule).__name__} on a {type(module).__name__} gives relevance of shape '
+                f'{tuple(result[0].shape)} for an input of shape {tuple(input.shape)}: the rule is not one for this '
+                f'layer (Pass is for modules whose output has the input\'s shape).'
+            )
         return result[0]
 
 
-def _shadow(module: torch.nn.Module) -> torch.nn.Module:
-    '''``module`` with parameter and buffer dicts of its own: Zennit's rules swap in modified parameters while they
-    compute (``ParamMod``), which must not reach a forward of the module running meanwhile in another thread.'''
-    shadow = object.__new__(type(module))
+def _may_credit_zero_inputs(rule: Hook) -> bool:
+    '''Whether ``rule`` may give relevance to inputs that are 0: not where it is a Zennit ``BasicHook`` whose input
+    modifiers all map 0 to 0 (Epsilon, Gamma, ZPlus, AlphaBeta: their relevance is the input times a factor).'''
+    modifiers = getattr(rule, 'input_modifiers', None)
+    if not isinstance(rule, BasicHook) or not modifiers:
+        return True
+    zeros = torch.zeros(1, 1, 2, 2)
+    try:
+        return not all(torch.equal(modifier(zeros), zeros) for modifier in modifiers)
+    except Exception:  # a modifier that needs a particular shape (ZBox's bounds): assume it may
+        return True
+
+
+def _children_with_parameters(module: torch.nn.Module) -> list:
+    return [name for name, child in module.named_children() if any(True for _ in child.parameters())]
+
+
+def effective_parameters(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    '''The parameters ``module``'s forward computes with now, by name: its own, and where one is computed from others
+    the computed value in its place, not what it is computed from: ``torch.nn.utils.parametrize``'s, and the tensor
+    that a forward pre-hook sets on the instance before each call from ``<name>_orig`` or ``<name>_g`` and
+    ``<name>_v`` (pruning, the older ``weight_norm`` and ``spectral_norm``).
+
+    Examples
+    --------
+    >>> linear = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 2))
+    >>> sorted(effective_parameters(linear)), bool(torch.equal(effective_parameters(linear)['weight'], linear.weight))
+    (['bias', 'weight'], True)
+    '''
+    parameters = dict(module._parameters)
+    if parametrize.is_parametrized(module):
+        for name in module.parametrizations:
+            parameters[name] = getattr(module, name)
+    for name, value in module.__dict__.items():
+        sources = [f'{name}{suffix}' for suffix in _COMPUTED_FROM if f'{name}{suffix}' in parameters]
+        if sources and torch.is_tensor(value):
+            for source in sources:
+                del parameters[source]
+            parameters[name] = value
+    return parameters
+
+
+def _shadow(module: torch.nn.Module, parameters: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    '''``module`` as its plain class (without a parametrization) with ``parameters`` and a buffer dict of its own:
+    Zennit's rules swap in modified parameters while they compute (``ParamMod``), which must not reach a forward of the
+    module running meanwhile in another thread, nor the tensors a parametrization computes them from.'''
+    shadow = object.__new__(parametrize.type_before_parametrizations(module))
     shadow.__dict__.update(module.__dict__)
-    shadow.__dict__.update(_parameters=dict(module._parameters), _buffers=dict(module._buffers))
+    modules = {name: child for name, child in module._modules.items() if name != 'parametrizations'}
+    # a computed parameter as a Parameter (sharing its memory), as Zennit's ParamMod restores what it swapped
+    parameters = {name: value if value is None or isinstance(value, torch.nn.Parameter)
+                  else torch.nn.Parameter(value.detach(), requires_grad=False) for name, value in parameters.items()}
+    shadow.__dict__.update(_parameters=parameters, _buffers=dict(module._buffers), _modules=modules)
+    for name in parameters:
+        shadow.__dict__.pop(name, None)  # weight_norm's computed weight is an instance attribute
     return shadow

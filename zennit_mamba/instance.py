@@ -1,11 +1,14 @@
 '''Changes to module instances that are undone exactly: instance attributes, and the mark of a canonized forward.'''
 import functools
+import os
+import sys
 import types
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
 from .offload import forward_slot
+from .switch import acts
 
 
 class InstanceAttributes:
@@ -47,17 +50,80 @@ class InstanceAttributes:
 class CanonizedForward(functools.partial):
     '''A canonized forward function with its rule set bound as the first argument: ``function(rules, module, ...)``.
 
-    Its own type, so that a canonized module can be recognised (:py:func:`is_canonized`).
+    Its own type, so that a canonized module can be recognised (:py:func:`is_canonized`). Where the bound rules have
+    a switch (:py:class:`~zennit_mamba.switch.RuleSwitch`) that is off, the forward it replaced (:py:attr:`original`,
+    bound to the module) runs instead: the module computes as if nothing were registered.
     '''
+
+    original: Optional[Callable] = None
+
+    def __call__(self, module, *args, **kwargs):
+        if self.original is not None and not acts(getattr(self.args[0], 'switch', None)):
+            return self.original(*args, **kwargs)
+        return super().__call__(module, *args, **kwargs)
 
 
 def bind_forward(module: torch.nn.Module, function: Callable, rules: object) -> InstanceAttributes:
     '''Make ``function(rules, module, ...)`` the forward of ``module`` (inside an accelerate hook where one wraps
     it, so that the hook still places inputs and weights); the result undoes it.'''
-    canonized = types.MethodType(CanonizedForward(function, rules), module)
-    return InstanceAttributes(module, {forward_slot(module): canonized})
+    slot = forward_slot(module)
+    forward = CanonizedForward(function, rules)
+    forward.original = module.__dict__.get(slot) or types.MethodType(type(module).forward, module)
+    return InstanceAttributes(module, {slot: types.MethodType(forward, module)})
 
 
 def is_canonized(module: torch.nn.Module) -> bool:
     '''Whether ``module`` currently runs a canonized forward.'''
     return isinstance(getattr(module.__dict__.get(forward_slot(module)), '__func__', None), CanonizedForward)
+
+
+def instance_forward(module: torch.nn.Module) -> Optional[Callable]:
+    '''The forward set on ``module`` itself in place of its class's, or None (also where accelerate's wrapper is
+    set, which calls the class's forward kept in ``_old_forward``).'''
+    own = module.__dict__.get(forward_slot(module))
+    return None if own is None or getattr(own, '__func__', None) is type(module).forward else own
+
+
+def replaced_forward(module: torch.nn.Module) -> Optional[str]:
+    '''How the forward of ``module`` differs from the one its class defines, which a canonized forward stands in
+    for, or None where it does not: a forward set on the instance (:py:func:`instance_forward`), or a function from
+    elsewhere set on the class.
+
+    Examples
+    --------
+    >>> mixer = torch.nn.Identity()
+    >>> replaced_forward(mixer) is None
+    True
+    >>> mixer.forward = lambda x: 2 * x
+    >>> replaced_forward(mixer)
+    "forward set on the instance ('<lambda>')"
+    '''
+    own = instance_forward(module)
+    if own is not None:
+        return f'forward set on the instance ({getattr(own, "__qualname__", type(own).__name__)!r})'
+    cls = type(module)
+    # the class's forward and the functions it wraps (decorators such as transformers' deprecate_kwarg): each must
+    # be code of the class's own library (or torch's), the innermost the forward a class of its hierarchy defines
+    # (a functools.wraps copies names, not where the code is)
+    chain = [cls.forward]
+    while hasattr(chain[-1], '__wrapped__'):
+        chain.append(chain[-1].__wrapped__)
+    libraries = tuple(_library_folder(name) for name in (cls.__module__, 'torch'))
+    foreign = next((function for function in chain if not getattr(getattr(function, '__code__', None), 'co_filename',
+                                                                   '').startswith(libraries)), None)
+    innermost = chain[-1]
+    defined = any(getattr(innermost, '__qualname__', None) == f'{owner.__qualname__}.forward'
+                  and getattr(innermost, '__module__', None) == owner.__module__ for owner in cls.__mro__)
+    if foreign is None and defined:
+        return None
+    function = foreign or innermost
+    where = getattr(getattr(function, '__code__', None), 'co_filename', type(function).__name__)
+    return f'forward replaced on the class by {getattr(function, "__qualname__", function)!r} from {where}'
+
+
+@functools.lru_cache(maxsize=None)
+def _library_folder(module_name: str) -> str:
+    '''The folder of the top-level package that ``module_name`` belongs to (with a trailing separator).'''
+    top = sys.modules.get(module_name.split('.')[0])
+    path = getattr(top, '__file__', None)
+    return os.path.join(os.path.dirname(path), '') if path else '\0'

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from . import fused as fused_branch
 from .hybrid import has_submodules
 from .mixer_io import (
-    MixerOutput, mask_padding, over_time_blocks, run_mixer, with_mamba_ssm_cache, with_transformers_cache,
+    MixerOutput, call_read_module, mask_padding, over_time_blocks, run_mixer, with_mamba_ssm_cache,
+    with_transformers_cache,
 )
 
 
@@ -75,7 +76,8 @@ def _mixer_block(rules, mixer: torch.nn.Module, time_step_rank: int, state_size:
                    if has_submodules(mixer, ('dt_layernorm',)) else None)
     gated, last_state = selective_branch(
         rules, x, gate[..., context:],
-        SelectiveParts(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, normalisers),
+        SelectiveParts(mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, normalisers,
+                       called_by_original=False),
         time_step_rank, state_size, dtype, None if attention_mask is None else attention_mask[:, context:],
         initial_state, context,
     )
@@ -91,6 +93,10 @@ class SelectiveParts(NamedTuple):
     A_log: torch.Tensor
     D: torch.Tensor
     normalisers: Optional[Tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] = None
+    #: whether the original forward calls ``conv1d`` and ``dt_proj`` (Vim's does); where not (transformers',
+    #: mamba-ssm's read their weights), a hook that changes their output is refused
+    #: (:py:func:`~zennit_mamba.mixer_io.call_read_module`)
+    called_by_original: bool = True
 
 
 def selective_branch(
@@ -114,7 +120,8 @@ def selective_branch(
     '''
     length = gate.shape[-1]
     # the causal convolution's outputs at the positions after the context
-    conv = parts.conv1d(x.to(parts.conv1d.weight.dtype))[..., context:context + length]
+    call = (lambda module, input: module(input)) if parts.called_by_original else call_read_module
+    conv = call(parts.conv1d, x.to(parts.conv1d.weight.dtype))[..., context:context + length]
     # with all three rules on: one fused function, the selection computed without a graph (it is constant); with
     # padding the masked scan input is not silu(conv), so the rule set's operations run in turn
     fused = (rules.fuses_branch() and attention_mask is None and initial_state is None
@@ -126,7 +133,7 @@ def selective_branch(
         if parts.normalisers is not None:
             # behind the SSM rule the selection's normalisation takes no relevance
             time_step, B, C = (norm(value) for norm, value in zip(parts.normalisers, (time_step, B, C)))
-        delta = F.softplus(parts.dt_proj(time_step))
+        delta = F.softplus(call(parts.dt_proj, time_step))
 
     A, D = -torch.exp(parts.A_log.float()), parts.D.float()
     if fused:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from . import causal_conv, fused
 from .mixer_io import (
-    MixerOutput, mask_padding, over_time_blocks, run_mixer, with_mamba_ssm_cache, with_transformers_cache,
+    MixerOutput, call_read_module, mask_padding, over_time_blocks, run_mixer, with_mamba_ssm_cache,
+    with_transformers_cache,
 )
 
 
@@ -162,7 +163,8 @@ def _mixer_block(rules, mixer: torch.nn.Module, layout: Mamba2Layout, hidden_sta
     else:
         length = conv_input.shape[1] - context
         # the causal convolution's outputs at the positions after the context
-        conv = conv1d(conv_input.transpose(1, 2).to(conv1d.weight.dtype))[..., context:context + length]
+        conv = call_read_module(conv1d, conv_input.transpose(1, 2).to(conv1d.weight.dtype))
+        conv = conv[..., context:context + length]
         # (batch, length, width) with channels contiguous, as the scan's kernels read them
         conv = conv.transpose(1, 2).to(before.dtype).contiguous()
     conv_input = conv_input.transpose(1, 2)

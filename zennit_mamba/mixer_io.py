@@ -122,6 +122,25 @@ def called_plainly(module: torch.nn.Module) -> bool:
     return not (any(hooks) or 'forward' in vars(module) or _global_module_hooks())
 
 
+def call_read_module(module: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
+    '''``module(input)`` for a linear or convolution module whose weights the original forward reads without calling
+    it (:py:attr:`~zennit_mamba.support.Family.uncalled`): called, so that rules and Captum's layer methods attach, and,
+    where a forward hook other than this package's rules is on it, checked to equal what the weights compute, since
+    such a hook does not act on the original forward.'''
+    output = module(input)
+    hooks = module._forward_hooks.values()
+    if any(not isinstance(getattr(hook, '__self__', None), ZennitRule) for hook in hooks) or _global_module_hooks():
+        with torch.no_grad():
+            expected = type(module).forward(module, input)
+        if not torch.equal(output, expected):
+            raise RuntimeError(
+                f'A forward hook on a {type(module).__name__} inside a Mamba mixer changes its output. The original '
+                f'forward reads this module\'s weights without calling it, so the hook does not act on the model, but '
+                f'would under MambaLRP, which explains through the call: remove the hook while explaining.'
+            )
+    return output
+
+
 def _global_module_hooks() -> bool:
     '''Whether torch has hooks registered for every module's calls.'''
     module = torch.nn.modules.module

@@ -21,10 +21,10 @@ from transformers.activations import ACT2FN
 from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
 from . import hybrid
-from .instance import bind_forward
-from .offload import forward_slot
+from .instance import bind_forward, instance_forward
 from .scan import selective_scan
 from .ssd import ssd_scan
+from .switch import RuleSwitch, acts
 
 #: the MambaLRP rules that can be switched on and off (``'attention'`` acts in hybrid models only)
 MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm', 'attention'})
@@ -86,20 +86,35 @@ class Rule(Hook):
     #: the name that switches the rule on or off (``MambaComposite(rules=...)``)
     name: ClassVar[str] = ''
 
+    def __init__(self):
+        super().__init__()
+        #: whether the rule acts on a call (:py:class:`~zennit_mamba.switch.RuleSwitch`): the composite's, once it
+        #: attaches the rule; None (always) for a rule registered on its own
+        self.switch: Optional[RuleSwitch] = None
+
     def register(self, module: torch.nn.Module) -> RemovableHandleList:
         if type(self).on_output is Rule.on_output:
             raise TypeError(
                 f'{type(self).__name__} acts inside canonized Mamba mixers (MambaCanonizer binds it), not on a '
                 f'{type(module).__name__}.'
             )
-        return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self.on_output)])
+        return RemovableHandleList([RemovableHandle(self), module.register_forward_hook(self._on_output_where_on)])
+
+    def acts(self) -> bool:
+        '''Whether the rule acts on a call made now (its switch is on).'''
+        return acts(self.switch)
+
+    def _on_output_where_on(self, module: torch.nn.Module, args: tuple, output):
+        return self.on_output(module, args, output) if self.acts() else None
 
     def on_output(self, module: torch.nn.Module, args: tuple, output):
         '''The module's output passed through the rule.'''
         raise NotImplementedError
 
     def copy(self) -> 'Rule':
-        return type(self)()
+        rule = type(self)()
+        rule.switch = self.switch
+        return rule
 
 
 class _ConstantFactor(Rule):
@@ -166,11 +181,7 @@ def runs_standard_rms_norm(module: torch.nn.Module) -> bool:
     >>> runs_standard_rms_norm(MambaRMSNorm(4)), runs_standard_rms_norm(torch.nn.LayerNorm(4))
     (True, False)
     '''
-    own = module.__dict__.get(forward_slot(module))
-    forward = type(module).forward
-    if own is not None and getattr(own, '__func__', None) is not forward:
-        return False
-    return _is_standard_rms_norm_forward(forward)
+    return instance_forward(module) is None and _is_standard_rms_norm_forward(type(module).forward)
 
 
 class LNRule(_ConstantFactor):
@@ -263,7 +274,7 @@ class HalfRule(Rule):
     def register(self, module: torch.nn.Module) -> RemovableHandleList:
         handles = RemovableHandleList([RemovableHandle(self)])
         if hybrid.is_experts(module):
-            handles.append(hybrid.select_implementation(module, gate=self.apply))
+            handles.append(hybrid.select_implementation(module, gate=self._apply_where_on))
             return handles
         output = hybrid.gated_mlp_output(module)
         if output is None:
@@ -271,8 +282,11 @@ class HalfRule(Rule):
         handles.append(getattr(module, output).register_forward_pre_hook(self._halve_input))
         return handles
 
+    def _apply_where_on(self, product: torch.Tensor) -> torch.Tensor:
+        return self.apply(product) if self.acts() else product
+
     def _halve_input(self, module, args):
-        return (self.apply(args[0]),) + tuple(args[1:])
+        return (self.apply(args[0]),) + tuple(args[1:]) if self.acts() else None
 
 
 class DetachSelection(Rule):
@@ -307,10 +321,13 @@ class AttentionRule(Rule):
     def register(self, module: torch.nn.Module) -> RemovableHandleList:
         handles = RemovableHandleList([RemovableHandle(self)])
         if hybrid.is_attention(module):
-            handles.append(hybrid.select_implementation(module, probabilities=self.apply))
+            handles.append(hybrid.select_implementation(module, probabilities=self._apply_where_on))
         else:
-            handles.append(module.register_forward_hook(self.on_output))
+            handles.append(module.register_forward_hook(self._on_output_where_on))
         return handles
+
+    def _apply_where_on(self, constant: torch.Tensor) -> torch.Tensor:
+        return self.apply(constant) if self.acts() else constant
 
     def on_output(self, module, args, output):
         if hybrid.is_excitation(module):
@@ -351,6 +368,9 @@ class RuleSet:
         if unknown:
             raise ValueError(f'Unknown MambaLRP rules {sorted(unknown)}; choose from {sorted(MAMBA_LRP_RULES)}.')
         self.recompute = recompute
+        #: whether the rules act on a call: while off, a canonized mixer runs its own forward
+        #: (:py:class:`~zennit_mamba.instance.CanonizedForward`)
+        self.switch = RuleSwitch()
 
     def __repr__(self) -> str:
         return f'RuleSet({sorted(self.names)}, recompute={self.recompute})'

@@ -25,6 +25,11 @@ class Family(NamedTuple):
     mixer: str  #: the mixer class name
     forward: Callable  #: its canonized forward, ``forward(rules, mixer, ...)``
     hybrid: bool  #: whether attention or MLP layers sit beside the Mamba layers
+    #: submodules whose weights the original forward reads without calling them, which the canonized forward calls
+    #: (so that rules and Captum's layer methods can attach; :py:func:`~zennit_mamba.mixer_io.call_read_module`):
+    #: a hook on one acts only under MambaLRP, so a pre-hook there is refused (it may change the module, as
+    #: spectral_norm's does)
+    uncalled: Tuple[str, ...] = ()
 
     def mixer_type(self) -> Optional[type]:
         '''The mixer class, or None where the installed library lacks it (mamba-ssm needs CUDA).'''
@@ -32,7 +37,9 @@ class Family(NamedTuple):
 
 
 def _transformers(name: str, package: str, mixer: str, forward: Callable, hybrid: bool = False) -> Family:
-    return Family(name, 'transformers', f'transformers.models.{package}.modeling_{package}', mixer, forward, hybrid)
+    uncalled = ('conv1d', 'dt_proj') if forward is mamba1.transformers_forward else ('conv1d',)
+    return Family(name, 'transformers', f'transformers.models.{package}.modeling_{package}', mixer, forward, hybrid,
+                  uncalled)
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -47,8 +54,9 @@ FAMILIES: Tuple[Family, ...] = (
     _transformers('FalconH1', 'falcon_h1', 'FalconH1Mixer', mamba2.transformers_forward, hybrid=True),
     _transformers('Zamba2', 'zamba2', 'Zamba2MambaMixer', mamba2.transformers_forward, hybrid=True),
     Family('Mamba (mamba_simple)', 'mamba-ssm', 'mamba_ssm.modules.mamba_simple', 'Mamba', mamba1.mamba_ssm_forward,
-           False),
-    Family('Mamba-2', 'mamba-ssm', 'mamba_ssm.modules.mamba2', 'Mamba2', mamba2.mamba_ssm_forward, False),
+           False, uncalled=('conv1d', 'dt_proj')),
+    Family('Mamba-2', 'mamba-ssm', 'mamba_ssm.modules.mamba2', 'Mamba2', mamba2.mamba_ssm_forward, False,
+           uncalled=('conv1d',)),
     Family('Vision Mamba (Vim)', 'mamba-lrp', 'zennit_mamba.vim', 'BidirectionalMamba', vim.canonized_forward, False),
     Family('EfficientViM', 'timm', 'timm.models.efficientvim', 'HSMSSD', efficientvim.hsmssd_forward, False),
 )
@@ -107,6 +115,15 @@ def support_table() -> str:
     rows += [f'| {family.name} | {family.library} | `{family.mixer}` | '
              f'{"attention, MLPs, experts" if family.hybrid else "Mamba only"} |' for family in FAMILIES]
     return '\n'.join(rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _uncalled_children() -> dict:
+    return {family.mixer_type(): family.uncalled for family in FAMILIES if family.uncalled}
+
+
+def _pre_hooked(module: Optional[torch.nn.Module]) -> bool:
+    return module is not None and bool(module._forward_pre_hooks)
 
 
 def _supported_listing() -> str:
@@ -205,9 +222,15 @@ def check_supported(model: torch.nn.Module, walk: Optional[Sequence[Tuple[str, t
     supported, unsupported = [], _unsupported_mamba_ssm_parts(named_modules)
     if _holds_hybrid_mixer(named_modules):
         unsupported += hybrid.unsupported_parts(model, supported_types)
+    uncalled = _uncalled_children()
     for name, module in named_modules:
         if type(module) in supported_types:
             supported.append(name)
+            unsupported += [f'a forward pre-hook on {type(module).__name__}.{child} at \'{name}\' (the original '
+                            f'forward reads its weights without calling it, so the hook does not act on the model, but '
+                            f'would under MambaLRP, which calls it, and may change the module: remove it while '
+                            f'explaining)'
+                            for child in uncalled.get(type(module), ()) if _pre_hooked(getattr(module, child, None))]
         elif isinstance(module, supported_types):
             # a subclass may compute something else than the forward the canonizer replaces
             unsupported.append(f'{type(module).__name__} at \'{name}\' (a subclass of {_base_mixer(module).__name__})')
