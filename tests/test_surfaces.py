@@ -25,6 +25,8 @@ from zennit_mamba.support import UnsupportedModelError
 LANGUAGE_MODELS = ['Mamba'] + list(BUILDERS)
 #: the same cases on mamba-ssm's MambaLMHeadModel with each of its mixers, in float32 on a GPU (skipped elsewhere)
 WITH_MAMBA_SSM = LANGUAGE_MODELS + MAMBA_SSM
+#: for cases that also run transformers' own forward (which calls mamba-ssm's CUDA kernels where it is installed)
+UNMODIFIED = [pytest.param(name, marks=pytest.mark.unmodified_forward) for name in LANGUAGE_MODELS]
 
 
 def language_model(name):
@@ -60,7 +62,7 @@ def plain_gradients(wrapped, embeddings, target=3):
 
 # --- a registration held across calls: other methods, own gradients, inactive(), after leaving -----------------
 
-@pytest.mark.parametrize('name', WITH_MAMBA_SSM)
+@pytest.mark.parametrize('name', UNMODIFIED + MAMBA_SSM)
 @pytest.mark.parametrize('holder', ['MambaLRP', 'LayerMambaLRP'])
 def test_other_methods_inside_a_held_registration_see_the_unmodified_model(name, holder):
     model = language_model(name)
@@ -83,6 +85,7 @@ def test_other_methods_inside_a_held_registration_see_the_unmodified_model(name,
     assert_snapshots_equal(snapshot(model), before)
 
 
+@pytest.mark.unmodified_forward
 def test_another_thread_sees_the_unmodified_model_while_a_registration_is_held():
     model = make_mamba()
     wrapped, untouched = ExplainedLogits(model), ExplainedLogits(copy.deepcopy(model))
@@ -97,7 +100,7 @@ def test_another_thread_sees_the_unmodified_model_while_a_registration_is_held()
     assert torch.equal(results[0], expected)
 
 
-@pytest.mark.parametrize('name', LANGUAGE_MODELS + ['Vim'])
+@pytest.mark.parametrize('name', UNMODIFIED + ['Vim'])
 def test_zennit_inactive_gives_the_plain_gradient_inside_the_context(name):
     model = tiny_vim() if name == 'Vim' else language_model(name)
     untouched = copy.deepcopy(model)
@@ -427,6 +430,7 @@ def test_a_normalised_image_gives_its_shift_a_share_as_a_bias():
 
 # --- metrics on padded batches --------------------------------------------------------------------------------------
 
+@pytest.mark.unmodified_forward
 @pytest.mark.parametrize('name', ['Mamba', 'Mamba2', 'Jamba', 'Zamba2'])
 @pytest.mark.parametrize('padding', ['left', 'right'])
 def test_faithfulness_of_a_padded_batch_is_each_example_alone(name, padding):
@@ -459,6 +463,7 @@ def test_the_llm_class_refuses_a_method_whose_rows_sum_to_no_explained_output():
         MambaLLMAttribution(LayerIntegratedGradients(model, model.get_input_embeddings()), word_tokenizer())
 
 
+@pytest.mark.unmodified_forward
 def test_the_llm_class_inside_a_held_registration_and_an_empty_target():
     model, tokenizer = make_mamba(), word_tokenizer()
     lrp = LayerMambaLRP(model, model.get_input_embeddings(), epsilon=1e-12)
@@ -514,6 +519,7 @@ def test_a_forward_function_that_calls_the_model_in_parts_is_explained_whole(nam
     assert (delta.abs() <= 1e-10 * parts.sum((1, 2)).abs()).all()
 
 
+@pytest.mark.unmodified_forward
 @pytest.mark.parametrize('name', ['Mamba', 'Mamba2', 'Jamba'])
 @pytest.mark.parametrize('padding', ['left', 'right'])
 def test_a_float_attention_mask_is_a_mask_and_other_arguments_are_refused(name, padding):
@@ -568,6 +574,7 @@ def test_gamma_on_a_pruned_weight_is_gamma_on_the_weight_it_computes():
     assert relative_error(MambaLRP(pruned, epsilon=1e-12).attribute(embeddings, target=3), expected) > 1e-4
 
 
+@pytest.mark.unmodified_forward
 @pytest.mark.parametrize('name', ['Mamba', 'Mamba2', 'Bamba'])
 def test_a_hook_on_a_module_the_original_forward_does_not_call(name):
     model = language_model(name)
