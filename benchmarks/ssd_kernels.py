@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from zennit_mamba import ssd, ssd_triton  # noqa: E402
+from zennit_mamba.kernels import ssd, ssd_triton  # noqa: E402
 from zennit_mamba._optional import mamba_ssm_chunk_scan  # noqa: E402
 
 

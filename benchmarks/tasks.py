@@ -146,7 +146,7 @@ class PatchVim(torch.nn.Module):
 
     def __init__(self, size: VimSize, classes: int):
         super().__init__()
-        from zennit_mamba.vim import VisionMamba
+        from zennit_mamba.families.vim import VisionMamba
 
         self.image_size, self.patch = size.image_size, size.patch
         #: for attention rollout: the mixers scan both ways, the explained position is the class token

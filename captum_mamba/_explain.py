@@ -24,7 +24,7 @@ def explaining(model: torch.nn.Module, composite: MambaComposite) -> Iterator[No
     '''Register ``composite`` on ``model`` in eval mode, its rules acting only on this thread's calls inside
     ``composite.rule_set.switch.acting()`` (other methods, gradients and threads see the unmodified model); restore
     training flags and hooks afterwards. The front end holds the explanation's ends
-    (:py:meth:`~zennit_mamba.hooks.ExplainedModel.explained_by_caller`).'''
+    (:py:meth:`~zennit_mamba.core.hooks.ExplainedModel.explained_by_caller`).'''
     training = [(module, module.training) for module in model.modules()]
     # only where a flag is set: setting the flags of a few hundred modules takes milliseconds of host time per call
     if any(flag for _, flag in training):

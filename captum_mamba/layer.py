@@ -10,7 +10,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from zennit_mamba import MambaComposite
-from zennit_mamba.hooks import check_finite, check_relevance_finite
+from zennit_mamba.core.hooks import check_finite, check_relevance_finite
 
 from ._explain import (
     ExplainedForward, HeldRegistration, check_additional_forward_args, check_inputs, check_position,

@@ -12,8 +12,8 @@ from test_families import build
 
 from zennit_mamba import MambaComposite
 from zennit_mamba._optional import mamba_ssm_selective_scan
-from zennit_mamba.instance import is_canonized
-from zennit_mamba.offload import weights_in_place
+from zennit_mamba.core.instance import is_canonized
+from zennit_mamba.core.offload import weights_in_place
 
 accelerate = pytest.importorskip('accelerate')
 

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from captum_mamba import LayerMambaLRP, MambaLRP
 from captum_mamba.llm import MambaLLMAttribution
 from captum_mamba.visualization import records_to_html, save_text_heatmap, text_record, visualize_text
-from zennit_mamba.instance import is_canonized
+from zennit_mamba.core.instance import is_canonized
 from conftest import assert_snapshots_equal, embed, explain, last_logits, make_mamba, relative_error, snapshot
 
 

@@ -1,4 +1,4 @@
-'''The Mamba-2 mixers' causal convolution on time-major inputs (zennit_mamba.causal_conv): its Triton kernels against
+'''The Mamba-2 mixers' causal convolution on time-major inputs (zennit_mamba.kernels.causal_conv): its Triton kernels against
 torch's Conv1d (under Triton's interpreter on the CPU, and on a GPU), when it stands in for the module call, and a GPU
 explanation through it against one through the module.'''
 import functools
@@ -8,16 +8,17 @@ import torch
 import transformers as tf
 
 from conftest import explain, relative_error, run_under_triton_interpreter
-from zennit_mamba import MambaComposite, causal_conv
-from zennit_mamba.hooks import ZennitRule
-from zennit_mamba.mixer_io import called_plainly
+from zennit_mamba import MambaComposite
+from zennit_mamba.kernels import causal_conv
+from zennit_mamba.core.hooks import ZennitRule
+from zennit_mamba.mixers.io import called_plainly
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 # run in a fresh interpreter under Triton's interpreter (conftest.run_under_triton_interpreter)
 _KERNELS_AGAINST_CONV1D = '''
 import torch
-from zennit_mamba import causal_conv
+from zennit_mamba.kernels import causal_conv
 
 generator = torch.Generator().manual_seed(4)
 # two tiles of positions and two of channels (both partly masked); fewer positions than the kernel's width; width 3

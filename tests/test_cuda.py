@@ -10,9 +10,9 @@ from conftest import embed, explain, make_mamba, relative_error
 from reference import reference_relevance
 from zennit_mamba import MambaComposite, UnsupportedModelError
 from zennit_mamba._optional import mamba_ssm_modules
-from zennit_mamba.scan import selective_scan
-from zennit_mamba.ssd import ssd_scan
-from zennit_mamba.ssd_triton import triton_ssd
+from zennit_mamba.kernels.scan import selective_scan
+from zennit_mamba.kernels.ssd import ssd_scan
+from zennit_mamba.kernels.ssd_triton import triton_ssd
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 needs_mamba_ssm = pytest.mark.skipif(
@@ -322,7 +322,7 @@ def test_triton_ssd_is_float32_exact_forward_and_backward(heads, groups, head_di
     ''''auto' runs CUDA float32 under the SSM rule through the package's Triton SSD (compiled, tf32x3 products): its
     outputs and its transposed-scan gradient agree with the float64 PyTorch SSD to float32 accuracy, 100 times below
     TF32's rounding (a Mamba2-130M head layout, and one with masked tiles, groups and a padded tail).'''
-    from zennit_mamba import ssd
+    from zennit_mamba.kernels import ssd
 
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip('the Triton SSD serves Ampere and later GPUs (TF32 tensor cores); older ones take the PyTorch SSD')
@@ -356,7 +356,7 @@ def test_triton_ssd_is_float32_exact_forward_and_backward(heads, groups, head_di
 def test_fused_backward_kernels_match_the_float64_computation(dtype):
     '''The fused branch's backward on the GPU (two Triton kernels around mamba-ssm's forward scan in reversed time)
     equals the same equations in float64 on the CPU with the PyTorch scan; one step size underflowed to 0.'''
-    from zennit_mamba.fused import _kernel_forward_scan, branch_gradients
+    from zennit_mamba.kernels.fused import _kernel_forward_scan, branch_gradients
 
     generator = torch.Generator('cuda').manual_seed(0)
     batch, channels, state, length = 2, 48, 16, 301
@@ -388,7 +388,7 @@ def test_fused_backward_kernels_match_the_float64_computation(dtype):
 def test_fused_branch_is_taken_and_equals_the_operations_in_turn(dtype, monkeypatch):
     '''All three rules on, on the GPU: each Mamba-1 branch runs the fused function, with the relevance of the rule
     set's operations in turn (float32: 1e-5; bfloat16: rounding of the two paths differs).'''
-    import zennit_mamba.fused as fused
+    import zennit_mamba.kernels.fused as fused
     from zennit_mamba.rules import RuleSet
 
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)

@@ -278,7 +278,7 @@ def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, mon
     padding, with gamma on the projections and with the mixers recomputed in the backward pass too (Mamba-1 mixers,
     Mamba-2 mixers with FalconH1's multipliers and Zamba2's shared attention among them).'''
     from conftest import make_mamba
-    from zennit_mamba import mamba1, mamba2, mixer_io
+    from zennit_mamba.mixers import io as mixer_io, mamba1, mamba2
 
     model = make_mamba() if name == 'Mamba' else build(name)
     embeddings = embeddings_for(model)
@@ -316,7 +316,8 @@ def test_a_rule_set_that_changes_a_scan_sees_the_whole_sequence(name, scan, monk
     '''A RuleSet subclass that changes a scan (e.g. a baseline computing it another way) gets the whole sequence in
     one call, not time blocks, since it need not continue from a state.'''
     from conftest import make_mamba
-    from zennit_mamba import MambaCanonizer, RuleSet, mixer_io
+    from zennit_mamba import MambaCanonizer, RuleSet
+    from zennit_mamba.mixers import io as mixer_io
 
     class RecordingRules(RuleSet):
         def __init__(self):
@@ -355,7 +356,7 @@ def test_a_layer_method_inside_a_mixer_sees_the_whole_sequence(name, layer_name,
     blocks.'''
     from captum_mamba import LayerMambaLRP
     from conftest import make_mamba
-    from zennit_mamba import mixer_io
+    from zennit_mamba.mixers import io as mixer_io
 
     model = make_mamba() if name == 'Mamba' else build(name)
     layer = getattr(model.backbone.layers[0].mixer, layer_name)
@@ -376,8 +377,8 @@ def test_hooks_that_would_see_a_block_as_the_sequence_are_recognised():
     not (it takes each call on its own), nor a hook on the mixer itself (called once).'''
     from zennit.rules import Gamma
 
-    from zennit_mamba.hooks import ZennitRule
-    from zennit_mamba.mixer_io import observed_inside
+    from zennit_mamba.core.hooks import ZennitRule
+    from zennit_mamba.mixers.io import observed_inside
 
     mixer = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.SiLU())
     handles = [ZennitRule(Gamma(0.25)).register(mixer[0]), mixer.register_forward_hook(lambda *arguments: None)]

@@ -1,4 +1,4 @@
-'''The fused Mamba-1 branch's backward (zennit_mamba.fused) on the CPU, in float64: its transposed scan in reversed
+'''The fused Mamba-1 branch's backward (zennit_mamba.kernels.fused) on the CPU, in float64: its transposed scan in reversed
 time, run here by the package's PyTorch scan in place of mamba-ssm's forward kernel, gives the gradients of the rule
 set's operations in turn. tests/test_cuda.py runs the same backward with the kernels on a GPU.'''
 import pytest
@@ -6,9 +6,9 @@ import torch
 
 from conftest import run_under_triton_interpreter
 from zennit_mamba import MambaComposite
-from zennit_mamba.fused import branch_gradients
+from zennit_mamba.kernels.fused import branch_gradients
 from zennit_mamba.rules import RuleSet
-from zennit_mamba.scan import selective_scan
+from zennit_mamba.kernels.scan import selective_scan
 
 
 def torch_forward_scan(u, delta, A, B, C):
@@ -48,7 +48,7 @@ def test_gated_norm_fused_equals_the_rule_sets_operations_in_turn(name, monkeypa
     '''Mamba-2's gated RMS normalisation as one function (fused.GatedRMSNorm) gives the relevance and the norm
     weights' gradient of the gate, SiLU and LN rules applied in turn (float64).'''
     from test_families import build, embeddings_for, explain, last_position_logits  # the families' float64 models
-    from zennit_mamba import fused
+    from zennit_mamba.kernels import fused
 
     model = build(name)
     embeddings = embeddings_for(model)
@@ -79,7 +79,7 @@ def test_gated_norm_fused_equals_the_rule_sets_operations_in_turn(name, monkeypa
 # run in a fresh interpreter under Triton's interpreter (conftest.run_under_triton_interpreter)
 _NORM_KERNELS_AGAINST_PYTORCH = '''
 import torch
-from zennit_mamba import fused
+from zennit_mamba.kernels import fused
 
 for weight_gradient in (True, False):
     generator = torch.Generator().manual_seed(3)

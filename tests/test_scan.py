@@ -4,8 +4,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from zennit_mamba import scan
-from zennit_mamba.scan import linear_recurrence, selective_scan
+from zennit_mamba.kernels import scan
+from zennit_mamba.kernels.scan import linear_recurrence, selective_scan
 
 
 def sequential_scan(x, delta, A, B, C, D, initial_state=None):
@@ -205,7 +205,7 @@ def sequential_ssd(x, dt, A, B, C, D, initial_state=None):
 def test_ssd_matches_the_recurrence_with_chunks_in_blocks_or_all_at_once(whole_block, monkeypatch):
     '''The PyTorch SSD (70 positions, chunks of 16) equals the step-by-step recurrence, whether its within-chunk
     products run over all chunks at once or one chunk per block.'''
-    from zennit_mamba.ssd import ssd_scan
+    from zennit_mamba.kernels.ssd import ssd_scan
 
     if not whole_block:
         monkeypatch.setitem(scan.BLOCK_ELEMENTS, 'cpu', 1)
@@ -227,7 +227,7 @@ def test_ssd_backward_for_a_constant_selection_is_the_transposed_scan(skip_per_c
     '''With dt, A, B, C detached (the SSM rule) the SSD's backward is its own transposed scan, not autograd through
     the chunks: its gradients in x and D equal autograd's through the step-by-step recurrence (two groups of B and C
     for four heads, 70 positions in chunks of 16, the skip per head or per channel).'''
-    from zennit_mamba import ssd
+    from zennit_mamba.kernels import ssd
 
     if not whole_block:
         monkeypatch.setitem(scan.BLOCK_ELEMENTS, 'cpu', 1)
@@ -254,7 +254,7 @@ def test_an_ssd_continued_from_a_state_passes_gradient_to_it_and_from_its_last_s
     '''As the time blocks of a Mamba-2 mixer: every input, the initial state among them, gets the recurrence's
     gradient of a loss that reads both the outputs and the last state, through the transposed scan (the selection
     detached, the SSM rule) or autograd through the chunks (chunks of 16: one partial, one, several and a tail).'''
-    from zennit_mamba.ssd import ssd_scan
+    from zennit_mamba.kernels.ssd import ssd_scan
 
     generator = torch.Generator().manual_seed(length)
     x = torch.randn(2, length, 4, 3, generator=generator, dtype=torch.float64)
@@ -283,7 +283,7 @@ def test_an_ssd_continued_from_a_state_passes_gradient_to_it_and_from_its_last_s
 
 
 def test_an_ssd_from_an_initial_state_refuses_the_kernels_and_a_wrong_shape():
-    from zennit_mamba import ssd, ssd_triton
+    from zennit_mamba.kernels import ssd, ssd_triton
 
     x, dt, B, C = torch.ones(2, 3, 4, 2), torch.ones(2, 3, 4), torch.ones(2, 3, 1, 5), torch.ones(2, 3, 1, 5)
     A, D = -torch.ones(4), torch.zeros(4)
@@ -300,7 +300,7 @@ def test_an_ssd_from_an_initial_state_refuses_the_kernels_and_a_wrong_shape():
 def interpreted_triton(monkeypatch):
     '''The Triton SSD's kernels built by Triton's interpreter (``TRITON_INTERPRET=1``): they run on the CPU.'''
     triton = pytest.importorskip('triton')
-    from zennit_mamba import ssd_triton
+    from zennit_mamba.kernels import ssd_triton
 
     if tuple(int(part) for part in triton.__version__.split('.')[:2]) < (3, 8):
         # seen with Triton 3.6 and NumPy 2: its interpreter cannot take a loop bound passed as an argument
@@ -319,7 +319,7 @@ def test_triton_ssd_forward_and_transposed_scan_match_the_recurrence(
         interpreted_triton, batch, length, heads, groups, head_dim, state, chunk):
     '''The Triton SSD (interpreted on the CPU, float32), as the forward and as the transposed scan of the SSM rule's
     backward, equals the step-by-step recurrence and autograd through it (float64 on the float32-rounded inputs).'''
-    from zennit_mamba import ssd
+    from zennit_mamba.kernels import ssd
 
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(batch, length, heads, head_dim, generator=generator).requires_grad_()

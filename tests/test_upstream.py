@@ -8,10 +8,11 @@ from transformers.models.mamba.modeling_mamba import MambaMixer
 from conftest import embed, explain, make_mamba, relative_error, snapshot
 from test_families import build, embeddings_for
 
-from zennit_mamba import FAMILIES, MambaCanonizer, MambaComposite, RuleSet, UpstreamChangedError, upstream
+from zennit_mamba import FAMILIES, MambaCanonizer, MambaComposite, RuleSet, UpstreamChangedError
+from zennit_mamba.core import upstream
 from zennit_mamba.canonizers import ForwardCanonizer
-from zennit_mamba.mamba1 import transformers_forward
-from zennit_mamba.upstream import _hook_added_during_the_call_runs, check_hooks_added_during_a_call
+from zennit_mamba.mixers.mamba1 import transformers_forward
+from zennit_mamba.core.upstream import _hook_added_during_the_call_runs, check_hooks_added_during_a_call
 
 TRANSFORMERS_VERSION = importlib.metadata.version('transformers')
 

@@ -7,7 +7,7 @@ from captum_mamba import LayerMambaLRP, MambaLRP
 from conftest import assert_snapshots_equal, relative_error, snapshot
 from reference import vim_reference_relevance
 from zennit_mamba import MambaComposite
-from zennit_mamba.vim import VisionMamba, vim_base, vim_small, vim_tiny
+from zennit_mamba.families.vim import VisionMamba, vim_base, vim_small, vim_tiny
 
 
 def official_shapes(dim: int, depth: int = 24, classes: int = 1000, patches: int = 196, patch: int = 16) -> dict:

@@ -1,14 +1,14 @@
 '''MambaLRP for Zennit: the rules, the canonizer that binds them into Mamba mixers, and the composite.'''
-from .canonizers import MambaCanonizer
-from .composite import MambaComposite
-from .hooks import ExplainedModel, ZennitRule
-from .rules import (
+from zennit_mamba.canonizers import MambaCanonizer
+from zennit_mamba.composite import MambaComposite
+from zennit_mamba.core.hooks import ExplainedModel, ZennitRule
+from zennit_mamba.rules import (
     MAMBA_LRP_RULES, AttentionRule, DetachSelection, HalfRule, LNRule, Rule, RuleSet, SiLUIdentity,
 )
-from .scan import selective_scan
-from .ssd import ssd_scan
-from .support import FAMILIES, UnsupportedModelError, check_supported
-from .upstream import UpstreamChangedError
+from zennit_mamba.kernels.scan import selective_scan
+from zennit_mamba.kernels.ssd import ssd_scan
+from zennit_mamba.support import FAMILIES, UnsupportedModelError, check_supported
+from zennit_mamba.core.upstream import UpstreamChangedError
 
 __all__ = [
     'FAMILIES',

@@ -4,7 +4,7 @@ Each supported mixer class (:data:`~zennit_mamba.support.FAMILIES`) gets a canon
 original computes on the full-sequence path, through the mixer's own projections and the rule set bound to it
 (:py:class:`~zennit_mamba.rules.RuleSet`). Forward values are unchanged; removing the canonizer restores each instance
 exactly. Before any module changes, every upstream forward's signature is compared with the canonized one
-(:py:func:`~zennit_mamba.upstream.check_forward_signature`).
+(:py:func:`~zennit_mamba.core.upstream.check_forward_signature`).
 '''
 import functools
 from typing import Callable, Collection, Iterable, List, Optional, Tuple, Type
@@ -12,10 +12,10 @@ from typing import Callable, Collection, Iterable, List, Optional, Tuple, Type
 import torch
 from zennit.canonizers import Canonizer, CompositeCanonizer
 
-from .instance import CanonizedForward, InstanceAttributes, bind_forward, replaced_forward
-from .rules import RuleSet
-from .support import FAMILIES, MAMBA_SSM_STRUCTURE, UnsupportedModelError, module_class
-from .upstream import check_forward_signature
+from zennit_mamba.core.instance import CanonizedForward, InstanceAttributes, bind_forward, replaced_forward
+from zennit_mamba.rules import RuleSet
+from zennit_mamba.support import FAMILIES, MAMBA_SSM_STRUCTURE, UnsupportedModelError, module_class
+from zennit_mamba.core.upstream import check_forward_signature
 
 
 class ForwardCanonizer(Canonizer):
@@ -49,7 +49,7 @@ class ForwardCanonizer(Canonizer):
         self.attributes: Optional[InstanceAttributes] = None
 
     def check_signature(self) -> None:
-        '''Raise :py:class:`~zennit_mamba.upstream.UpstreamChangedError` where the upstream forward takes other
+        '''Raise :py:class:`~zennit_mamba.core.upstream.UpstreamChangedError` where the upstream forward takes other
         parameters than the canonized one.'''
         _check_signature_once(self.module_type, self.module_type.forward, self.forward, self.added_parameters)
 
@@ -80,7 +80,7 @@ def _canonize_by_type(named_modules: Iterable[Tuple[str, torch.nn.Module]],
                       canonizers: List[ForwardCanonizer]) -> List[ForwardCanonizer]:
     '''Register a copy of the canonizer of each module's exact type on it; on any error, remove those registered and
     re-raise. The signatures of the forwards to replace are checked first, and a module whose forward is not its
-    class's own (:py:func:`~zennit_mamba.instance.replaced_forward`) is refused: the canonized forward would drop it.'''
+    class's own (:py:func:`~zennit_mamba.core.instance.replaced_forward`) is refused: the canonized forward would drop it.'''
     by_type = {canonizer.module_type: canonizer for canonizer in canonizers}
     targets = [(by_type[type(module)], name, module) for name, module in named_modules if type(module) in by_type]
     for canonizer in {id(canonizer): canonizer for canonizer, _, _ in targets}.values():

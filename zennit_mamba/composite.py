@@ -14,12 +14,12 @@ from zennit.core import Composite, Hook
 from zennit.rules import Gamma
 from zennit.types import Convolution, Linear
 
-from . import hybrid
-from .canonizers import ForwardCanonizer, MambaCanonizer
-from .hooks import ExplainedModel, ZennitRule
-from .instance import InstanceAttributes
-from .rules import MAMBA_LRP_RULES, Rule, RuleSet
-from .support import check_recompute, check_supported, mixer_types, walk_outside_mixers
+from zennit_mamba.core import layers
+from zennit_mamba.canonizers import ForwardCanonizer, MambaCanonizer
+from zennit_mamba.core.hooks import ExplainedModel, ZennitRule
+from zennit_mamba.core.instance import InstanceAttributes
+from zennit_mamba.rules import MAMBA_LRP_RULES, Rule, RuleSet
+from zennit_mamba.support import check_recompute, check_supported, mixer_types, walk_outside_mixers
 
 #: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
 # Vim's backward branch has its own convolution and selection projections (conv1d_b, x_proj_b, dt_proj_b)
@@ -56,8 +56,8 @@ class MambaComposite(Composite):
     that computes through a :py:class:`~zennit_mamba.rules.RuleSet` (SiLU identity, detached selection, half rule,
     LN-rule in the gated norm); the module map puts the same rules on the model's other modules (RMS norms,
     activations, and in hybrids attention, routers, gated MLPs and experts), Zennit rules from ``gamma`` and
-    ``layer_map`` on the layers they select (:py:class:`~zennit_mamba.hooks.ZennitRule`), and
-    :py:class:`~zennit_mamba.hooks.ExplainedModel` on the root, which turns relevance into gradient where the
+    ``layer_map`` on the layers they select (:py:class:`~zennit_mamba.core.hooks.ZennitRule`), and
+    :py:class:`~zennit_mamba.core.hooks.ExplainedModel` on the root, which turns relevance into gradient where the
     outermost call's output is and back at its input. The whole explanation is then one gradient.
 
     Parameters
@@ -278,15 +278,15 @@ class MambaComposite(Composite):
         return self._rule_for(module)
 
     def _rule_for(self, module: torch.nn.Module) -> Optional[Hook]:
-        if type(module) in hybrid.PLAIN_LAYERS:
+        if type(module) in layers.PLAIN_LAYERS:
             return None  # most of a model's modules: decided before the hybrid checks, which look up attributes
-        if isinstance(module, hybrid.activation_types()):
+        if isinstance(module, layers.activation_types()):
             return self.rule_set.rule('silu')
-        if hybrid.is_rms_norm(module) or isinstance(module, torch.nn.LayerNorm):
+        if layers.is_rms_norm(module) or isinstance(module, torch.nn.LayerNorm):
             return self.rule_set.rule('norm')
-        if hybrid.is_attention(module) or type(module).__name__.endswith('Router') or hybrid.is_excitation(module):
+        if layers.is_attention(module) or type(module).__name__.endswith('Router') or layers.is_excitation(module):
             return self.rule_set.rule('attention')
-        if hybrid.is_experts(module) or hybrid.gated_mlp_output(module) is not None:
+        if layers.is_experts(module) or layers.gated_mlp_output(module) is not None:
             return self.rule_set.rule('gate')
         return None
 

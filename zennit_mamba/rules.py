@@ -3,7 +3,7 @@
 Every rule changes the *gradient* of one operation and leaves its forward value alone (the "efficient" form of LXT):
 with all of them in place, a Mamba model is linear in its input embeddings (biases zeroed), and gradient x input of
 the whole forward is the relevance, ``R = x * J^T (R_out / y)``; inside the model the relevance of any tensor ``h``
-is ``h * gradient`` (:py:class:`~zennit_mamba.hooks.ExplainedModel` converts at the two ends).
+is ``h * gradient`` (:py:class:`~zennit_mamba.core.hooks.ExplainedModel` converts at the two ends).
 
 Each rule has one function, ``apply``, the equation itself. The canonized Mamba mixers call it through the
 :py:class:`RuleSet` that :py:class:`~zennit_mamba.canonizers.MambaCanonizer` binds into their forwards; on a
@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
-from . import hybrid
-from .instance import bind_forward, instance_forward
-from .scan import selective_scan
-from .ssd import ssd_scan
-from .switch import RuleSwitch, acts
+from zennit_mamba.core import layers
+from zennit_mamba.core.instance import bind_forward, instance_forward
+from zennit_mamba.kernels.scan import selective_scan
+from zennit_mamba.kernels.ssd import ssd_scan
+from zennit_mamba.core.switch import RuleSwitch, acts
 
 #: the MambaLRP rules that can be switched on and off (``'attention'`` acts in hybrid models only)
 MAMBA_LRP_RULES = frozenset({'silu', 'ssm', 'gate', 'norm', 'attention'})
@@ -88,7 +88,7 @@ class Rule(Hook):
 
     def __init__(self):
         super().__init__()
-        #: whether the rule acts on a call (:py:class:`~zennit_mamba.switch.RuleSwitch`): the composite's, once it
+        #: whether the rule acts on a call (:py:class:`~zennit_mamba.core.switch.RuleSwitch`): the composite's, once it
         #: attaches the rule; None (always) for a rule registered on its own
         self.switch: Optional[RuleSwitch] = None
 
@@ -273,10 +273,10 @@ class HalfRule(Rule):
 
     def register(self, module: torch.nn.Module) -> RemovableHandleList:
         handles = RemovableHandleList([RemovableHandle(self)])
-        if hybrid.is_experts(module):
-            handles.append(hybrid.select_implementation(module, gate=self._apply_where_on))
+        if layers.is_experts(module):
+            handles.append(layers.select_implementation(module, gate=self._apply_where_on))
             return handles
-        output = hybrid.gated_mlp_output(module)
+        output = layers.gated_mlp_output(module)
         if output is None:
             raise TypeError(f'HalfRule applies to gated MLPs and experts, not to {type(module).__name__}')
         handles.append(getattr(module, output).register_forward_pre_hook(self._halve_input))
@@ -307,7 +307,7 @@ class DetachSelection(Rule):
 class AttentionRule(Rule):
     '''CP-LRP for the attention of hybrids, the analogue of the SSM rule: ``o = P V`` with the probabilities ``P``
     held constant, so relevance flows through the values only (``P`` is computed from the queries and keys alone,
-    which :py:func:`~zennit_mamba.hybrid.attention_forward` holds constant inside SDPA); the routing weights of
+    which :py:func:`~zennit_mamba.core.layers.attention_forward` holds constant inside SDPA); the routing weights of
     mixtures of experts and the scales ``s(x)`` of squeeze-and-excitation ``x * s(x)`` (EfficientViM) are held
     constant likewise.
     '''
@@ -320,8 +320,8 @@ class AttentionRule(Rule):
 
     def register(self, module: torch.nn.Module) -> RemovableHandleList:
         handles = RemovableHandleList([RemovableHandle(self)])
-        if hybrid.is_attention(module):
-            handles.append(hybrid.select_implementation(module, probabilities=self._apply_where_on))
+        if layers.is_attention(module):
+            handles.append(layers.select_implementation(module, probabilities=self._apply_where_on))
         else:
             handles.append(module.register_forward_hook(self._on_output_where_on))
         return handles
@@ -330,7 +330,7 @@ class AttentionRule(Rule):
         return self.apply(constant) if self.acts() else constant
 
     def on_output(self, module, args, output):
-        if hybrid.is_excitation(module):
+        if layers.is_excitation(module):
             # squeeze-and-excitation x * s(x): the per-channel scale s = output / x held constant
             return identity_rule(args[0], output)
         # a router: every output (weights, indices) held constant
@@ -369,7 +369,7 @@ class RuleSet:
             raise ValueError(f'Unknown MambaLRP rules {sorted(unknown)}; choose from {sorted(MAMBA_LRP_RULES)}.')
         self.recompute = recompute
         #: whether the rules act on a call: while off, a canonized mixer runs its own forward
-        #: (:py:class:`~zennit_mamba.instance.CanonizedForward`)
+        #: (:py:class:`~zennit_mamba.core.instance.CanonizedForward`)
         self.switch = RuleSwitch()
 
     def __repr__(self) -> str:
@@ -406,28 +406,28 @@ class RuleSet:
 
     def fuses_branch(self) -> bool:
         '''Whether a Mamba-1 branch's SiLU, scan and gate may run as one fused function
-        (:py:class:`~zennit_mamba.fused.SiLUScanGate`).'''
+        (:py:class:`~zennit_mamba.kernels.fused.SiLUScanGate`).'''
         return self.fuses({'silu', 'ssm', 'gate'}, ('activation', 'selection', 'scan', 'gate'))
 
     def fuses_gated_norm(self) -> bool:
         '''Whether a Mamba-2 gated RMS normalisation may run as one fused function
-        (:py:class:`~zennit_mamba.fused.GatedRMSNorm`).'''
+        (:py:class:`~zennit_mamba.kernels.fused.GatedRMSNorm`).'''
         return self.fuses({'silu', 'gate', 'norm'}, ('activation', 'gate', 'norm'))
 
     def scan(self, x, delta, A, B, C, D, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.scan.selective_scan`) with the selection rule; from
+        '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.kernels.scan.selective_scan`) with the selection rule; from
         ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
         delta, A, B, C = self.selection(delta, A, B, C)
         return selective_scan(x, delta, A, B, C, D, initial_state=initial_state)
 
     def scans_in_time_blocks(self) -> bool:
         '''Whether a mixer may run over time blocks, each scan continued from the previous block's last state
-        (:py:data:`~zennit_mamba.mixer_io.CPU_TIME_BLOCK`): not where a subclass changes a scan, which then sees
+        (:py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK`): not where a subclass changes a scan, which then sees
         the whole sequence at once.'''
         return self.fuses((), ('scan', 'ssd'))
 
     def ssd(self, x, delta, A, B, C, D, chunk_size: int, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        '''The Mamba-2 SSD scan (:py:func:`~zennit_mamba.ssd.ssd_scan`) with the selection rule; from
+        '''The Mamba-2 SSD scan (:py:func:`~zennit_mamba.kernels.ssd.ssd_scan`) with the selection rule; from
         ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
         delta, A, B, C = self.selection(delta, A, B, C)
         return ssd_scan(x, delta, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state)

@@ -10,11 +10,13 @@ from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Seq
 
 import torch
 
-from . import efficientvim, hybrid, mamba1, mamba2, mamba_ssm_blocks, vim
-from ._optional import optional_class as module_class
-from .instance import is_canonized
-from .offload import offloading_hooks
-from .walk import modules_parents_first
+from zennit_mamba.core import layers
+from zennit_mamba.families import efficientvim, mamba_ssm, vim
+from zennit_mamba.mixers import mamba1, mamba2
+from zennit_mamba._optional import optional_class as module_class
+from zennit_mamba.core.instance import is_canonized
+from zennit_mamba.core.offload import offloading_hooks
+from zennit_mamba.core.walk import modules_parents_first
 
 
 class Family(NamedTuple):
@@ -26,7 +28,7 @@ class Family(NamedTuple):
     forward: Callable  #: its canonized forward, ``forward(rules, mixer, ...)``
     hybrid: bool  #: whether attention or MLP layers sit beside the Mamba layers
     #: submodules whose weights the original forward reads without calling them, which the canonized forward calls
-    #: (so that rules and Captum's layer methods can attach; :py:func:`~zennit_mamba.mixer_io.call_read_module`):
+    #: (so that rules and Captum's layer methods can attach; :py:func:`~zennit_mamba.mixers.io.call_read_module`):
     #: a hook on one acts only under MambaLRP, so a pre-hook there is refused (it may change the module, as
     #: spectral_norm's does)
     uncalled: Tuple[str, ...] = ()
@@ -57,14 +59,14 @@ FAMILIES: Tuple[Family, ...] = (
            False, uncalled=('conv1d', 'dt_proj')),
     Family('Mamba-2', 'mamba-ssm', 'mamba_ssm.modules.mamba2', 'Mamba2', mamba2.mamba_ssm_forward, False,
            uncalled=('conv1d',)),
-    Family('Vision Mamba (Vim)', 'mamba-lrp', 'zennit_mamba.vim', 'BidirectionalMamba', vim.canonized_forward, False),
+    Family('Vision Mamba (Vim)', 'mamba-lrp', 'zennit_mamba.families.vim', 'BidirectionalMamba', vim.canonized_forward, False),
     Family('EfficientViM', 'timm', 'timm.models.efficientvim', 'HSMSSD', efficientvim.hsmssd_forward, False),
 )
 
 #: mamba-ssm's blocks and backbone, canonized beside its mixers: (module, class, forward, parameters it adds)
 MAMBA_SSM_STRUCTURE = (
-    ('mamba_ssm.modules.block', 'Block', mamba_ssm_blocks.block_forward, ()),
-    ('mamba_ssm.models.mixer_seq_simple', 'MixerModel', mamba_ssm_blocks.backbone_forward, ('inputs_embeds',)),
+    ('mamba_ssm.modules.block', 'Block', mamba_ssm.block_forward, ()),
+    ('mamba_ssm.models.mixer_seq_simple', 'MixerModel', mamba_ssm.backbone_forward, ('inputs_embeds',)),
 )
 
 # Mamba-like mixers whose forward the canonizers do not know: explaining through them would be silently wrong
@@ -221,7 +223,7 @@ def check_supported(model: torch.nn.Module, walk: Optional[Sequence[Tuple[str, t
     supported_types = mixer_types()
     supported, unsupported = [], _unsupported_mamba_ssm_parts(named_modules)
     if _holds_hybrid_mixer(named_modules):
-        unsupported += hybrid.unsupported_parts(model, supported_types)
+        unsupported += layers.unsupported_parts(model, supported_types)
     uncalled = _uncalled_children()
     for name, module in named_modules:
         if type(module) in supported_types:

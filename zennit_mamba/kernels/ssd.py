@@ -14,9 +14,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._optional import mamba_ssm_chunk_scan
-from .scan import BLOCK_ELEMENTS, SMALLEST_STEP, check_initial_state, uses_kernel
-from .ssd_triton import triton_ssd, triton_ssd_applies
+from zennit_mamba._optional import mamba_ssm_chunk_scan
+from zennit_mamba.kernels.scan import BLOCK_ELEMENTS, SMALLEST_STEP, check_initial_state, uses_kernel
+from zennit_mamba.kernels.ssd_triton import triton_ssd, triton_ssd_applies
 
 #: longest chunk of :py:class:`_LinearSSD` on the CPU: the within-chunk products cost ``length * chunk`` per head, the
 #: carried states ``length * head_dim * state`` whatever the chunk, so short chunks are cheaper there (the model's 256:
@@ -84,7 +84,7 @@ def _ssd(x_dt, log_step, B, C, chunk_size, initial_state=None) -> Tuple[torch.Te
 def _pytorch_ssd(x, log_step, B, C, chunk_size, input_scale=None, output_scale=None, skip=None,
                  reverse=False, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
     '''The SSD core with its input and output scaled and the skip, in either direction of time (the interface
-    :py:func:`~zennit_mamba.ssd_triton.triton_ssd` shares): :py:func:`_ssd` of
+    :py:func:`~zennit_mamba.kernels.ssd_triton.triton_ssd` shares): :py:func:`_ssd` of
     ``u = x * input_scale`` in scan order (reversed where ``reverse``) from ``initial_state`` where given, then
     ``out = output_scale * y + skip * x`` in the order of ``x``.
 
@@ -107,7 +107,7 @@ def _pytorch_ssd(x, log_step, B, C, chunk_size, input_scale=None, output_scale=N
 
 def _exact_ssd(core, x, dt, A, B, C, D, chunk_size, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
     '''The SSD with skip in the promoted dtype of ``x`` (float32 or wider) by ``core`` (:py:func:`_pytorch_ssd` or
-    :py:func:`~zennit_mamba.ssd_triton.triton_ssd`), from ``initial_state`` where given (the PyTorch core only).'''
+    :py:func:`~zennit_mamba.kernels.ssd_triton.triton_ssd`), from ``initial_state`` where given (the PyTorch core only).'''
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, dt, A, B, C, D = (tensor.to(dtype) for tensor in (x, dt, A, B, C, D))
     return core(x, dt * A, B, C, chunk_size, input_scale=dt, skip=D,
@@ -211,7 +211,7 @@ def ssd_scan(
     implementation : {'auto', 'torch', 'mamba_ssm'}, optional
         ``'auto'`` uses mamba-ssm's ``mamba_chunk_scan_combined`` for CUDA float16/bfloat16 tensors where mamba-ssm
         is installed. Its Triton matrix products round float32 inputs to TF32 (about 1e-3 relative error, measured
-        on an H100), so CUDA float32 takes this package's Triton SSD (:py:mod:`~zennit_mamba.ssd_triton`, products
+        on an H100), so CUDA float32 takes this package's Triton SSD (:py:mod:`~zennit_mamba.kernels.ssd_triton`, products
         exact to float32 rounding) where the selection is constant (MambaLRP's SSM rule, or no gradient taken),
         and the PyTorch computation otherwise, as every other device and dtype does; ``'torch'`` always takes the
         PyTorch computation; ``'mamba_ssm'`` asks for mamba-ssm's kernel anyway.

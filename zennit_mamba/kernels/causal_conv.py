@@ -20,8 +20,8 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from .mixer_io import called_plainly
-from .ssd_triton import blocks, on_device_of
+from zennit_mamba.mixers.io import called_plainly
+from zennit_mamba.kernels.ssd_triton import blocks, on_device_of
 
 #: positions and channels of a program's tile
 _BLOCK_TIME, _BLOCK_CHANNELS = 64, 128
@@ -31,7 +31,7 @@ def applies(conv1d: torch.nn.Module, inputs: torch.Tensor) -> bool:
     '''Whether :py:class:`CausalConv` computes ``conv1d`` on the time-major ``inputs``
     ``(batch, length, channels)`` exactly as calling it would: ``conv1d`` is a plain ``torch.nn.Conv1d``, depthwise
     and causal (padding ``K - 1`` with zeros, stride and dilation 1), called with nothing observing the call
-    (:py:func:`~zennit_mamba.mixer_io.called_plainly`), the inputs and the weight of a dtype whose arithmetic float32
+    (:py:func:`~zennit_mamba.mixers.io.called_plainly`), the inputs and the weight of a dtype whose arithmetic float32
     holds (float32, float16, bfloat16), the inputs on a GPU, and Triton installed.
 
     Parameters

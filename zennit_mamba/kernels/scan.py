@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._optional import mamba_ssm_selective_scan
+from zennit_mamba._optional import mamba_ssm_selective_scan
 
 #: longest chunk; a chunk takes one vectorised step per position
 MAX_CHUNK = 64

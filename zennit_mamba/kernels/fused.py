@@ -32,9 +32,9 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._optional import mamba_ssm_scan_extension
-from .scan import SMALLEST_STEP
-from .ssd_triton import blocks, on_device_of, power_of_two
+from zennit_mamba._optional import mamba_ssm_scan_extension
+from zennit_mamba.kernels.scan import SMALLEST_STEP
+from zennit_mamba.kernels.ssd_triton import blocks, on_device_of, power_of_two
 
 #: elements per program of the Triton kernels of :py:func:`branch_gradients`
 _BLOCK = 1024

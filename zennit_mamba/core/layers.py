@@ -18,9 +18,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from .instance import InstanceAttributes
-from .mixer_io import refuse_keywords
-from .walk import modules_parents_first
+from zennit_mamba.core.instance import InstanceAttributes
+from zennit_mamba.mixers.io import refuse_keywords
+from zennit_mamba.core.walk import modules_parents_first
 
 
 #: the attention and experts implementation registered with transformers for explained models

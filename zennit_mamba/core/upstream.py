@@ -86,7 +86,7 @@ def check_forward_signature(
     >>> check_forward_signature(Upstream, lambda self, hidden_states, cache_params=None: hidden_states)
     Traceback (most recent call last):
     ...
-    zennit_mamba.upstream.UpstreamChangedError: ...Upstream.forward takes a parameter 'cache' that MambaLRP's...
+    zennit_mamba.core.upstream.UpstreamChangedError: ...Upstream.forward takes a parameter 'cache' that MambaLRP's...
     '''
     upstream = forward_parameters(module_type.forward)
     canonized = tuple(parameter for parameter in forward_parameters(canonized_forward) if parameter[0] not in added)
@@ -139,7 +139,7 @@ def check_hooks_added_during_a_call() -> None:
     '''Raise :py:class:`UpstreamChangedError` unless torch runs a forward hook that a forward pre-hook of the same
     call registered, after the forward and also when the forward raises (once per process).
 
-    :py:class:`~zennit_mamba.hooks.ExplainedModel` registers the hook where relevance enters that way, on the module
+    :py:class:`~zennit_mamba.core.hooks.ExplainedModel` registers the hook where relevance enters that way, on the module
     of the outermost call only; a torch that read the hooks before the forward would leave the output unconverted and
     the explanation a plain gradient.
     '''

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .hooks import ZennitRule
-from .offload import weights_in_place
-from .ssd_triton import on_device_of
+from zennit_mamba.core.hooks import ZennitRule
+from zennit_mamba.core.offload import weights_in_place
+from zennit_mamba.kernels.ssd_triton import on_device_of
 
 #: keyword arguments that hybrid models pass to every layer and that neither the Mamba path nor MambaLRP's attention
 #: reads (transformers' own mixers hand them to kernels that ignore them): the only ones accepted and not used

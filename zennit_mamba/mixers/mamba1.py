@@ -5,7 +5,7 @@ Every operation on the relevance path runs through the mixer's own ``in_proj``, 
 that Zennit rules such as Gamma can attach to them) or through the :py:class:`~zennit_mamba.rules.RuleSet` the
 canonizer bound: the SiLUs, the scan with its selection, the gate. transformers' own forward calls functional kernels
 and ``dt_proj.weight`` directly instead. On a CPU, long inputs run through the mixer in time blocks
-(:py:data:`~zennit_mamba.mixer_io.CPU_TIME_BLOCK`), so that its projections and convolution are called once per
+(:py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK`), so that its projections and convolution are called once per
 block.
 '''
 import contextlib
@@ -15,9 +15,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import fused as fused_branch
-from .hybrid import has_submodules
-from .mixer_io import (
+from zennit_mamba.kernels import fused as fused_branch
+from zennit_mamba.core.layers import has_submodules
+from zennit_mamba.mixers.io import (
     MixerOutput, call_read_module, mask_padding, over_time_blocks, run_mixer, with_mamba_ssm_cache,
     with_transformers_cache,
 )
@@ -33,7 +33,7 @@ def mamba1_mixer(
     blocks_allowed: bool = False,
 ) -> MixerOutput:
     '''Run a Mamba-1 mixer on ``(batch, length, hidden)`` normalised hidden states under ``rules``; where
-    ``blocks_allowed``, on a CPU, over time blocks of :py:data:`~zennit_mamba.mixer_io.CPU_TIME_BLOCK` positions (the
+    ``blocks_allowed``, on a CPU, over time blocks of :py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK` positions (the
     same values and relevance as at once).
 
     Parameters
@@ -49,7 +49,7 @@ def mamba1_mixer(
     time_step_rank, state_size : int
         Split sizes of the ``x_proj`` output: ``dt``, ``B`` and ``C``.
     blocks_allowed : bool, optional
-        Whether the mixer may run over time blocks (where :py:func:`~zennit_mamba.mixer_io.runs_in_time_blocks`:
+        Whether the mixer may run over time blocks (where :py:func:`~zennit_mamba.mixers.io.runs_in_time_blocks`:
         on a CPU, for inputs longer than one block, with the standard scan, no hook inside the mixer); then the
         returned convolution input is the last block's only, so a cache that keeps more than its last positions must
         not ask for blocks.
@@ -66,7 +66,7 @@ def mamba1_mixer(
 def _mixer_block(rules, mixer: torch.nn.Module, time_step_rank: int, state_size: int, hidden_states: torch.Tensor,
                  attention_mask: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
                  context: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    '''The mixer on consecutive positions (a :py:data:`~zennit_mamba.mixer_io.MixerBlock`): the output, the input of
+    '''The mixer on consecutive positions (a :py:data:`~zennit_mamba.mixers.io.MixerBlock`): the output, the input of
     the convolution and the scan's last state (both with gradients).'''
     dtype = hidden_states.dtype
     projected = mixer.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
@@ -95,7 +95,7 @@ class SelectiveParts(NamedTuple):
     normalisers: Optional[Tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]] = None
     #: whether the original forward calls ``conv1d`` and ``dt_proj`` (Vim's does); where not (transformers',
     #: mamba-ssm's read their weights), a hook that changes their output is refused
-    #: (:py:func:`~zennit_mamba.mixer_io.call_read_module`)
+    #: (:py:func:`~zennit_mamba.mixers.io.call_read_module`)
     called_by_original: bool = True
 
 

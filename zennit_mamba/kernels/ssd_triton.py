@@ -1,8 +1,8 @@
 '''Mamba-2's chunked SSD scan as four Triton kernels whose float32 matrix products are exact to float32 rounding.
 
 mamba-ssm's Triton SSD rounds float32 operands of its matrix products to TF32 (10 mantissa bits); the PyTorch SSD
-(:py:func:`~zennit_mamba.ssd._ssd`) is exact but forms every ``chunk x chunk`` mixing matrix in memory. These kernels
-compute the same chunked form as :py:func:`~zennit_mamba.ssd._ssd` with ``tf32x3`` products (each operand split
+(:py:func:`~zennit_mamba.kernels.ssd._ssd`) is exact but forms every ``chunk x chunk`` mixing matrix in memory. These kernels
+compute the same chunked form as :py:func:`~zennit_mamba.kernels.ssd._ssd` with ``tf32x3`` products (each operand split
 into a TF32 head and tail, three tensor-core products: float32 accuracy at tensor-core speed); only the ``C . B``
 products of a chunk reach memory, once per group of heads, and the decay-weighted mixing stays in registers:
 
@@ -19,7 +19,7 @@ scale, skip and mask past the length as they go: no reversed, scaled or padded c
 
 ``log_decay`` is the cumulative sum of the non-positive log-steps within a chunk, so every decay formed is at most 1.
 They have no backward of their own: MambaLRP's SSM rule makes the scan linear, and its backward is the same scan
-in reversed time (:py:class:`~zennit_mamba.ssd._LinearSSD`). With ``TRITON_INTERPRET=1`` they run on the CPU.
+in reversed time (:py:class:`~zennit_mamba.kernels.ssd._LinearSSD`). With ``TRITON_INTERPRET=1`` they run on the CPU.
 '''
 import contextlib
 import functools
@@ -250,7 +250,7 @@ def triton_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torc
                input_scale: Optional[torch.Tensor] = None, output_scale: Optional[torch.Tensor] = None,
                skip: Optional[torch.Tensor] = None, reverse: bool = False,
                initial_state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    '''The SSD of :py:func:`~zennit_mamba.ssd._pytorch_ssd` (the same arguments and results) in float32: in scan
+    '''The SSD of :py:func:`~zennit_mamba.kernels.ssd._pytorch_ssd` (the same arguments and results) in float32: in scan
     order (reversed time where ``reverse``), ``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} log_step_r) (C_t . B_s) u_s``
     with ``u = x * input_scale``, and ``out = output_scale * y + skip * x``.
 

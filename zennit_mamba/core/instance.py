@@ -7,8 +7,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .offload import forward_slot
-from .switch import acts
+from zennit_mamba.core.offload import forward_slot
+from zennit_mamba.core.switch import acts
 
 
 class InstanceAttributes:
@@ -51,7 +51,7 @@ class CanonizedForward(functools.partial):
     '''A canonized forward function with its rule set bound as the first argument: ``function(rules, module, ...)``.
 
     Its own type, so that a canonized module can be recognised (:py:func:`is_canonized`). Where the bound rules have
-    a switch (:py:class:`~zennit_mamba.switch.RuleSwitch`) that is off, the forward it replaced (:py:attr:`original`,
+    a switch (:py:class:`~zennit_mamba.core.switch.RuleSwitch`) that is off, the forward it replaced (:py:attr:`original`,
     bound to the module) runs instead: the module computes as if nothing were registered.
     '''
 

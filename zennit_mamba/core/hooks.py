@@ -19,9 +19,9 @@ import torch
 from torch.nn.utils import parametrize
 from zennit.core import BasicHook, Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
-from .switch import RuleSwitch, acts
-from .upstream import check_hooks_added_during_a_call
-from .walk import modules_parents_first
+from zennit_mamba.core.switch import RuleSwitch, acts
+from zennit_mamba.core.upstream import check_hooks_added_during_a_call
+from zennit_mamba.core.walk import modules_parents_first
 
 StabilizerLike = Union[float, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -216,7 +216,7 @@ class ExplainedModel(Hook):
     A pre-hook on each tracked module notices the outermost call, which then registers the exit hook on its own module
     only, for the rest of the call (one hook per module instead of two: registration is host time on every
     explanation); that torch runs a hook registered this way is checked once per process
-    (:py:func:`~zennit_mamba.upstream.check_hooks_added_during_a_call`).
+    (:py:func:`~zennit_mamba.core.upstream.check_hooks_added_during_a_call`).
 
     Parameters
     ----------
@@ -231,7 +231,7 @@ class ExplainedModel(Hook):
         super().__init__()
         self.stabilizer = stabilizer
         self.opaque = opaque
-        #: whether the ends convert a call (:py:class:`~zennit_mamba.switch.RuleSwitch`; None: always)
+        #: whether the ends convert a call (:py:class:`~zennit_mamba.core.switch.RuleSwitch`; None: always)
         self.switch: Optional[RuleSwitch] = None
         #: set by remove(): a gradient through this explanation's graph is refused from then on
         self.removed = False
@@ -433,7 +433,7 @@ class ZennitRule(Hook):
     def __init__(self, rule: Hook):
         super().__init__()
         self.rule = rule
-        #: whether the rule acts on a call (:py:class:`~zennit_mamba.switch.RuleSwitch`; None: always)
+        #: whether the rule acts on a call (:py:class:`~zennit_mamba.core.switch.RuleSwitch`; None: always)
         self.switch: Optional[RuleSwitch] = None
         #: whether the rule may give relevance to zero inputs (then checked in each backward pass)
         self.may_credit_zero_inputs = _may_credit_zero_inputs(rule)

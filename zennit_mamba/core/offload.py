@@ -11,7 +11,7 @@ from typing import ContextManager, List, Tuple
 
 import torch
 
-from .walk import modules_parents_first
+from zennit_mamba.core.walk import modules_parents_first
 
 
 def forward_slot(module: torch.nn.Module) -> str:

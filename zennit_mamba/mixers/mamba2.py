@@ -4,11 +4,11 @@
 
 A Mamba-2 mixer is ``in_proj -> conv1d -> core -> out_proj``. The projections run as the mixer's own modules (so that
 Zennit rules such as Gamma can attach to them; on a GPU, a convolution with nothing attached to it runs as
-:py:class:`~zennit_mamba.causal_conv.CausalConv`, the same result without transposing copies); the core holds every
+:py:class:`~zennit_mamba.kernels.causal_conv.CausalConv`, the same result without transposing copies); the core holds every
 nonlinear operation, computed through the :py:class:`~zennit_mamba.rules.RuleSet` the canonizer bound: the activation
 after the convolution, the step sizes, the SSD scan with its selection, the gated RMS norm ``norm(y * silu(gate))`` and,
 in mamba-ssm's variant with ``d_ssm < d_inner``, the gated MLP ``silu(z0) * x0`` beside the SSM. On a CPU, long inputs
-run through the mixer in time blocks (:py:data:`~zennit_mamba.mixer_io.CPU_TIME_BLOCK`), as Mamba-1's do.
+run through the mixer in time blocks (:py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK`), as Mamba-1's do.
 '''
 import functools
 from typing import List, NamedTuple, Optional, Tuple
@@ -16,8 +16,10 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import causal_conv, fused
-from .mixer_io import (
+from zennit_mamba.kernels import causal_conv
+
+from zennit_mamba.kernels import fused
+from zennit_mamba.mixers.io import (
     MixerOutput, call_read_module, mask_padding, over_time_blocks, run_mixer, with_mamba_ssm_cache,
     with_transformers_cache,
 )
@@ -135,7 +137,7 @@ def mamba2_mixer(
 ) -> MixerOutput:
     '''Run a Mamba-2 mixer of ``layout`` on ``(batch, length, hidden)`` hidden states under ``rules``; returns the
     mixer output, the (detached) input of the convolution and the (detached) last scan state, for caches. Where
-    ``blocks_allowed``, on a CPU, over time blocks (:py:func:`~zennit_mamba.mixer_io.runs_in_time_blocks`; the same
+    ``blocks_allowed``, on a CPU, over time blocks (:py:func:`~zennit_mamba.mixers.io.runs_in_time_blocks`; the same
     values and relevance as at once): then the convolution input returned is the last block's only, so a cache that
     keeps more than its last positions must not allow blocks.'''
     block = functools.partial(_mixer_block, rules, mixer, layout)
@@ -145,7 +147,7 @@ def mamba2_mixer(
 def _mixer_block(rules, mixer: torch.nn.Module, layout: Mamba2Layout, hidden_states: torch.Tensor,
                  attention_mask: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
                  context: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    '''The mixer on consecutive positions (a :py:data:`~zennit_mamba.mixer_io.MixerBlock`): the output, the input of
+    '''The mixer on consecutive positions (a :py:data:`~zennit_mamba.mixers.io.MixerBlock`): the output, the input of
     the convolution ``(batch, width, positions)`` and the scan's last state (both with gradients).'''
     hidden_states = mask_padding(hidden_states, attention_mask)
     if getattr(mixer, 'ssm_in_multiplier', None) is not None:
