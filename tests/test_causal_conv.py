@@ -11,7 +11,7 @@ from conftest import explain, relative_error, run_under_triton_interpreter
 from zennit_mamba import MambaComposite
 from zennit_mamba.kernels import causal_conv
 from zennit_mamba.core.hooks import ZennitRule
-from zennit_mamba.mixers.io import called_plainly
+from zennit_mamba.core.instance import called_plainly
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 

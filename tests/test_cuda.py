@@ -389,7 +389,7 @@ def test_fused_branch_is_taken_and_equals_the_operations_in_turn(dtype, monkeypa
     '''All three rules on, on the GPU: each Mamba-1 branch runs the fused function, with the relevance of the rule
     set's operations in turn (float32: 1e-5; bfloat16: rounding of the two paths differs).'''
     import zennit_mamba.kernels.fused as fused
-    from zennit_mamba.rules import RuleSet
+    from zennit_mamba import RuleSet
 
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     model = make_mamba(layers=2, hidden=32).cuda().to(dtype)

@@ -278,6 +278,10 @@ def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, mon
     padding, with gamma on the projections and with the mixers recomputed in the backward pass too (Mamba-1 mixers,
     Mamba-2 mixers with FalconH1's multipliers and Zamba2's shared attention among them).'''
     from conftest import make_mamba
+    import importlib
+    import pkgutil
+
+    from zennit_mamba import families
     from zennit_mamba.mixers import io as mixer_io, mamba1, mamba2
 
     model = make_mamba() if name == 'Mamba' else build(name)
@@ -297,7 +301,10 @@ def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, mon
         return [tensor for result in results for tensor in result[:2]]
 
     calls = []
-    for module in (mamba1, mamba2):
+    # every mixer computation that runs in blocks: Mamba-1's and Mamba-2's, and a family file's own (Zamba's)
+    family_files = [importlib.import_module(f'zennit_mamba.families.{info.name}')
+                    for info in pkgutil.iter_modules(families.__path__)]
+    for module in [mamba1, mamba2] + [module for module in family_files if hasattr(module, '_mixer_block')]:
         monkeypatch.setattr(module, '_mixer_block', lambda *arguments, block_of=module._mixer_block: calls.append(1)
                             or block_of(*arguments))
     whole = outcomes()

@@ -7,7 +7,7 @@ import torch
 from conftest import run_under_triton_interpreter
 from zennit_mamba import MambaComposite
 from zennit_mamba.kernels.fused import branch_gradients
-from zennit_mamba.rules import RuleSet
+from zennit_mamba import RuleSet
 from zennit_mamba.kernels.scan import selective_scan
 
 

@@ -13,8 +13,8 @@ from transformers.models.mamba.modeling_mamba import MambaRMSNorm
 from zennit.core import Hook
 from zennit.rules import Epsilon, Gamma, Pass
 
-from zennit_mamba import AttentionRule, DetachSelection, HalfRule, LNRule, RuleSet, SiLUIdentity, ZennitRule
-from zennit_mamba.rules import runs_standard_rms_norm
+from zennit_mamba import DetachSelection, HalfRule, LNRule, RuleSet, SiLUIdentity, ZennitRule
+from zennit_mamba.core.layers import AttentionProbabilities, GatedProduct, NormRule, runs_standard_rms_norm
 
 
 def gradient_x_input(output, inputs, output_relevance=None):
@@ -97,10 +97,11 @@ def test_half_rule_on_a_gated_mlp_halves_the_product_gradient():
     torch.manual_seed(0)
     mlp = GatedMLP().double()
     x = torch.randn(3, 4, dtype=torch.float64)
-    _, (halved,) = through(HalfRule(), mlp, x)
+    # the half rule attaches to a gated MLP's product as GatedProduct (zennit_mamba.core.layers)
+    _, (halved,) = through(GatedProduct('down_proj'), mlp, x)
     _, (plain,) = through(None, mlp, x)
     assert torch.allclose(halved, 0.5 * plain, rtol=1e-12)
-    with pytest.raises(TypeError, match='gated MLPs and experts'):
+    with pytest.raises(TypeError, match='acts inside canonized Mamba mixers'):
         HalfRule().register(torch.nn.Linear(2, 2))
 
 
@@ -132,7 +133,8 @@ def test_ln_rule_on_a_float32_standard_rms_norm_is_its_forward_with_the_scale_co
         norm.weight.normal_()
     hidden = torch.randn(2, 3, 6)
     original = norm(hidden)
-    handles = LNRule().register(norm)
+    # the LN-rule attaches to a norm as NormRule (zennit_mamba.core.layers)
+    handles = NormRule().register(norm)
     assert 'forward' in vars(norm)  # no hook: the forward itself, with the scale detached
     leaf = hidden.clone().requires_grad_()
     output = norm(leaf)
@@ -251,7 +253,8 @@ def test_attention_rule_makes_attention_linear_in_its_input():
         relevance, = gradient_x_input(output.sum(-1), [h])
         return relevance.sum(-1).sum(-1), output.detach().sum(-1).sum(-1)
 
-    relevance, explained = relevance_sums(AttentionRule())
+    # the attention rule attaches to transformers' attention as AttentionProbabilities (zennit_mamba.core.layers)
+    relevance, explained = relevance_sums(AttentionProbabilities())
     assert torch.allclose(relevance, explained, rtol=1e-12)
     relevance, explained = relevance_sums(None)
     assert not torch.allclose(relevance, explained, rtol=1e-3)

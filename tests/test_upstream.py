@@ -18,8 +18,11 @@ TRANSFORMERS_VERSION = importlib.metadata.version('transformers')
 
 
 def test_every_supported_transformers_class_exists():
-    # a class that vanished would silently get no canonizer: its model would then be refused as unsupported
-    missing = [family.mixer for family in FAMILIES if family.library == 'transformers' and family.mixer_type() is None]
+    # a class that vanished would silently get no canonizer or treatment: its model would then be refused
+    from zennit_mamba.core.family import resolve
+
+    missing = [path for family in FAMILIES if family.library == 'transformers'
+               for path in list(family.canonized) + list(family.layers) if resolve(path) is None]
     assert missing == []
 
 

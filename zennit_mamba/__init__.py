@@ -2,9 +2,8 @@
 from zennit_mamba.canonizers import MambaCanonizer
 from zennit_mamba.composite import MambaComposite
 from zennit_mamba.core.hooks import ExplainedModel, ZennitRule
-from zennit_mamba.rules import (
-    MAMBA_LRP_RULES, AttentionRule, DetachSelection, HalfRule, LNRule, Rule, RuleSet, SiLUIdentity,
-)
+from zennit_mamba.core.ruleset import RuleSet
+from zennit_mamba.rules import MAMBA_LRP_RULES, AttentionRule, DetachSelection, HalfRule, LNRule, Rule, SiLUIdentity
 from zennit_mamba.kernels.scan import selective_scan
 from zennit_mamba.kernels.ssd import ssd_scan
 from zennit_mamba.support import FAMILIES, UnsupportedModelError, check_supported

@@ -1,8 +1,8 @@
 '''The canonizer that binds the MambaLRP rules into the forwards of Mamba mixers.
 
-Each supported mixer class (:data:`~zennit_mamba.support.FAMILIES`) gets a canonized forward that computes what the
-original computes on the full-sequence path, through the mixer's own projections and the rule set bound to it
-(:py:class:`~zennit_mamba.rules.RuleSet`). Forward values are unchanged; removing the canonizer restores each instance
+Each class the family files canonize (:py:func:`~zennit_mamba.support.table`) gets a canonized forward that computes
+what the original computes on the full-sequence path, through the mixer's own projections and the rule set bound to
+it (:py:class:`~zennit_mamba.core.ruleset.RuleSet`). Forward values are unchanged; removing the canonizer restores each instance
 exactly. Before any module changes, every upstream forward's signature is compared with the canonized one
 (:py:func:`~zennit_mamba.core.upstream.check_forward_signature`).
 '''
@@ -13,9 +13,9 @@ import torch
 from zennit.canonizers import Canonizer, CompositeCanonizer
 
 from zennit_mamba.core.instance import CanonizedForward, InstanceAttributes, bind_forward, replaced_forward
-from zennit_mamba.rules import RuleSet
-from zennit_mamba.support import FAMILIES, MAMBA_SSM_STRUCTURE, UnsupportedModelError, module_class
+from zennit_mamba.core.ruleset import RuleSet
 from zennit_mamba.core.upstream import check_forward_signature
+from zennit_mamba.support import UnsupportedModelError, table
 
 
 class ForwardCanonizer(Canonizer):
@@ -27,7 +27,7 @@ class ForwardCanonizer(Canonizer):
         Exact type of the modules to canonize (subclasses may compute something else, so they do not match).
     forward : callable
         The canonized forward, ``forward(rules, module, *args, **kwargs)``.
-    rules : :py:class:`~zennit_mamba.rules.RuleSet`
+    rules : :py:class:`~zennit_mamba.core.ruleset.RuleSet`
         The rule set the forward closes over.
     added_parameters : collection of str, optional
         Parameters that ``forward`` takes beyond those of ``module_type.forward``, on purpose; every other parameter
@@ -111,7 +111,7 @@ class MambaCanonizer(CompositeCanonizer):
 
     Parameters
     ----------
-    rules : :py:class:`~zennit_mamba.rules.RuleSet`, optional
+    rules : :py:class:`~zennit_mamba.core.ruleset.RuleSet`, optional
         The rules the canonized forwards compute with (all MambaLRP rules by default).
 
     Examples
@@ -129,10 +129,8 @@ class MambaCanonizer(CompositeCanonizer):
 
     def __init__(self, rules: Optional[RuleSet] = None):
         self.rules = RuleSet() if rules is None else rules
-        canonizers = [ForwardCanonizer(family.mixer_type(), family.forward, self.rules)
-                      for family in FAMILIES if family.mixer_type() is not None]
-        canonizers += [ForwardCanonizer(module_class(module, name), forward, self.rules, added)
-                       for module, name, forward, added in MAMBA_SSM_STRUCTURE if module_class(module, name) is not None]
+        canonizers = [ForwardCanonizer(module_type, entry.forward, self.rules, entry.added)
+                      for module_type, entry in table().canonized.items()]
         super().__init__(canonizers)
 
     def apply(self, root_module: torch.nn.Module) -> List[ForwardCanonizer]:

@@ -14,12 +14,14 @@ from zennit.core import Composite, Hook
 from zennit.rules import Gamma
 from zennit.types import Convolution, Linear
 
-from zennit_mamba.core import layers
 from zennit_mamba.canonizers import ForwardCanonizer, MambaCanonizer
 from zennit_mamba.core.hooks import ExplainedModel, ZennitRule
 from zennit_mamba.core.instance import InstanceAttributes
-from zennit_mamba.rules import MAMBA_LRP_RULES, Rule, RuleSet
-from zennit_mamba.support import check_recompute, check_supported, mixer_types, walk_outside_mixers
+from zennit_mamba.core.ruleset import RuleSet
+from zennit_mamba.rules import MAMBA_LRP_RULES, Rule
+from zennit_mamba.support import (
+    check_recompute, check_supported, mixer_types, table, treatment_of, walk_outside_mixers,
+)
 
 #: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
 # Vim's backward branch has its own convolution and selection projections (conv1d_b, x_proj_b, dt_proj_b)
@@ -53,7 +55,7 @@ class MambaComposite(Composite):
     output gradient (e.g. the target logit at one position and zero elsewhere), as for every Zennit composite.
 
     How it works: :py:class:`~zennit_mamba.canonizers.MambaCanonizer` replaces each Mamba mixer's forward by one
-    that computes through a :py:class:`~zennit_mamba.rules.RuleSet` (SiLU identity, detached selection, half rule,
+    that computes through a :py:class:`~zennit_mamba.core.ruleset.RuleSet` (SiLU identity, detached selection, half rule,
     LN-rule in the gated norm); the module map puts the same rules on the model's other modules (RMS norms,
     activations, and in hybrids attention, routers, gated MLPs and experts), Zennit rules from ``gamma`` and
     ``layer_map`` on the layers they select (:py:class:`~zennit_mamba.core.hooks.ZennitRule`), and
@@ -209,7 +211,8 @@ class MambaComposite(Composite):
                 f'layer_map entries {names} select no module of this model (or only modules an earlier entry '
                 f'takes): their rules would act nowhere. Remove them, or name the types the model has.'
             )
-        ruled = ctx.get('ruled', set())
+        # the layers a rule acts on, and those of the selection, where no rule has anything to act on
+        ruled = ctx.get('ruled', set()) | ctx.get('selection', set())
         for name, module, keys in ctx.get('gamma_on_non_layers', ()):
             left = [inner for inner, child in module.named_modules(prefix=name)
                     if isinstance(child, (Linear, Convolution)) and inner not in ruled]
@@ -220,11 +223,14 @@ class MambaComposite(Composite):
                     f'hides the layer it wraps). Select its layers (e.g. \'{name}.*\'), or merge the wrapper into one '
                     f'layer first (peft: merge_and_unload()).'
                 )
-        selected = ctx.get('gamma', {})
+        selected, inert = ctx.get('gamma', {}), ctx.get('gamma_selection', {})
         if self._gamma_everywhere:
             missing = [] if selected else [f'the mixer projections {list(PROJECTIONS)}']
         else:
-            missing = [_describe_key(key, named_modules) for key in self.gamma if key not in selected]
+            # a key that selects only layers of the selection is inert beside others (a list of all projections),
+            # and refused where no key selects anything else
+            missing = [_describe_missing(key, ctx, named_modules) for key in self.gamma
+                       if key not in selected and (key not in inert or not selected)]
         if missing:
             raise ValueError(
                 f'gamma selects no linear or convolution layer for {"; ".join(missing)}: LRP-0 would stay where you '
@@ -258,13 +264,17 @@ class MambaComposite(Composite):
         return True
 
     def mapping(self, ctx: dict, name: str, module: torch.nn.Module) -> Optional[Hook]:
-        '''The hook for one module (modules come parent first), or None to leave its gradient unmodified.'''
+        '''The hook for one module (modules come parent first), or None to leave its gradient unmodified: a rule of
+        ``layer_map`` or ``gamma``, else the treatment the family files give the module's class
+        (:py:func:`~zennit_mamba.support.treatment_of`).'''
         if not name:
             return None  # the root takes ExplainedModel, registered after every other hook (see register)
         for index, (types, hook) in enumerate(self.layer_map):
             if isinstance(module, types):
                 ctx.setdefault('layer_map', set()).add(index)
                 ctx.setdefault('ruled', set()).add(name)
+                for key in self._gamma_keys(name, module):
+                    ctx.setdefault('gamma_shadowed', {}).setdefault(key, types)
                 return hook if hook is None or isinstance(hook, Rule) else ZennitRule(hook)
         gamma = self._gamma_for(ctx, name, module) if self.gamma else None
         if gamma is not None:
@@ -272,31 +282,32 @@ class MambaComposite(Composite):
         mixers = ctx.setdefault('mixers', ())
         if name.startswith(mixers):
             return None  # inside a mixer, the canonized forward computes the rules through the rule set
-        if type(module) in mixer_types():
-            ctx['mixers'] = mixers + (f'{name}.',)
+        entry = table().canonized.get(type(module))
+        if entry is not None:
+            if entry.mixer:
+                ctx['mixers'] = mixers + (f'{name}.',)
+                if 'ssm' in self.rule_set.names:
+                    ctx.setdefault('selection', set()).update(f'{name}.{child}' for child in entry.selection)
             return None
-        return self._rule_for(module)
+        treatment = treatment_of(module)
+        return None if treatment is None else treatment.hook_for(self.rule_set.names)
 
-    def _rule_for(self, module: torch.nn.Module) -> Optional[Hook]:
-        if type(module) in layers.PLAIN_LAYERS:
-            return None  # most of a model's modules: decided before the hybrid checks, which look up attributes
-        if isinstance(module, layers.activation_types()):
-            return self.rule_set.rule('silu')
-        if layers.is_rms_norm(module) or isinstance(module, torch.nn.LayerNorm):
-            return self.rule_set.rule('norm')
-        if layers.is_attention(module) or type(module).__name__.endswith('Router') or layers.is_excitation(module):
-            return self.rule_set.rule('attention')
-        if layers.is_experts(module) or layers.gated_mlp_output(module) is not None:
-            return self.rule_set.rule('gate')
-        return None
+    def _gamma_keys(self, name: str, module: torch.nn.Module) -> List[Union[str, type]]:
+        '''The ``gamma`` keys that select ``module`` (at ``name``).'''
+        attribute = name.rsplit('.', 1)[-1]
+        return [key for key in self.gamma
+                if (isinstance(module, key) if isinstance(key, type) else key == attribute or fnmatchcase(name, key))]
 
     def _gamma_for(self, ctx: dict, name: str, module: torch.nn.Module) -> Optional[float]:
         '''The gamma of a linear or convolution layer, from the keys that select it (which must agree); the keys that
         select something are noted in ``ctx`` for :py:meth:`_check_selections`.'''
-        attribute = name.rsplit('.', 1)[-1]
-        keys = [key for key in self.gamma
-                if (isinstance(module, key) if isinstance(key, type) else key == attribute or fnmatchcase(name, key))]
+        keys = self._gamma_keys(name, module)
         if not keys:
+            return None
+        if name in ctx.get('selection', ()):
+            # a layer of the selection, which the SSM rule holds constant: no relevance passes it
+            for key in keys:
+                ctx.setdefault('gamma_selection', {}).setdefault(key, []).append(name)
             return None
         if not isinstance(module, (Linear, Convolution)):
             ctx.setdefault('gamma_on_non_layers', []).append((name, module, keys))
@@ -353,6 +364,18 @@ def _as_tuple(types) -> tuple:
 
 def _key_name(key: Union[str, type]) -> str:
     return key.__name__ if isinstance(key, type) else repr(key)
+
+
+def _describe_missing(key: Union[str, type], ctx: dict, named_modules: List[NamedModule]) -> str:
+    '''Why a ``gamma`` key selected no layer the rule acts on.'''
+    if key in ctx.get('gamma_selection', {}):
+        layers = ctx['gamma_selection'][key]
+        return (f'{_key_name(key)} (it selects {layers[:3]}, layers of the selection, which the SSM rule holds '
+                f'constant: no relevance passes them; with rules= without \'ssm\' it does)')
+    if key in ctx.get('gamma_shadowed', {}):
+        types = ', '.join(kind.__name__ for kind in _as_tuple(ctx['gamma_shadowed'][key]))
+        return f'{_key_name(key)} (the layers it selects take the rule of layer_map\'s entry ({types}) first)'
+    return _describe_key(key, named_modules)
 
 
 def _describe_key(key: Union[str, type], named_modules: List[NamedModule]) -> str:

@@ -1,92 +1,81 @@
-'''The supported Mamba families, in one table, and the check that refuses models MambaLRP cannot explain.
+'''The table of supported families, built from the family files, and the check that refuses models MambaLRP cannot
+explain.
 
-:data:`FAMILIES` is the only list of what is supported: the canonizers, the support check, its error message and the
-README's support table (:func:`support_table`) are built from it.
+Each file of :py:mod:`zennit_mamba.families` declares one :py:class:`~zennit_mamba.core.family.Family`; the table
+(:py:func:`table`) collects them, with the treatment of torch's and transformers' generic layers
+(:data:`~zennit_mamba.core.layers.GENERIC`). The canonizer, the composite's rules, the support check, its error text
+and the README's support table (:py:func:`support_table`) all read it: a family is added by adding its file.
 '''
 import functools
+import importlib
+import pkgutil
 import re
 from collections import Counter
-from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from zennit_mamba.core import layers
-from zennit_mamba.families import efficientvim, mamba_ssm, vim
-from zennit_mamba.mixers import mamba1, mamba2
-from zennit_mamba._optional import optional_class as module_class
-from zennit_mamba.core.instance import is_canonized
+from zennit_mamba import families
+from zennit_mamba.core.family import Canonized, Family, Treatment, resolve
+from zennit_mamba.core.instance import is_canonized, replaced_forward
+from zennit_mamba.core.layers import ACTIVATION, GENERIC, INSIDE_MIXER
 from zennit_mamba.core.offload import offloading_hooks
 from zennit_mamba.core.walk import modules_parents_first
 
 
-class Family(NamedTuple):
-    '''One supported Mamba mixer class and how it is explained.'''
-    name: str  #: the model family, as users know it
-    library: str  #: 'transformers' or 'mamba-ssm'
-    module: str  #: the Python module defining the mixer class
-    mixer: str  #: the mixer class name
-    forward: Callable  #: its canonized forward, ``forward(rules, mixer, ...)``
-    hybrid: bool  #: whether attention or MLP layers sit beside the Mamba layers
-    #: submodules whose weights the original forward reads without calling them, which the canonized forward calls
-    #: (so that rules and Captum's layer methods can attach; :py:func:`~zennit_mamba.mixers.io.call_read_module`):
-    #: a hook on one acts only under MambaLRP, so a pre-hook there is refused (it may change the module, as
-    #: spectral_norm's does)
-    uncalled: Tuple[str, ...] = ()
-
-    def mixer_type(self) -> Optional[type]:
-        '''The mixer class, or None where the installed library lacks it (mamba-ssm needs CUDA).'''
-        return module_class(self.module, self.mixer)
+def _discover() -> Tuple[Family, ...]:
+    '''The ``FAMILY`` of every file of :py:mod:`zennit_mamba.families`, by the file's name.'''
+    found = []
+    for module in sorted(pkgutil.iter_modules(families.__path__), key=lambda module: module.name):
+        family = getattr(importlib.import_module(f'{families.__name__}.{module.name}'), 'FAMILY', None)
+        if family is not None:
+            found.append(family)
+    return tuple(found)
 
 
-def _transformers(name: str, package: str, mixer: str, forward: Callable, hybrid: bool = False) -> Family:
-    uncalled = ('conv1d', 'dt_proj') if forward is mamba1.transformers_forward else ('conv1d',)
-    return Family(name, 'transformers', f'transformers.models.{package}.modeling_{package}', mixer, forward, hybrid,
-                  uncalled)
+#: the supported families, one per file of :py:mod:`zennit_mamba.families`
+FAMILIES: Tuple[Family, ...] = _discover()
 
 
-FAMILIES: Tuple[Family, ...] = (
-    _transformers('Mamba', 'mamba', 'MambaMixer', mamba1.transformers_forward),
-    _transformers('FalconMamba', 'falcon_mamba', 'FalconMambaMixer', mamba1.transformers_forward),
-    _transformers('Mamba-2', 'mamba2', 'Mamba2Mixer', mamba2.transformers_forward),
-    _transformers('Jamba', 'jamba', 'JambaMambaMixer', mamba1.transformers_forward, hybrid=True),
-    _transformers('Bamba', 'bamba', 'BambaMixer', mamba2.transformers_forward, hybrid=True),
-    _transformers('NemotronH', 'nemotron_h', 'NemotronHMamba2Mixer', mamba2.transformers_forward, hybrid=True),
-    _transformers('GraniteMoeHybrid', 'granitemoehybrid', 'GraniteMoeHybridMambaLayer', mamba2.transformers_forward,
-                  hybrid=True),
-    _transformers('FalconH1', 'falcon_h1', 'FalconH1Mixer', mamba2.transformers_forward, hybrid=True),
-    _transformers('Zamba2', 'zamba2', 'Zamba2MambaMixer', mamba2.transformers_forward, hybrid=True),
-    Family('Mamba (mamba_simple)', 'mamba-ssm', 'mamba_ssm.modules.mamba_simple', 'Mamba', mamba1.mamba_ssm_forward,
-           False, uncalled=('conv1d', 'dt_proj')),
-    Family('Mamba-2', 'mamba-ssm', 'mamba_ssm.modules.mamba2', 'Mamba2', mamba2.mamba_ssm_forward, False,
-           uncalled=('conv1d',)),
-    Family('Vision Mamba (Vim)', 'mamba-lrp', 'zennit_mamba.families.vim', 'BidirectionalMamba', vim.canonized_forward, False),
-    Family('EfficientViM', 'timm', 'timm.models.efficientvim', 'HSMSSD', efficientvim.hsmssd_forward, False),
-)
-
-#: mamba-ssm's blocks and backbone, canonized beside its mixers: (module, class, forward, parameters it adds)
-MAMBA_SSM_STRUCTURE = (
-    ('mamba_ssm.modules.block', 'Block', mamba_ssm.block_forward, ()),
-    ('mamba_ssm.models.mixer_seq_simple', 'MixerModel', mamba_ssm.backbone_forward, ('inputs_embeds',)),
-)
-
-# Mamba-like mixers whose forward the canonizers do not know: explaining through them would be silently wrong
-_MAMBA_LIKE = re.compile(r'.*(Mamba|SSM|Bamba|H1).*Mixer|Mamba\d*|.*MambaLayer|Mamba\d*Simple', re.IGNORECASE)
+class Table(NamedTuple):
+    '''The supported families' classes, resolved: what MambaLRP does with a module of each class.'''
+    canonized: Dict[type, Canonized]  #: classes with a canonized forward
+    mixers: Tuple[type, ...]  #: the mixer classes among them
+    hybrid_mixers: Tuple[type, ...]  #: the mixers of hybrid families
+    treatments: Dict[type, Treatment]  #: every other known class (the families' and the generic layers)
+    family_of: Dict[type, Family]  #: the family of each class a family file names
+    library_modules: FrozenSet[str]  #: the modules whose every class a family file must name
 
 
 @functools.lru_cache(maxsize=None)
+def table() -> Table:
+    '''The table, built once from :data:`FAMILIES` (classes the installed libraries lack are left out).'''
+    canonized, treatments, family_of, mixers, hybrid_mixers = {}, dict(GENERIC), {}, [], []
+    for family in FAMILIES:
+        for path, entry in family.canonized.items():
+            kind = resolve(path)
+            if kind is not None:
+                canonized[kind], family_of[kind] = entry, family
+                if entry.mixer:
+                    mixers.append(kind)
+                    if family.hybrid:
+                        hybrid_mixers.append(kind)
+        for path, treatment in family.layers.items():
+            kind = resolve(path)
+            if kind is not None:
+                treatments[kind], family_of[kind] = treatment, family
+    modules = frozenset(module for family in FAMILIES for module in family.library_modules)
+    return Table(canonized, tuple(mixers), tuple(hybrid_mixers), treatments, family_of, modules)
+
+
 def mixer_types(hybrid_only: bool = False) -> Tuple[type, ...]:
     '''The installed supported mixer classes (of the hybrid families only, if asked).'''
-    found = (family.mixer_type() for family in FAMILIES if family.hybrid or not hybrid_only)
-    return tuple(dict.fromkeys(filter(None, found)))
+    return table().hybrid_mixers if hybrid_only else table().mixers
 
 
-@functools.lru_cache(maxsize=None)
-def _is_mamba_like(class_name: str) -> bool:
-    return _MAMBA_LIKE.fullmatch(class_name) is not None
-
-
-def _base_mixer(module: torch.nn.Module) -> type:
-    return next(mixer for mixer in mixer_types() if isinstance(module, mixer))
+def treatment_of(module: torch.nn.Module) -> Optional[Treatment]:
+    '''The treatment of ``module``'s exact class, or None where no family names it (a class of the user's own).'''
+    return table().treatments.get(type(module))
 
 
 def walk_outside_mixers(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Module]]:
@@ -111,69 +100,44 @@ def support_table() -> str:
     Examples
     --------
     >>> print(support_table().splitlines()[2])
-    | Mamba | transformers | `MambaMixer` | Mamba only |
+    | Bamba | transformers | `BambaMixer` | attention, MLPs, experts |
     '''
-    rows = ['| family | library | mixer | layers beside the Mamba layers |', '|---|---|---|---|']
-    rows += [f'| {family.name} | {family.library} | `{family.mixer}` | '
-             f'{"attention, MLPs, experts" if family.hybrid else "Mamba only"} |' for family in FAMILIES]
+    rows = ['| family | library | mixer | layers beside the mixers |', '|---|---|---|---|']
+    for family in FAMILIES:
+        mixers = ', '.join(f'`{path.rpartition(".")[2]}`' for path in family.mixers())
+        rows.append(f'| {family.name} | {family.library} | {mixers} | '
+                    f'{"attention, MLPs, experts" if family.hybrid else "none"} |')
     return '\n'.join(rows)
 
 
-@functools.lru_cache(maxsize=None)
-def _uncalled_children() -> dict:
-    return {family.mixer_type(): family.uncalled for family in FAMILIES if family.uncalled}
-
-
-def _pre_hooked(module: Optional[torch.nn.Module]) -> bool:
-    return module is not None and bool(module._forward_pre_hooks)
-
-
 def _supported_listing() -> str:
-    return ', '.join(f'{family.library} {family.mixer} ({family.name})' for family in FAMILIES)
+    return ', '.join(f'{family.library} {", ".join(path.rpartition(".")[2] for path in family.mixers())} '
+                     f'({family.name})' for family in FAMILIES)
 
 
 class UnsupportedModelError(ValueError):
-    '''The model holds no Mamba mixer MambaLRP supports, or a Mamba-like mixer it does not support.'''
+    '''The model holds no Mamba mixer MambaLRP supports, or a module it cannot explain.'''
 
 
 def is_hybrid(model: torch.nn.Module) -> bool:
-    '''Whether ``model`` holds the Mamba mixer of a hybrid (attention or MLP layers beside the Mamba layers).'''
-    return _holds_hybrid_mixer(model.named_modules())
+    '''Whether ``model`` holds the mixer of a hybrid family (attention or MLP layers beside the mixers).'''
+    hybrid = mixer_types(hybrid_only=True)
+    return any(type(module) in hybrid for module in model.modules())
 
 
-def _holds_hybrid_mixer(named_modules: Iterable[Tuple[str, torch.nn.Module]]) -> bool:
-    types = mixer_types(hybrid_only=True)
-    return any(type(module) in types for _, module in named_modules)
-
-
-def _unsupported_mamba_ssm_parts(named_modules: List[Tuple[str, torch.nn.Module]]) -> List[str]:
-    '''mamba-ssm blocks and backbones (among a model's ``named_modules``) whose forward the canonizers do not
-    reproduce.'''
-    block_type = module_class('mamba_ssm.modules.block', 'Block')
-    if block_type is None:
-        return []
-    mixers = mixer_types()
-    rms_norm = module_class('mamba_ssm.ops.triton.layer_norm', 'RMSNorm')
-    backbone = module_class('mamba_ssm.models.mixer_seq_simple', 'MixerModel')
-    mamba2_type = module_class('mamba_ssm.modules.mamba2', 'Mamba2')
-    found = []
-    for name, module in named_modules:
-        if isinstance(module, block_type):
-            if type(module.mixer) not in mixers:
-                found.append(f'Block with mixer {type(module.mixer).__name__} at \'{name}\'')
-            if module.mlp is not None:
-                found.append(f'Block with an MLP at \'{name}\'')
-            if not isinstance(module.norm, rms_norm):
-                found.append(f'Block with {type(module.norm).__name__} at \'{name}\'')
-        if isinstance(module, mamba2_type) and module.process_group is not None:
-            found.append(f'tensor-parallel Mamba2 at \'{name}\'')
-        if isinstance(module, backbone) and not isinstance(module.norm_f, rms_norm):
-            found.append(f'MixerModel with {type(module.norm_f).__name__} at \'{name}\'')
-    return found
+# a class of the user's own that looks like a state-space mixer: explaining through it as a container would be
+# silently wrong (the classes of the supported libraries are known by the table instead)
+_MAMBA_LIKE = re.compile(r'.*(Mamba|SSM|Bamba|H1).*Mixer|Mamba\d*|.*MambaLayer|Mamba\d*Simple', re.IGNORECASE)
 
 
 def check_supported(model: torch.nn.Module, walk: Optional[Sequence[Tuple[str, torch.nn.Module]]] = None) -> List[str]:
     '''Check that MambaLRP can explain ``model``; return the names of its supported mixers.
+
+    Every module is looked up by its exact class in the table: a mixer (whose children the canonized forward must
+    compute as the original does), a class a family names (whose treatment may find a layout it does not know), a
+    class of a supported family's library that no family names (refused: a layer MambaLRP does not know), or a class
+    of the user's own, which is taken as a composition of its children, except where it looks like a mixer, or, in a
+    hybrid, where it is a layer without a treatment or an MLP of unknown gating.
 
     Parameters
     ----------
@@ -191,7 +155,7 @@ def check_supported(model: torch.nn.Module, walk: Optional[Sequence[Tuple[str, t
     Raises
     ------
     UnsupportedModelError
-        If the model holds a Mamba-like mixer that is not supported, or no supported mixer at all.
+        Listing every module MambaLRP cannot explain, or where there is no supported mixer at all.
     RuntimeError
         If a MambaLRP canonizer is already applied to the model (another composite is registered).
 
@@ -220,24 +184,33 @@ def check_supported(model: torch.nn.Module, walk: Optional[Sequence[Tuple[str, t
             f'A MambaLRP composite is already registered on this model (canonized module \'{canonized[0]}\'); '
             f'leave its context or call its remove() before registering another.'
         )
-    supported_types = mixer_types()
-    supported, unsupported = [], _unsupported_mamba_ssm_parts(named_modules)
-    if _holds_hybrid_mixer(named_modules):
-        unsupported += layers.unsupported_parts(model, supported_types)
-    uncalled = _uncalled_children()
+    known = table()
+    hybrid = any(type(module) in known.hybrid_mixers for _, module in named_modules)
+    supported, unsupported = [], []
     for name, module in named_modules:
-        if type(module) in supported_types:
-            supported.append(name)
-            unsupported += [f'a forward pre-hook on {type(module).__name__}.{child} at \'{name}\' (the original '
-                            f'forward reads its weights without calling it, so the hook does not act on the model, but '
-                            f'would under MambaLRP, which calls it, and may change the module: remove it while '
-                            f'explaining)'
-                            for child in uncalled.get(type(module), ()) if _pre_hooked(getattr(module, child, None))]
-        elif isinstance(module, supported_types):
+        kind = type(module)
+        entry = known.canonized.get(kind)
+        if entry is not None:
+            if entry.mixer:
+                supported.append(name)
+                unsupported += _mixer_problems(name, module, entry)
+            problem = None if entry.check is None else entry.check(module)
+        elif isinstance(module, known.mixers):
             # a subclass may compute something else than the forward the canonizer replaces
-            unsupported.append(f'{type(module).__name__} at \'{name}\' (a subclass of {_base_mixer(module).__name__})')
-        elif _is_mamba_like(type(module).__name__):
-            unsupported.append(f'{type(module).__name__} at \'{name}\'')
+            base = next(mixer for mixer in known.mixers if isinstance(module, mixer))
+            problem = f'a subclass of {base.__name__}'
+        elif kind in known.treatments:
+            problem = known.treatments[kind].problem(module)
+        elif kind.__module__ in known.library_modules:
+            problem = 'a class of its library that MambaLRP\'s layer map does not know'
+        elif _MAMBA_LIKE.fullmatch(kind.__name__):
+            problem = 'a Mamba-like mixer MambaLRP does not know'
+        elif hybrid:
+            problem = _unknown_in_hybrid(module)
+        else:
+            problem = None
+        if problem is not None:
+            unsupported.append(f'{kind.__name__} at \'{name}\' ({problem})')
     if unsupported:
         raise UnsupportedModelError(
             f'MambaLRP does not support {", ".join(unsupported)}; relevance through it would be wrong. '
@@ -251,6 +224,38 @@ def check_supported(model: torch.nn.Module, walk: Optional[Sequence[Tuple[str, t
             f'Supported: {_supported_listing()}.'
         )
     return supported
+
+
+def _unknown_in_hybrid(module: torch.nn.Module) -> Optional[str]:
+    '''In a hybrid, a class of the user's own: a layer without a treatment, or an MLP whose gating is unknown.'''
+    children = [child for child in module._modules.values() if child is not None]
+    if not children:
+        return 'a layer without a MambaLRP treatment'
+    if any(treatment_of(child) is ACTIVATION for child in children):
+        return 'an MLP whose gating MambaLRP does not know'
+    return None
+
+
+def _mixer_problems(name: str, mixer: torch.nn.Module, entry: Canonized) -> List[str]:
+    '''What a mixer's children would make the canonized forward compute otherwise than the original: a child the
+    original reads without calling it (:py:attr:`~zennit_mamba.core.family.Canonized.uncalled`) that is not the
+    plain layer or carries a pre-hook, and a module the canonized forward computes from its parameters that another
+    forward or a hook would change.'''
+    problems = []
+    for child_name, child in mixer._modules.items():
+        where = f'{type(child).__name__} at \'{name}.{child_name}\''
+        if child_name in entry.uncalled:
+            how = ('not the plain layer' if type(child) not in (torch.nn.Conv1d, torch.nn.Linear)
+                   else replaced_forward(child) or ('a forward pre-hook' if child._forward_pre_hooks else None))
+            if how is not None:
+                problems.append(f'{where} ({how}: the original forward reads its weights without calling it, so this '
+                                f'does not act on the model, but would under MambaLRP, which calls it; remove it while '
+                                f'explaining)')
+        elif treatment_of(child) is INSIDE_MIXER:
+            problem = INSIDE_MIXER.problem(child)
+            if problem is not None:
+                problems.append(f'{where} ({problem})')
+    return problems
 
 
 def check_recompute(model: torch.nn.Module) -> None:
@@ -269,4 +274,3 @@ def check_recompute(model: torch.nn.Module) -> None:
             f'moves its weights in for each call only), since the backward pass recomputes the mixers without them. '
             f'Use MambaComposite(recompute=False), or dispatch the model onto devices that hold its weights.'
         )
-

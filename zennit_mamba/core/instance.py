@@ -127,3 +127,29 @@ def _library_folder(module_name: str) -> str:
     top = sys.modules.get(module_name.split('.')[0])
     path = getattr(top, '__file__', None)
     return os.path.join(os.path.dirname(path), '') if path else '\0'
+
+
+def called_plainly(module: torch.nn.Module) -> bool:
+    '''Whether a call of ``module`` is its class's forward and nothing else: no hook of any kind on it (a Zennit rule,
+    a Captum layer method's), no global module hooks, no forward set on the instance (accelerate's hooks set one), so
+    that computing the forward's result another way is unobservable.
+
+    Examples
+    --------
+    >>> linear = torch.nn.Linear(2, 2)
+    >>> called_plainly(linear)
+    True
+    >>> handle = linear.register_forward_pre_hook(lambda module, args: None)
+    >>> called_plainly(linear)
+    False
+    >>> handle.remove()
+    '''
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return not (any(hooks) or 'forward' in vars(module) or global_module_hooks())
+
+
+def global_module_hooks() -> bool:
+    '''Whether torch has hooks registered for every module's calls.'''
+    module = torch.nn.modules.module
+    return any((module._global_forward_hooks, module._global_forward_pre_hooks, module._global_backward_hooks,
+                module._global_backward_pre_hooks))

@@ -1,6 +1,7 @@
-'''The non-Mamba layers of hybrid models (attention, MLPs, mixtures of experts): where the MambaLRP rules act on
-them, and the attention and experts implementations through which :py:class:`~zennit_mamba.rules.AttentionRule` and
-:py:class:`~zennit_mamba.rules.HalfRule` act.
+'''The treatments of the layers beside the mixers, which the family files name in their layer maps: the hooks that
+attach MambaLRP's rules to norms, activations, attention, routers, gated MLPs, experts and squeeze-and-excitation,
+the attention and experts implementations through which two of them act, and the treatment of torch's and
+transformers' generic layers (:data:`GENERIC`).
 
 Attention and experts run through implementations registered here with transformers, selected per module by a copy
 of its config (:py:func:`select_implementation`) that also carries the rule's function; the module's own config is
@@ -8,7 +9,7 @@ untouched.
 '''
 import copy
 import functools
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,22 +18,18 @@ from transformers.integrations.moe import ExpertsInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
+from zennit.core import RemovableHandle, RemovableHandleList
 
-from zennit_mamba.core.instance import InstanceAttributes
-from zennit_mamba.mixers.io import refuse_keywords
-from zennit_mamba.core.walk import modules_parents_first
+from zennit_mamba.core.family import Treatment
+from zennit_mamba.core.instance import InstanceAttributes, bind_forward, instance_forward, replaced_forward
+from zennit_mamba.core.upstream import refuse_keywords
+from zennit_mamba.rules import AttentionRule, HalfRule, LNRule, SiLUIdentity, identity_rule
 
 
 #: the attention and experts implementation registered with transformers for explained models
 IMPLEMENTATION = 'mamba_lrp'
 #: the attribute of the config copy that holds the rule's function (``probabilities`` or ``gate``)
 RULE_FIELD = '_mamba_lrp_rule'
-#: (attributes of a gated MLP, the projection whose input is the gated product)
-GATED_MLP_LAYOUTS = ((('gate_proj', 'up_proj', 'down_proj'), 'down_proj'),
-                     (('gate_up_proj', 'down_proj'), 'down_proj'),
-                     (('input_linear', 'output_linear'), 'output_linear'))
-#: attributes of an MLP without a gate: ``down(act(up(x)))``
-PLAIN_MLP_LAYOUT = ('up_proj', 'down_proj')
 
 
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -89,18 +86,9 @@ AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 ExpertsInterface.register(IMPLEMENTATION, experts_forward)
 
 
-@functools.lru_cache(maxsize=None)
-def activation_types() -> tuple:
-    '''The element-wise activation classes of transformers' ``ACT2FN`` and torch's SiLU/ReLU/GELU.'''
-    classes = {value[0] if isinstance(value, tuple) else value for value in ACT2CLS.values()}
-    return tuple(classes | {torch.nn.SiLU, torch.nn.ReLU, torch.nn.GELU, torch.nn.Tanh})
-
-
-def is_rms_norm(module: torch.nn.Module) -> bool:
-    '''An element-wise RMSNorm ``w * h / rms(h)`` (not a gated or weightless norm inside a mixer).'''
-    name = type(module).__name__
-    return name.endswith('RMSNorm') and 'Gated' not in name and isinstance(getattr(module, 'weight', None),
-                                                                           torch.nn.Parameter)
+AttentionInterface.register(IMPLEMENTATION, attention_forward)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+ExpertsInterface.register(IMPLEMENTATION, experts_forward)
 
 
 def has_submodules(module: torch.nn.Module, names: Iterable[str]) -> bool:
@@ -122,62 +110,212 @@ def has_submodules(module: torch.nn.Module, names: Iterable[str]) -> bool:
     return True
 
 
-def gated_mlp_output(module: torch.nn.Module) -> Optional[str]:
-    '''The name of the projection that receives the gated product of a gated MLP (whose projections are registered
-    submodules), or None.'''
-    for attributes, output in GATED_MLP_LAYOUTS:
-        if has_submodules(module, attributes):
-            return output
+def _standard_rms_norm_forward(self, hidden_states):
+    # transformers' RMSNorm forward, verbatim (Llama's, "copied from" in Mamba, Mamba2, FalconMamba, Bamba, Jamba,
+    # Zamba, ...): a norm whose class forward compiles to the same code computes what NormRule.standard_rms_forward does
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_standard_rms_norm_forward(forward: Callable) -> bool:
+    '''Whether ``forward`` is :py:func:`_standard_rms_norm_forward` in another place: the same bytecode, constants,
+    names and variables, no closure, and ``torch`` in its globals being torch (once per function object).'''
+    code, reference = getattr(forward, '__code__', None), _standard_rms_norm_forward.__code__
+    if code is None or getattr(forward, '__globals__', {}).get('torch') is not torch:
+        return False
+    fields = ('co_code', 'co_consts', 'co_names', 'co_varnames', 'co_argcount', 'co_kwonlyargcount', 'co_freevars')
+    return all(getattr(code, field) == getattr(reference, field) for field in fields)
+
+
+def runs_standard_rms_norm(module: torch.nn.Module) -> bool:
+    '''Whether a call of ``module`` runs transformers' standard RMSNorm forward: its class's forward (also inside
+    accelerate's hook) is that code, and no other forward is set on the instance.
+
+    Parameters
+    ----------
+    module : :py:obj:`torch.nn.Module`
+        Any module (the composite asks for those it gives :py:class:`NormRule`).
+
+    Returns
+    -------
+    bool
+        True where :py:meth:`NormRule.standard_rms_forward` computes what the module's call computes.
+
+    Examples
+    --------
+    >>> from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+    >>> runs_standard_rms_norm(MambaRMSNorm(4)), runs_standard_rms_norm(torch.nn.LayerNorm(4))
+    (True, False)
+    '''
+    return instance_forward(module) is None and _is_standard_rms_norm_forward(type(module).forward)
+
+
+class NormRule(LNRule):
+    '''The LN-rule on a norm module: a norm that runs transformers' standard RMSNorm forward
+    (:py:func:`runs_standard_rms_norm`) gets that forward with the rule (:py:meth:`standard_rms_forward`: on float32
+    inputs its own operations with ``r`` detached, no hook or autograd function on each call, whose host time shows
+    on short inputs); any other norm a hook on its output (:py:meth:`LNRule.on_output`).'''
+
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        if runs_standard_rms_norm(module):
+            return RemovableHandleList([RemovableHandle(self), bind_forward(module, NormRule.standard_rms_forward,
+                                                                            self)])
+        return super().register(module)
+
+    @staticmethod
+    def standard_rms_forward(rule: 'NormRule', module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        '''transformers' standard RMSNorm forward (:py:func:`runs_standard_rms_norm`) under the rule: on float32
+        inputs its own operations with the scale held constant, ``u = w * (h * r.detach())`` (so ``u`` is the
+        original output); on others the ratio ``u / h`` held (:py:meth:`~zennit_mamba.rules.LNRule.apply`), since that
+        forward computes in float32 and casts back, and a gradient through the cast would conserve only to float32's
+        precision.
+
+        Parameters
+        ----------
+        rule : :py:class:`NormRule`
+            The registered rule (bound as the first argument, as a rule set is to a canonized mixer's forward).
+        module : :py:obj:`torch.nn.Module`
+            The norm, whose ``weight`` and ``variance_epsilon`` are read.
+        hidden_states : :py:obj:`torch.Tensor`
+            The norm's input ``h``, normalised over its last dimension.
+
+        Returns
+        -------
+        :py:obj:`torch.Tensor`
+            The norm's output ``u``, with the LN-rule's gradient.
+        '''
+        if hidden_states.dtype != torch.float32:
+            return rule.apply(hidden_states, _standard_rms_norm_forward(module, hidden_states))
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return module.weight * (hidden_states * torch.rsqrt(variance + module.variance_epsilon).detach())
+
+
+class AttentionProbabilities(AttentionRule):
+    '''The attention rule on a transformers attention module: its attention runs through :py:func:`attention_forward`,
+    which holds the probabilities constant (through the queries and keys, inside SDPA).'''
+
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        return RemovableHandleList([RemovableHandle(self),
+                                    select_implementation(module, probabilities=self._apply_where_on)])
+
+    def _apply_where_on(self, constant: torch.Tensor) -> torch.Tensor:
+        return self.apply(constant) if self.acts() else constant
+
+
+class HeldScale(AttentionRule):
+    '''The attention rule on squeeze-and-excitation ``x * s(x)``: the per-channel scale ``s = output / x`` held
+    constant, so that ``R(x) = R(output)``.'''
+
+    def on_output(self, module, args, output):
+        return identity_rule(args[0], output)
+
+
+class GatedProduct(HalfRule):
+    '''The half rule on a gated MLP ``output(act(gate) * up)``: on the input of its projection ``output``.
+
+    Parameters
+    ----------
+    output : str
+        The attribute of the projection that receives the gated product (``'down_proj'``).
+    '''
+
+    def __init__(self, output: str = 'down_proj'):
+        super().__init__()
+        self.output = output
+
+    def copy(self) -> 'GatedProduct':
+        rule = type(self)(self.output)
+        rule.switch = self.switch
+        return rule
+
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        handle = getattr(module, self.output).register_forward_pre_hook(self._halve_input)
+        return RemovableHandleList([RemovableHandle(self), handle])
+
+    def _halve_input(self, module, args):
+        return (self.apply(args[0]),) + tuple(args[1:]) if self.acts() else None
+
+
+class ExpertsGate(HalfRule):
+    '''The half rule on transformers' experts: on each expert's gated product, in :py:func:`experts_forward`.'''
+
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        return RemovableHandleList([RemovableHandle(self), select_implementation(module, gate=self._apply_where_on)])
+
+    def _apply_where_on(self, product: torch.Tensor) -> torch.Tensor:
+        return self.apply(product) if self.acts() else product
+
+
+def _experts_problem(module: torch.nn.Module) -> Optional[str]:
+    if module.has_gate and (module.has_bias or module.is_transposed or not module.is_concatenated):
+        return 'experts whose weights are not stored as concatenated [gate; up] without bias'
     return None
 
 
-def is_attention(module: torch.nn.Module) -> bool:
-    '''A transformers attention module (an ``o_proj`` submodule, a ``config`` instance attribute) whose
-    implementation is selected through its config.'''
-    return has_submodules(module, ('o_proj',)) and hasattr(vars(module).get('config'), '_attn_implementation')
+def _attention_problem(module: torch.nn.Module) -> Optional[str]:
+    if not hasattr(vars(module).get('config'), '_attn_implementation'):
+        return 'attention without a config that selects its implementation'
+    return None
 
 
-def is_excitation(module: torch.nn.Module) -> bool:
-    '''A squeeze-and-excitation module ``x * s(x)`` (timm's ``SEModule``, torchvision's ``SqueezeExcitation``).'''
-    return type(module).__name__ in ('SEModule', 'SqueezeExcite', 'SqueezeExcitation')
+def _inside_mixer_problem(module: torch.nn.Module) -> Optional[str]:
+    '''A module that a canonized mixer computes from its parameters, without calling it: a forward replaced on it or
+    a hook on it acts on the original forward only.'''
+    replaced = replaced_forward(module)
+    if replaced is not None:
+        return f'{replaced}, which the canonized mixer, computing this module from its parameters, would not run'
+    if module._forward_hooks or module._forward_pre_hooks:
+        return 'a hook on it, which the canonized mixer, computing this module from its parameters, would not run'
+    return None
 
 
-def is_experts(module: torch.nn.Module) -> bool:
-    '''A transformers mixture-of-experts module whose implementation is selected through its config (both
-    instance attributes, as transformers' ``use_experts_implementation`` sets them).'''
-    attributes = vars(module)
-    return 'has_gate' in attributes and hasattr(attributes.get('config'), '_experts_implementation')
+def gated_mlp(output: str) -> Treatment:
+    '''The treatment of a gated MLP whose projection ``output`` receives the gated product.'''
+    def check(module: torch.nn.Module) -> Optional[str]:
+        return None if has_submodules(module, (output,)) else f'a gated MLP without its projection {output!r}'
+
+    return Treatment(f'gated MLP: half rule on the product entering `{output}`', 'gate',
+                     functools.partial(GatedProduct, output), check)
 
 
-#: torch's own linear, embedding and pass-through layers: no rule of their own (LRP-0 is their gradient x input)
-PLAIN_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Dropout, torch.nn.Identity)
+#: a module that only composes its children (and residual sums): LRP-0, its children's rules act
+COMPOSITION = Treatment('composes its children and residual sums (LRP-0)')
+#: a linear map (projections, convolutions, embeddings, affine norms in eval mode, pooling): LRP-0, or the rule
+#: ``gamma`` or ``layer_map`` selects
+LINEAR = Treatment('linear: LRP-0 (or the rule gamma or layer_map selects)')
+#: position encodings that take positions, not the hidden states: no relevance passes them
+POSITIONS = Treatment('position encoding of the attention: no relevance path')
+NORM = Treatment('LN-rule', 'norm', NormRule)
+ACTIVATION = Treatment('identity rule', 'silu', SiLUIdentity)
+ATTENTION = Treatment('attention: probabilities held constant (CP-LRP)', 'attention', AttentionProbabilities,
+                      _attention_problem)
+ROUTER = Treatment('router: routing weights held constant', 'attention', AttentionRule)
+EXPERTS = Treatment('experts: half rule on each expert\'s gated product', 'gate', ExpertsGate, _experts_problem)
+EXCITATION = Treatment('squeeze-and-excitation: the scale held constant', 'attention', HeldScale)
+#: an MLP ``down(act(up(x)))`` without a gate: LRP-0, the activation's identity rule
+PLAIN_MLP = Treatment('MLP without a gate: LRP-0 and the activation\'s identity rule')
+#: a norm of the selection (FalconMamba's ``dt``, ``B``, ``C``), which the mixer calls behind the SSM rule
+SELECTION = Treatment('normalises the selection, behind the SSM rule: no relevance passes it')
+#: a module inside a mixer that the canonized forward computes from its parameters (a gated norm)
+INSIDE_MIXER = Treatment('computed by the canonized mixer with its rules', check=_inside_mixer_problem)
 
 
-def unsupported_parts(model: torch.nn.Module, mixer_types: tuple) -> List[str]:
-    '''Modules of a hybrid model that no MambaLRP rule or linear treatment covers,
-    as ``'Type at name'``; the mixers of ``mixer_types`` are treated.'''
-    activations = activation_types()
-    found, treated = [], set()
-    # parents first, each module once, without the inside of the treated modules (the walk asks whether to descend
-    # after the loop's body has seen the module, so the body's verdict is read, not computed again)
-    for name, module in modules_parents_first(model, lambda module: id(module) not in treated):
-        children = [child for child in module._modules.values() if child is not None]
-        problem = None
-        if type(module) in mixer_types or is_attention(module):
-            treated.add(id(module))
-            continue  # treated as a whole
-        if is_experts(module):
-            treated.add(id(module))
-            if module.has_gate and (module.has_bias or module.is_transposed or not module.is_concatenated):
-                problem = 'experts whose weights are not stored as concatenated [gate; up] without bias'
-        elif any(isinstance(child, activations) for child in children):
-            if gated_mlp_output(module) is None and not all(hasattr(module, name) for name in PLAIN_MLP_LAYOUT):
-                problem = 'an MLP whose gating is unknown'
-        elif not children and not (
-            isinstance(module, PLAIN_LAYERS + activations) or is_rms_norm(module)
-            or type(module).__name__.endswith(('Router', 'RotaryEmbedding'))
-        ):
-            problem = 'a layer without a MambaLRP treatment'
-        if problem is not None:
-            found.append(f'{type(module).__name__} at \'{name}\' ({problem})')
-    return found
+def _generic() -> Dict[type, Treatment]:
+    '''torch's and transformers' generic layers: linear ones, containers, activations, LayerNorm.'''
+    nn = torch.nn
+    treatments = {kind: LINEAR for kind in (
+        nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.Dropout, nn.Identity, nn.BatchNorm1d, nn.BatchNorm2d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Flatten)}
+    treatments.update({kind: COMPOSITION for kind in (nn.ModuleList, nn.ModuleDict, nn.Sequential)})
+    activations = {value[0] if isinstance(value, tuple) else value for value in ACT2CLS.values()}
+    treatments.update({kind: ACTIVATION for kind in activations | {nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh}})
+    treatments[nn.LayerNorm] = NORM
+    return treatments
+
+
+#: the treatment of torch's and transformers' generic layers, by exact class
+GENERIC: Dict[type, Treatment] = _generic()

@@ -39,10 +39,23 @@ class RuleSwitch:
 
     def on(self) -> bool:
         '''Whether the rules act on a call made now, in this thread.'''
+        decided = getattr(self._local, 'decided', None)
+        if decided is not None:
+            return decided
         if not self.active:
             return False
         holder = self._holder
         return holder is None or (holder == threading.get_ident() and getattr(self._local, 'depth', 0) > 0)
+
+    @contextmanager
+    def deciding(self, on: bool) -> Iterator['RuleSwitch']:
+        '''Inside, this thread's calls see the switch ``on`` (or off): a forward pass recomputed in the backward pass,
+        which may run in autograd's own thread, decides as the forward pass it repeats did.'''
+        previous, self._local.decided = getattr(self._local, 'decided', None), on
+        try:
+            yield self
+        finally:
+            self._local.decided = previous
 
     @contextmanager
     def held_by_this_thread(self) -> Iterator['RuleSwitch']:

@@ -18,6 +18,13 @@ TESTED_VERSIONS = 'transformers >=5.24,<5.25; mamba-ssm 2.3.2; zennit 0.5.1 and 
 Parameter = Tuple[str, str]
 
 
+#: keyword arguments that hybrid models pass to every layer and that neither the Mamba path nor MambaLRP's attention
+#: reads (transformers' own mixers hand them to kernels that ignore them): the only ones accepted and not used
+LAYER_KEYWORDS = frozenset({
+    'position_embeddings', 'position_ids', 'cache_position', 'output_attentions', 'output_router_logits', 'use_cache',
+})
+
+
 class UpstreamChangedError(TypeError):
     '''An upstream module's ``forward`` no longer takes the parameters MambaLRP's canonized forward handles.'''
 
@@ -149,4 +156,26 @@ def check_hooks_added_during_a_call() -> None:
             '(after the forward, or when it raises); MambaLRP registers the hook where relevance enters that way, '
             'so it refuses to register. Install a torch it was tested with (2.11, 2.14) or a mamba-lrp that supports '
             'this one.'
+        )
+
+
+def refuse_keywords(module: torch.nn.Module, kwargs: dict) -> None:
+    '''Raise for keyword arguments that MambaLRP's forward of ``module`` would otherwise have to drop: all but
+    :py:data:`LAYER_KEYWORDS` and those whose value is None (nothing to honour).
+
+    Examples
+    --------
+    >>> refuse_keywords(torch.nn.Identity(), {'position_ids': torch.arange(3), 'sliding_window': None})
+    >>> refuse_keywords(torch.nn.Identity(), {'seq_idx': torch.zeros(1, 3)})
+    Traceback (most recent call last):
+    ...
+    TypeError: MambaLRP's forward of Identity got keyword arguments ['seq_idx'], which the original ...
+    '''
+    unknown = sorted(key for key, value in kwargs.items() if key not in LAYER_KEYWORDS and value is not None)
+    if unknown:
+        raise TypeError(
+            f'MambaLRP\'s forward of {type(module).__name__} got keyword arguments {unknown}, which the original '
+            f'forward passes to its kernels (e.g. packed-sequence indices, a sliding window). MambaLRP explains one '
+            f'sequence per batch row and does not drop arguments silently: call the model without them (pad the '
+            f'sequences into separate rows and pass attention_mask).'
         )

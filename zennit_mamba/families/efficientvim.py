@@ -15,6 +15,12 @@ from typing import Tuple
 
 import torch
 
+from zennit_mamba.core.family import Canonized, Family, Treatment, in_module
+from zennit_mamba.core.layers import COMPOSITION, EXCITATION, LINEAR, NORM, PLAIN_MLP
+from zennit_mamba.rules import LNRule
+
+MODULE = 'timm.models.efficientvim'
+
 
 def hsmssd_forward(rules, self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     '''Forward of a canonized ``timm.models.efficientvim.HSMSSD``: the original computation under ``rules``.'''
@@ -29,3 +35,30 @@ def hsmssd_forward(rules, self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     hidden = self.out_proj(rules.gate(hidden, rules.activation('silu', gate)) + hidden * self.D)
     y = hidden @ C
     return y.reshape(batch, -1, height, width).contiguous(), hidden
+
+
+class ChannelNorm(LNRule):
+    '''The LN-rule on timm's ``LayerNorm2d``, which normalises the channels of ``(batch, channels, height, width)``:
+    the centred form over dimension 1.'''
+
+    def on_output(self, module, args, output):
+        weight, bias = (None if value is None else value.view(-1, 1, 1) for value in (module.weight, module.bias))
+        return self.apply_centred(args[0].to(output.device), output, (1,), weight, bias, module.eps)
+
+
+FAMILY = Family(
+    name='EfficientViM', library='timm', library_modules=(MODULE,),
+    canonized=in_module(MODULE, {'HSMSSD': Canonized(hsmssd_forward, selection=('BCdt_proj',))}),
+    layers={
+        **in_module(MODULE, {
+            'EfficientViM': COMPOSITION, 'EfficientViMDistilled': COMPOSITION, 'EfficientViMStage': COMPOSITION,
+            'EfficientViMBlock': COMPOSITION, 'Stem': COMPOSITION, 'ConvLayer1d': COMPOSITION,
+            'ConvLayer2d': COMPOSITION, 'PatchMerging': COMPOSITION, 'FFN': PLAIN_MLP,
+        }),
+        'timm.layers.norm.LayerNorm': NORM,
+        'timm.layers.norm.LayerNorm2d': Treatment('LN-rule over the channels', 'norm', ChannelNorm),
+        'timm.layers.squeeze_excite.SEModule': EXCITATION,
+        # the sigmoid inside squeeze-and-excitation, whose scale is held constant: no relevance passes it
+        'timm.layers.activations.Sigmoid': LINEAR,
+    },
+)

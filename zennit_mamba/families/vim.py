@@ -22,9 +22,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from zennit_mamba.mixers.mamba1 import SelectiveParts, selective_branch
+from zennit_mamba.core.family import Canonized, Family, in_module
+from zennit_mamba.core.layers import COMPOSITION, NORM
+from zennit_mamba.core.ruleset import RuleSet
 from zennit_mamba.mixers.io import run_mixer
-from zennit_mamba.rules import RuleSet
+from zennit_mamba.mixers.mamba1 import SelectiveParts, selective_branch
 
 #: the plain computation: the mixer's own forward
 _NO_RULES = RuleSet(())
@@ -245,3 +247,13 @@ def vim_small(**options) -> VisionMamba:
 def vim_base(**options) -> VisionMamba:
     '''Vim-B (``vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2``).'''
     return _vim(768, options)
+
+
+FAMILY = Family(
+    name='Vision Mamba (Vim)', library='mamba-lrp', library_modules=(__name__,),
+    canonized=in_module(__name__, {'BidirectionalMamba': Canonized(
+        canonized_forward, selection=('x_proj', 'dt_proj', 'x_proj_b', 'dt_proj_b'))}),
+    layers=in_module(__name__, {
+        'VisionMamba': COMPOSITION, 'VimBlock': COMPOSITION, 'PatchEmbed': COMPOSITION, 'RMSNorm': NORM,
+    }),
+)

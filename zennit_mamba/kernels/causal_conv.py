@@ -20,7 +20,6 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from zennit_mamba.mixers.io import called_plainly
 from zennit_mamba.kernels.ssd_triton import blocks, on_device_of
 
 #: positions and channels of a program's tile
@@ -30,9 +29,8 @@ _BLOCK_TIME, _BLOCK_CHANNELS = 64, 128
 def applies(conv1d: torch.nn.Module, inputs: torch.Tensor) -> bool:
     '''Whether :py:class:`CausalConv` computes ``conv1d`` on the time-major ``inputs``
     ``(batch, length, channels)`` exactly as calling it would: ``conv1d`` is a plain ``torch.nn.Conv1d``, depthwise
-    and causal (padding ``K - 1`` with zeros, stride and dilation 1), called with nothing observing the call
-    (:py:func:`~zennit_mamba.mixers.io.called_plainly`), the inputs and the weight of a dtype whose arithmetic float32
-    holds (float32, float16, bfloat16), the inputs on a GPU, and Triton installed.
+    and causal (padding ``K - 1`` with zeros, stride and dilation 1), the inputs and the weight of a dtype whose
+    arithmetic float32 holds (float32, float16, bfloat16), the inputs on a GPU, and Triton installed.
 
     Parameters
     ----------
@@ -55,7 +53,7 @@ def applies(conv1d: torch.nn.Module, inputs: torch.Tensor) -> bool:
     return (inputs.is_cuda and inputs.dtype in dtypes and type(conv1d) is torch.nn.Conv1d
             and conv1d.weight.dtype in dtypes and conv1d.groups == conv1d.in_channels == conv1d.out_channels
             and conv1d.padding == (conv1d.kernel_size[0] - 1,) and conv1d.stride == (1,)
-            and conv1d.dilation == (1,) and conv1d.padding_mode == 'zeros' and called_plainly(conv1d)
+            and conv1d.dilation == (1,) and conv1d.padding_mode == 'zeros'
             and _kernels() is not None)
 
 

@@ -1,5 +1,6 @@
 '''What every canonized mixer shares around its computation: padding masks, refused arguments, caches filled as the
 original forward fills them, recomputation in the backward pass, and time blocks on the CPU.'''
+import functools
 from typing import Callable, Iterator, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
@@ -7,14 +8,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from zennit_mamba.core.hooks import ZennitRule
+from zennit_mamba.core.instance import global_module_hooks
+from zennit_mamba.core.upstream import refuse_keywords
 from zennit_mamba.core.offload import weights_in_place
 from zennit_mamba.kernels.ssd_triton import on_device_of
-
-#: keyword arguments that hybrid models pass to every layer and that neither the Mamba path nor MambaLRP's attention
-#: reads (transformers' own mixers hand them to kernels that ignore them): the only ones accepted and not used
-LAYER_KEYWORDS = frozenset({
-    'position_embeddings', 'position_ids', 'cache_position', 'output_attentions', 'output_router_logits', 'use_cache',
-})
 
 #: what a mixer function returns (a MixerOutput, or the output tensor itself)
 T = TypeVar('T')
@@ -91,7 +88,7 @@ def observed_inside(mixer: torch.nn.Module) -> bool:
     True
     >>> handle.remove()
     '''
-    if _global_module_hooks():
+    if global_module_hooks():
         return True
     for module in mixer.modules():
         if module is mixer:
@@ -103,25 +100,6 @@ def observed_inside(mixer: torch.nn.Module) -> bool:
     return False
 
 
-def called_plainly(module: torch.nn.Module) -> bool:
-    '''Whether a call of ``module`` is its class's forward and nothing else: no hook of any kind on it (a Zennit rule,
-    a Captum layer method's), no global module hooks, no forward set on the instance (accelerate's hooks set one), so
-    that computing the forward's result another way is unobservable.
-
-    Examples
-    --------
-    >>> linear = torch.nn.Linear(2, 2)
-    >>> called_plainly(linear)
-    True
-    >>> handle = linear.register_forward_pre_hook(lambda module, args: None)
-    >>> called_plainly(linear)
-    False
-    >>> handle.remove()
-    '''
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return not (any(hooks) or 'forward' in vars(module) or _global_module_hooks())
-
-
 def call_read_module(module: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
     '''``module(input)`` for a linear or convolution module whose weights the original forward reads without calling
     it (:py:attr:`~zennit_mamba.support.Family.uncalled`): called, so that rules and Captum's layer methods attach, and,
@@ -129,7 +107,7 @@ def call_read_module(module: torch.nn.Module, input: torch.Tensor) -> torch.Tens
     such a hook does not act on the original forward.'''
     output = module(input)
     hooks = module._forward_hooks.values()
-    if any(not isinstance(getattr(hook, '__self__', None), ZennitRule) for hook in hooks) or _global_module_hooks():
+    if any(not isinstance(getattr(hook, '__self__', None), ZennitRule) for hook in hooks) or global_module_hooks():
         with torch.no_grad():
             expected = type(module).forward(module, input)
         if not torch.equal(output, expected):
@@ -139,13 +117,6 @@ def call_read_module(module: torch.nn.Module, input: torch.Tensor) -> torch.Tens
                 f'would under MambaLRP, which explains through the call: remove the hook while explaining.'
             )
     return output
-
-
-def _global_module_hooks() -> bool:
-    '''Whether torch has hooks registered for every module's calls.'''
-    module = torch.nn.modules.module
-    return any((module._global_forward_hooks, module._global_forward_pre_hooks, module._global_backward_hooks,
-                module._global_backward_pre_hooks))
 
 
 def time_blocks(length: int, context_size: int) -> Iterator[Tuple[slice, int]]:
@@ -161,28 +132,6 @@ def time_blocks(length: int, context_size: int) -> Iterator[Tuple[slice, int]]:
     for start in range(0, length, CPU_TIME_BLOCK):
         context = min(start, context_size)
         yield slice(start - context, start + CPU_TIME_BLOCK), context
-
-
-def refuse_keywords(module: torch.nn.Module, kwargs: dict) -> None:
-    '''Raise for keyword arguments that MambaLRP's forward of ``module`` would otherwise have to drop: all but
-    :py:data:`LAYER_KEYWORDS` and those whose value is None (nothing to honour).
-
-    Examples
-    --------
-    >>> refuse_keywords(torch.nn.Identity(), {'position_ids': torch.arange(3), 'sliding_window': None})
-    >>> refuse_keywords(torch.nn.Identity(), {'seq_idx': torch.zeros(1, 3)})
-    Traceback (most recent call last):
-    ...
-    TypeError: MambaLRP's forward of Identity got keyword arguments ['seq_idx'], which the original ...
-    '''
-    unknown = sorted(key for key, value in kwargs.items() if key not in LAYER_KEYWORDS and value is not None)
-    if unknown:
-        raise TypeError(
-            f'MambaLRP\'s forward of {type(module).__name__} got keyword arguments {unknown}, which the original '
-            f'forward passes to its kernels (e.g. packed-sequence indices, a sliding window). MambaLRP explains one '
-            f'sequence per batch row and does not drop arguments silently: call the model without them (pad the '
-            f'sequences into separate rows and pass attention_mask).'
-        )
 
 
 def refuse_continuation() -> RuntimeError:
@@ -205,8 +154,16 @@ def run_mixer(rules, function: Callable[..., T], mixer: torch.nn.Module, *argume
     # under accelerate's offloading hooks, child weights are read without a call: weights_in_place
     with weights_in_place(mixer), on_device_of(hidden_states):
         if rules.recompute and torch.is_grad_enabled():
-            return checkpoint(function, rules, mixer, *arguments, use_reentrant=False)
+            # the recomputation may run in autograd's thread: the rules on the mixer's modules (gamma, layer_map)
+            # decide there as they do now
+            return checkpoint(functools.partial(_deciding, rules.switch.on(), function), rules, mixer, *arguments,
+                              use_reentrant=False)
         return function(rules, mixer, *arguments)
+
+
+def _deciding(on: bool, function: Callable[..., T], rules, *arguments) -> T:
+    with rules.switch.deciding(on):
+        return function(rules, *arguments)
 
 
 def with_transformers_cache(

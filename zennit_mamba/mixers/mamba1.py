@@ -2,7 +2,7 @@
 ``MambaMixer``, ``FalconMambaMixer``, ``JambaMambaMixer`` and mamba-ssm's ``Mamba`` (mamba_simple).
 
 Every operation on the relevance path runs through the mixer's own ``in_proj``, ``conv1d`` and ``out_proj`` (so
-that Zennit rules such as Gamma can attach to them) or through the :py:class:`~zennit_mamba.rules.RuleSet` the
+that Zennit rules such as Gamma can attach to them) or through the :py:class:`~zennit_mamba.core.ruleset.RuleSet` the
 canonizer bound: the SiLUs, the scan with its selection, the gate. transformers' own forward calls functional kernels
 and ``dt_proj.weight`` directly instead. On a CPU, long inputs run through the mixer in time blocks
 (:py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK`), so that its projections and convolution are called once per
@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from zennit_mamba.core.family import Canonized
 from zennit_mamba.kernels import fused as fused_branch
 from zennit_mamba.core.layers import has_submodules
 from zennit_mamba.mixers.io import (
@@ -38,7 +39,7 @@ def mamba1_mixer(
 
     Parameters
     ----------
-    rules : :py:class:`~zennit_mamba.rules.RuleSet`
+    rules : :py:class:`~zennit_mamba.core.ruleset.RuleSet`
         The rules that are on.
     mixer : :py:obj:`torch.nn.Module`
         The mixer, whose projections, ``A_log`` and ``D`` are used.
@@ -173,3 +174,10 @@ def mamba_ssm_forward(rules, self, hidden_states: torch.Tensor, inference_params
         return run_mixer(rules, mamba1_mixer, self, hidden_states, None, self.dt_rank, self.d_state)
 
     return with_mamba_ssm_cache(self, inference_params, hidden_states.shape[0], run)
+
+
+#: transformers' Mamba-1 mixers (Mamba, FalconMamba, Jamba): their forward reads ``conv1d``'s and ``dt_proj``'s
+#: weights without calling them; ``x_proj`` and ``dt_proj`` compute the selection
+TRANSFORMERS_MIXER = Canonized(transformers_forward, uncalled=('conv1d', 'dt_proj'), selection=('x_proj', 'dt_proj'))
+#: mamba-ssm's ``Mamba`` (mamba_simple), likewise
+MAMBA_SSM_MIXER = Canonized(mamba_ssm_forward, uncalled=('conv1d', 'dt_proj'), selection=('x_proj', 'dt_proj'))

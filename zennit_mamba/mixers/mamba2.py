@@ -5,7 +5,7 @@
 A Mamba-2 mixer is ``in_proj -> conv1d -> core -> out_proj``. The projections run as the mixer's own modules (so that
 Zennit rules such as Gamma can attach to them; on a GPU, a convolution with nothing attached to it runs as
 :py:class:`~zennit_mamba.kernels.causal_conv.CausalConv`, the same result without transposing copies); the core holds every
-nonlinear operation, computed through the :py:class:`~zennit_mamba.rules.RuleSet` the canonizer bound: the activation
+nonlinear operation, computed through the :py:class:`~zennit_mamba.core.ruleset.RuleSet` the canonizer bound: the activation
 after the convolution, the step sizes, the SSD scan with its selection, the gated RMS norm ``norm(y * silu(gate))`` and,
 in mamba-ssm's variant with ``d_ssm < d_inner``, the gated MLP ``silu(z0) * x0`` beside the SSM. On a CPU, long inputs
 run through the mixer in time blocks (:py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK`), as Mamba-1's do.
@@ -16,6 +16,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from zennit_mamba.core.family import Canonized
+from zennit_mamba.core.instance import called_plainly
 from zennit_mamba.kernels import causal_conv
 
 from zennit_mamba.kernels import fused
@@ -158,7 +160,8 @@ def _mixer_block(rules, mixer: torch.nn.Module, layout: Mamba2Layout, hidden_sta
     split = layout.projection_split
     before, conv_input, time_step = torch.split(projected, [sum(split[:3]), split[3], split[4]], dim=-1)
     conv1d = mixer.conv1d
-    if context == 0 and causal_conv.applies(conv1d, conv_input):
+    # the kernel stands in for the module's call only where nothing observes that call
+    if context == 0 and called_plainly(conv1d) and causal_conv.applies(conv1d, conv_input):
         # in the layout of the projection and the SSD, without transposing copies (a GPU without time blocks)
         conv = causal_conv.CausalConv.apply(conv_input.to(conv1d.weight.dtype), conv1d.weight, conv1d.bias)
         conv = conv.to(before.dtype)
@@ -212,3 +215,14 @@ def mamba_ssm_forward(
 
     output = with_mamba_ssm_cache(self, inference_params, hidden_states.shape[0], run)
     return output if seqlen is None else output.flatten(0, 1)
+
+
+def _tensor_parallel(mixer: torch.nn.Module) -> Optional[str]:
+    return None if getattr(mixer, 'process_group', None) is None else 'tensor-parallel (a process group)'
+
+
+#: transformers' Mamba-2 mixers (Mamba-2, Bamba, NemotronH, GraniteMoeHybrid, FalconH1, Zamba2): their forward reads
+#: ``conv1d``'s weights without calling it
+TRANSFORMERS_MIXER = Canonized(transformers_forward, uncalled=('conv1d',))
+#: mamba-ssm's ``Mamba2``, likewise; not tensor-parallel
+MAMBA_SSM_MIXER = Canonized(mamba_ssm_forward, uncalled=('conv1d',), check=_tensor_parallel)

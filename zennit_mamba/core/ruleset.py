@@ -1,0 +1,106 @@
+'''The rule set that canonized forwards compute with: each operation of a mixer under the MambaLRP rules that are on.'''
+from typing import Collection, Tuple
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from zennit_mamba.core.switch import RuleSwitch
+from zennit_mamba.kernels.scan import selective_scan
+from zennit_mamba.kernels.ssd import ssd_scan
+from zennit_mamba.rules import MAMBA_LRP_RULES, RULES, DetachSelection, HalfRule, LNRule, SiLUIdentity
+
+#: each rule's equation as the fused functions restate it (kernels/fused.py, kernels/ssd_triton.py): where a rule's
+#: ``apply`` is another function, the rule set computes the operations in turn
+_EQUATIONS = {name: vars(rule).get('apply') for name, rule in RULES.items()}
+
+
+class RuleSet:
+    '''The MambaLRP rules that are on, the one state object the canonized forwards close over.
+
+    Each operation of a canonized mixer is computed by one method here, which applies the rule's ``apply`` where
+    that rule is on and the plain operation where it is off (the ablations).
+
+    Parameters
+    ----------
+    rules : collection of str, optional
+        The rules that are on, a subset of :py:data:`MAMBA_LRP_RULES`.
+    recompute : bool, optional
+        Recompute each mixer in the backward pass instead of storing its activations.
+
+    Examples
+    --------
+    >>> rules = RuleSet({'gate'})
+    >>> y, g = torch.tensor([2.0], requires_grad=True), torch.tensor([3.0], requires_grad=True)
+    >>> o = rules.gate(y, g)
+    >>> [float(value * gradient) for value, gradient in zip((y, g), torch.autograd.grad(o, (y, g), o / o))]
+    [3.0, 3.0]
+    '''
+
+    def __init__(self, rules: Collection[str] = MAMBA_LRP_RULES, recompute: bool = False):
+        self.names = frozenset(rules)
+        unknown = self.names - MAMBA_LRP_RULES
+        if unknown:
+            raise ValueError(f'Unknown MambaLRP rules {sorted(unknown)}; choose from {sorted(MAMBA_LRP_RULES)}.')
+        self.recompute = recompute
+        #: whether the rules act on a call: while off, a canonized mixer runs its own forward
+        #: (:py:class:`~zennit_mamba.core.instance.CanonizedForward`)
+        self.switch = RuleSwitch()
+
+    def __repr__(self) -> str:
+        return f'RuleSet({sorted(self.names)}, recompute={self.recompute})'
+
+    def activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        '''The activation ``name`` of ``ACT2FN`` (SiLU for Mamba), under :py:class:`SiLUIdentity`.'''
+        y = F.silu(x) if name in ('silu', 'swish') else ACT2FN[name](x)
+        return SiLUIdentity.apply(x, y) if 'silu' in self.names else y
+
+    def gate(self, value: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        '''``value * gate`` under :py:class:`HalfRule`.'''
+        product = value * gate
+        return HalfRule.apply(product) if 'gate' in self.names else product
+
+    def norm(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        '''The output ``u`` of an RMS normalisation of ``h`` under :py:class:`LNRule`.'''
+        return LNRule.apply(h, u) if 'norm' in self.names else u
+
+    def selection(self, *selection: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        '''``delta, A, B, C`` of a scan under :py:class:`DetachSelection`.'''
+        return DetachSelection.apply(*selection) if 'ssm' in self.names else selection
+
+    def fuses(self, rules: Collection[str], operations: Collection[str]) -> bool:
+        '''Whether a fused function with a hand-written backward may compute what ``operations`` compute under
+        ``rules``: those rules on, their equations the ones the fused functions restate (a rule whose ``apply`` was
+        replaced computes in turn, as the mutation check replaces them), and none of those operations changed by a
+        subclass (such a rule set computes them in turn).'''
+        return set(rules) <= self.names and all(
+            vars(RULES[name]).get('apply') is _EQUATIONS[name] for name in rules) and all(
+            getattr(type(self), operation) is getattr(RuleSet, operation) for operation in operations)
+
+    def fuses_branch(self) -> bool:
+        '''Whether a Mamba-1 branch's SiLU, scan and gate may run as one fused function
+        (:py:class:`~zennit_mamba.kernels.fused.SiLUScanGate`).'''
+        return self.fuses({'silu', 'ssm', 'gate'}, ('activation', 'selection', 'scan', 'gate'))
+
+    def fuses_gated_norm(self) -> bool:
+        '''Whether a Mamba-2 gated RMS normalisation may run as one fused function
+        (:py:class:`~zennit_mamba.kernels.fused.GatedRMSNorm`).'''
+        return self.fuses({'silu', 'gate', 'norm'}, ('activation', 'gate', 'norm'))
+
+    def scan(self, x, delta, A, B, C, D, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.kernels.scan.selective_scan`) with the selection rule; from
+        ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
+        delta, A, B, C = self.selection(delta, A, B, C)
+        return selective_scan(x, delta, A, B, C, D, initial_state=initial_state)
+
+    def scans_in_time_blocks(self) -> bool:
+        '''Whether a mixer may run over time blocks, each scan continued from the previous block's last state
+        (:py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK`): not where a subclass changes a scan, which then sees
+        the whole sequence at once.'''
+        return self.fuses((), ('scan', 'ssd'))
+
+    def ssd(self, x, delta, A, B, C, D, chunk_size: int, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        '''The Mamba-2 SSD scan (:py:func:`~zennit_mamba.kernels.ssd.ssd_scan`) with the selection rule; from
+        ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
+        delta, A, B, C = self.selection(delta, A, B, C)
+        return ssd_scan(x, delta, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state)
