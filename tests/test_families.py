@@ -48,6 +48,10 @@ BUILDERS: Dict[str, Callable[[], torch.nn.Module]] = {
         layers_block_type=['mamba', 'hybrid', 'mamba', 'hybrid'], num_attention_heads=4, num_key_value_heads=4,
         n_mamba_heads=4, mamba_headdim=16, mamba_ngroups=2, mamba_d_state=8, chunk_size=8, mamba_expand=2,
         adapter_rank=4, num_mem_blocks=1)),
+    'Zamba': lambda: tf.ZambaForCausalLM(tf.ZambaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, attn_layer_period=2,
+        attn_layer_offset=0, num_attention_heads=4, num_key_value_heads=4, n_mamba_heads=2, mamba_d_state=8,
+        mamba_expand=2)),
 }
 MAMBA_ONLY = ['Mamba2', 'FalconMamba']
 HYBRIDS = [name for name in BUILDERS if name not in MAMBA_ONLY]
@@ -116,7 +120,7 @@ def conservation_error(relevance: torch.Tensor, explained: torch.Tensor) -> torc
 #: one family's path shows here even where its effect on these tiny models is small
 CONSERVATION_BOUNDS = {
     'Mamba2': 5e-11, 'FalconMamba': 5e-11, 'Jamba': 2e-10, 'Bamba': 5e-10, 'NemotronH': 1e-7,
-    'GraniteMoeHybrid': 5e-10, 'FalconH1': 5e-10, 'Zamba2': 2e-10,
+    'GraniteMoeHybrid': 5e-10, 'FalconH1': 5e-10, 'Zamba2': 2e-10, 'Zamba': 2e-10,
 }
 
 
@@ -170,6 +174,38 @@ def test_agrees_with_sequential_reference(name, rules, options):
     # flows through those norms
     bound = 1e-8 if 'ssm' in rules or name != 'FalconMamba' else 1e-6
     assert relative_error(relevance, expected) <= bound
+
+
+#: the rules on each added family's path: dropping any one breaks conservation (the ablations)
+ADDED_FAMILY_RULES = [('Zamba', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
+
+
+@pytest.mark.parametrize('name, rule', ADDED_FAMILY_RULES, ids=[f'{name}-{rule}' for name, rule in ADDED_FAMILY_RULES])
+def test_each_rule_of_an_added_family_is_needed(name, rule):
+    # Zamba: the Mamba-1 rules per head, the attention rule on its shared block
+    model = build(name)
+    embeddings = embeddings_for(model)
+    relevance, explained, _ = explain(model, embeddings, MambaComposite(epsilon=1e-12, rules=ALL_RULES - {rule}))
+    assert (conservation_error(relevance, explained) > 100 * CONSERVATION_BOUNDS[name]).any()
+
+
+@pytest.mark.parametrize('name', ['Zamba'])
+def test_a_fresh_cache_is_filled_as_the_original_fills_it(name):
+    model = build(name)
+    embeddings = embeddings_for(model, 1, 6)
+    with torch.no_grad():
+        plain = model(inputs_embeds=embeddings, use_cache=True)
+        with MambaComposite().context(model) as modified:
+            output = modified(inputs_embeds=embeddings, use_cache=True)
+            with pytest.raises(RuntimeError, match='explains whole sequences'):
+                modified(inputs_embeds=embeddings[:, :1], cache=output.cache, use_cache=True)
+    assert torch.allclose(output.logits, plain.logits, rtol=1e-10)
+    for layer, kind in enumerate(model.config.layers_block_type if name == 'Zamba' else model.config.layer_types):
+        if kind in ('conv', 'mamba', 'linear_attention', 'hybrid'):
+            assert torch.allclose(output.cache.get_conv_state(layer), plain.cache.get_conv_state(layer), rtol=1e-12)
+        if name == 'Zamba':
+            assert torch.allclose(output.cache.get_recurrent_state(layer), plain.cache.get_recurrent_state(layer),
+                                  rtol=1e-10)
 
 
 @pytest.mark.parametrize('name', ['Bamba', 'Jamba'])

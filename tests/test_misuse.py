@@ -16,7 +16,8 @@ from test_families import build
 from zennit_mamba import MambaComposite
 from zennit_mamba.support import mixer_types
 
-FAMILIES = ['Mamba', 'Mamba2', 'FalconMamba', 'Jamba', 'Bamba', 'NemotronH', 'GraniteMoeHybrid', 'FalconH1', 'Zamba2']
+FAMILIES = ['Mamba', 'Mamba2', 'FalconMamba', 'Jamba', 'Bamba', 'NemotronH', 'GraniteMoeHybrid', 'FalconH1', 'Zamba2',
+            'Zamba']
 HYBRIDS = FAMILIES[3:]
 #: mamba-ssm's own MambaLMHeadModel with each of its mixers, in float32 on a GPU (skipped elsewhere)
 MAMBA_SSM = [pytest.param(name, marks=needs_mamba_ssm) for name in ('mamba-ssm Mamba', 'mamba-ssm Mamba2')]
