@@ -52,6 +52,10 @@ BUILDERS: Dict[str, Callable[[], torch.nn.Module]] = {
         vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, attn_layer_period=2,
         attn_layer_offset=0, num_attention_heads=4, num_key_value_heads=4, n_mamba_heads=2, mamba_d_state=8,
         mamba_expand=2)),
+    'Lfm2': lambda: tf.Lfm2ForCausalLM(tf.Lfm2Config(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=['conv', 'full_attention', 'conv', 'conv'], block_auto_adjust_ff_dim=False,
+        conv_bias=True)),
 }
 MAMBA_ONLY = ['Mamba2', 'FalconMamba']
 HYBRIDS = [name for name in BUILDERS if name not in MAMBA_ONLY]
@@ -120,7 +124,7 @@ def conservation_error(relevance: torch.Tensor, explained: torch.Tensor) -> torc
 #: one family's path shows here even where its effect on these tiny models is small
 CONSERVATION_BOUNDS = {
     'Mamba2': 5e-11, 'FalconMamba': 5e-11, 'Jamba': 2e-10, 'Bamba': 5e-10, 'NemotronH': 1e-7,
-    'GraniteMoeHybrid': 5e-10, 'FalconH1': 5e-10, 'Zamba2': 2e-10, 'Zamba': 2e-10,
+    'GraniteMoeHybrid': 5e-10, 'FalconH1': 5e-10, 'Zamba2': 2e-10, 'Zamba': 2e-10, 'Lfm2': 2e-10,
 }
 
 
@@ -178,18 +182,20 @@ def test_agrees_with_sequential_reference(name, rules, options):
 
 #: the rules on each added family's path: dropping any one breaks conservation (the ablations)
 ADDED_FAMILY_RULES = [('Zamba', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
+ADDED_FAMILY_RULES += [('Lfm2', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
 
 
 @pytest.mark.parametrize('name, rule', ADDED_FAMILY_RULES, ids=[f'{name}-{rule}' for name, rule in ADDED_FAMILY_RULES])
 def test_each_rule_of_an_added_family_is_needed(name, rule):
-    # Zamba: the Mamba-1 rules per head, the attention rule on its shared block
+    # Zamba: the Mamba-1 rules per head, the attention rule on its shared block; LFM2: the short convolution's B and
+    # C as the selection ('ssm'), its MLP's SiLU and gate, the attention rule
     model = build(name)
     embeddings = embeddings_for(model)
     relevance, explained, _ = explain(model, embeddings, MambaComposite(epsilon=1e-12, rules=ALL_RULES - {rule}))
     assert (conservation_error(relevance, explained) > 100 * CONSERVATION_BOUNDS[name]).any()
 
 
-@pytest.mark.parametrize('name', ['Zamba'])
+@pytest.mark.parametrize('name', ['Zamba', 'Lfm2'])
 def test_a_fresh_cache_is_filled_as_the_original_fills_it(name):
     model = build(name)
     embeddings = embeddings_for(model, 1, 6)
