@@ -104,15 +104,24 @@ class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):
         check_finite([tensor for tensor in inputs_tuple if tensor.is_floating_point()])
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=False)
         with self._registration(), self.composite.ends.explained_by_caller(), torch.enable_grad():
-            relevance, activations = compute_layer_gradients_and_eval(
-                forward,
-                self.layer,
-                inputs,
-                target,
-                additional_forward_args,
-                device_ids=self.device_ids,
-                attribute_to_layer_input=attribute_to_layer_input,
-            )
+            try:
+                relevance, activations = compute_layer_gradients_and_eval(
+                    forward,
+                    self.layer,
+                    inputs,
+                    target,
+                    additional_forward_args,
+                    device_ids=self.device_ids,
+                    attribute_to_layer_input=attribute_to_layer_input,
+                )
+            except AssertionError as error:
+                if not attribute_to_layer_input or 'not a torch.Tensor' not in str(error):
+                    raise
+                raise TypeError(
+                    f'The {type(self.layer).__name__} is called with its input by keyword (as transformers\' decoder '
+                    f'layers are), which Captum\'s layer methods cannot read as the layer input: attribute to the '
+                    f'output of the module before it (attribute_to_layer_input=False on that module) instead.'
+                ) from error
         # the gradient of the explained value through the rule-modified forward: the layer's relevance is gradient x
         # activation
         relevance = tuple((gradient * activation).detach() for gradient, activation in zip(relevance, activations))

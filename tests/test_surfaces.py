@@ -19,7 +19,7 @@ from conftest import assert_snapshots_equal, make_mamba, relative_error, snapsho
 from test_families import BUILDERS, build
 from test_misuse import MAMBA_SSM, model_of
 from test_vim import images as vim_images, tiny_vim
-from zennit_mamba import MambaComposite
+from zennit_mamba import MAMBA_LRP_RULES as ALL_RULES, MambaComposite
 from zennit_mamba.support import UnsupportedModelError
 
 LANGUAGE_MODELS = ['Mamba'] + list(BUILDERS)
@@ -661,3 +661,92 @@ def test_calls_that_cannot_work_are_refused_with_the_way_out(call, error, messag
     with pytest.raises(error, match=message):
         call(model, ids, embeddings)
     assert_snapshots_equal(snapshot(model), before)
+
+
+# --- a third round: the modules inside a mixer ---------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['Mamba2', 'Bamba', 'NemotronH', 'Zamba2', 'GraniteMoeHybrid'])
+@pytest.mark.parametrize('where', ['instance', 'class'])
+def test_a_gated_norm_replaced_inside_a_mixer_is_refused(name, where, monkeypatch):
+    # the canonized mixer computes its gated norm from the norm's weight: a replaced forward would be dropped
+    model = language_model(name)
+    norm = mixers_of(model)[0].norm
+    if where == 'instance':
+        original = norm.forward
+        norm.forward = lambda *args, **kwargs: 2 * original(*args, **kwargs)
+    else:
+        original = type(norm).forward
+        monkeypatch.setattr(type(norm), 'forward', lambda self, *args, **kwargs: 2 * original(self, *args, **kwargs))
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match="norm' \\(forward (set on the instance|replaced on the class)"):
+        MambaLRP(model).attribute(model.get_input_embeddings()(token_ids()).detach(), target=3)
+    assert_snapshots_equal(snapshot(model), before)
+
+
+class DoubledConv(torch.nn.Conv1d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize('name', ['Mamba', 'Mamba2', 'Jamba', 'Zamba'])
+@pytest.mark.parametrize('change', ['subclass', 'instance forward', 'wrapped dt_proj'])
+def test_a_module_the_original_reads_without_calling_must_be_the_plain_layer(name, change):
+    model = language_model(name)
+    mixer = mixers_of(model)[0]
+    if change == 'subclass':
+        mixer.conv1d.__class__ = DoubledConv
+    elif change == 'instance forward':
+        original = mixer.conv1d.forward
+        mixer.conv1d.forward = lambda x: 2 * original(x)
+    elif hasattr(mixer, 'dt_proj'):
+        mixer.dt_proj = LoRA(mixer.dt_proj)
+    else:
+        pytest.skip(f'{name} has no dt_proj module')
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModelError, match='the original forward reads its weights without calling it'):
+        MambaLRP(model).attribute(model.get_input_embeddings()(token_ids()).detach(), target=3)
+    assert_snapshots_equal(snapshot(model), before)
+
+
+@pytest.mark.parametrize('name', ['Mamba', 'FalconMamba', 'Jamba'])
+def test_gamma_on_the_selection_alone_is_refused_and_beside_others_inert(name):
+    model = language_model(name)
+    embeddings = model.get_input_embeddings()(token_ids()).detach()
+    with pytest.raises(ValueError, match="'dt_proj' \\(it selects .*layers of the selection, which the SSM rule"):
+        MambaLRP(model, gamma={'dt_proj': 0.25}).attribute(embeddings, target=3)
+    # without the SSM rule relevance passes the selection, and the key acts
+    without_ssm = ALL_RULES - {'ssm'}
+    acting = MambaLRP(model, gamma={'dt_proj': 0.25}, rules=without_ssm, epsilon=1e-12).attribute(embeddings, target=3)
+    plain = MambaLRP(model, rules=without_ssm, epsilon=1e-12).attribute(embeddings, target=3)
+    assert not torch.equal(acting, plain)
+    # beside a key that acts, a key on the selection changes nothing (a list of all projections)
+    both = MambaLRP(model, gamma={'out_proj': 0.25, 'dt_proj': 0.25}, epsilon=1e-12).attribute(embeddings, target=3)
+    alone = MambaLRP(model, gamma={'out_proj': 0.25}, epsilon=1e-12).attribute(embeddings, target=3)
+    assert torch.equal(both, alone)
+
+
+def test_a_gamma_key_that_layer_map_overrides_names_the_entry():
+    model = make_mamba()
+    with pytest.raises(ValueError, match="'out_proj' \\(the layers it selects take the rule of layer_map's entry "
+                                         "\\(Linear\\) first\\)"):
+        with MambaComposite(gamma={'out_proj': 0.25}, layer_map=[(torch.nn.Linear, Epsilon())]).context(model):
+            pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('options', [{'gamma': 0.25}, {'layer_map': [(torch.nn.Conv1d, Epsilon(1e-12))]}],
+                         ids=['gamma', 'layer_map'])
+def test_recomputed_mixers_decide_the_rules_as_their_forward_did_on_a_gpu(options):
+    # on a GPU the backward pass, and the mixers' recomputation in it, runs in autograd's own thread
+    model = make_mamba().cuda()
+    embeddings = model.get_input_embeddings()(token_ids().cuda()).detach()
+    stored = MambaLRP(model, epsilon=1e-12, **options).attribute(embeddings, target=3)
+    recomputed = MambaLRP(model, epsilon=1e-12, recompute=True, **options).attribute(embeddings, target=3)
+    assert relative_error(recomputed, stored) <= 1e-12
+
+
+def test_the_input_of_a_layer_called_by_keyword_is_refused_with_the_way_out():
+    model = build('Zamba2')
+    ids = token_ids()
+    with pytest.raises(TypeError, match='called with its input by keyword.*attribute_to_layer_input=False'):
+        LayerMambaLRP(model, model.model.layers[0]).attribute(ids, target=3, attribute_to_layer_input=True)
