@@ -1,6 +1,6 @@
-'''The Mamba-2 mixers' causal convolution on time-major inputs (zennit_mamba.kernels.causal_conv): its Triton kernels against
-torch's Conv1d (under Triton's interpreter on the CPU, and on a GPU), when it stands in for the module call, and a GPU
-explanation through it against one through the module.'''
+'''The Mamba-2 mixers' causal convolution on time-major inputs (zennit_mamba.kernels.causal_conv): its Triton kernels
+against torch's Conv1d (under Triton's interpreter on the CPU, and on a GPU), when it stands in for the module call, and
+a GPU explanation through it against one through the module.'''
 import functools
 
 import pytest

@@ -151,7 +151,8 @@ def test_the_hooks_of_one_explanation(model):
     with composite.context(model):
         # by the rule each hook applies (the LN-rule attaches to a norm as NormRule, a subclass of it)
         kinds = (LNRule, ZennitRule, ExplainedModel)
-        hooks = collections.Counter(next(kind for kind in kinds if isinstance(hook, kind)) for hook in composite.hook_refs)
+        hooks = collections.Counter(next(kind for kind in kinds if isinstance(hook, kind))
+                                    for hook in composite.hook_refs)
         forwards = snapshot(model)['instance_forwards']
     layers = model.config.num_hidden_layers
     assert hooks == {LNRule: layers + 1, ZennitRule: 1, ExplainedModel: 1}

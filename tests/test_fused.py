@@ -1,6 +1,6 @@
-'''The fused Mamba-1 branch's backward (zennit_mamba.kernels.fused) on the CPU, in float64: its transposed scan in reversed
-time, run here by the package's PyTorch scan in place of mamba-ssm's forward kernel, gives the gradients of the rule
-set's operations in turn. tests/test_cuda.py runs the same backward with the kernels on a GPU.'''
+'''The fused Mamba-1 branch's backward (zennit_mamba.kernels.fused) on the CPU, in float64: its transposed scan in
+reversed time, run here by the package's PyTorch scan in place of mamba-ssm's forward kernel, gives the gradients of the
+rule set's operations in turn. tests/test_cuda.py runs the same backward with the kernels on a GPU.'''
 import pytest
 import torch
 

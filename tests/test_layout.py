@@ -50,7 +50,8 @@ def imports_of(name: str, path: str):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ''
             if node.level:
-                base = '.'.join(package.split('.')[:len(package.split('.')) - node.level + 1] + ([base] if base else []))
+                parts = package.split('.')
+                base = '.'.join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
             if base.split('.')[0] not in ('zennit_mamba', 'captum_mamba'):
                 continue
             # `from package import module` imports the module

@@ -2,8 +2,8 @@
 
 Each class the family files canonize (:py:func:`~zennit_mamba.support.table`) gets a canonized forward that computes
 what the original computes on the full-sequence path, through the mixer's own projections and the rule set bound to
-it (:py:class:`~zennit_mamba.core.ruleset.RuleSet`). Forward values are unchanged; removing the canonizer restores each instance
-exactly. Before any module changes, every upstream forward's signature is compared with the canonized one
+it (:py:class:`~zennit_mamba.core.ruleset.RuleSet`). Forward values are unchanged; removing the canonizer restores each
+instance exactly. Before any module changes, every upstream forward's signature is compared with the canonized one
 (:py:func:`~zennit_mamba.core.upstream.check_forward_signature`).
 '''
 import functools
@@ -80,7 +80,8 @@ def _canonize_by_type(named_modules: Iterable[Tuple[str, torch.nn.Module]],
                       canonizers: List[ForwardCanonizer]) -> List[ForwardCanonizer]:
     '''Register a copy of the canonizer of each module's exact type on it; on any error, remove those registered and
     re-raise. The signatures of the forwards to replace are checked first, and a module whose forward is not its
-    class's own (:py:func:`~zennit_mamba.core.instance.replaced_forward`) is refused: the canonized forward would drop it.'''
+    class's own (:py:func:`~zennit_mamba.core.instance.replaced_forward`) is refused: the canonized forward would drop
+    it.'''
     by_type = {canonizer.module_type: canonizer for canonizer in canonizers}
     targets = [(by_type[type(module)], name, module) for name, module in named_modules if type(module) in by_type]
     for canonizer in {id(canonizer): canonizer for canonizer, _, _ in targets}.values():

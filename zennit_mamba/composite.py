@@ -55,8 +55,8 @@ class MambaComposite(Composite):
     output gradient (e.g. the target logit at one position and zero elsewhere), as for every Zennit composite.
 
     How it works: :py:class:`~zennit_mamba.canonizers.MambaCanonizer` replaces each Mamba mixer's forward by one
-    that computes through a :py:class:`~zennit_mamba.core.ruleset.RuleSet` (SiLU identity, detached selection, half rule,
-    LN-rule in the gated norm); the module map puts the same rules on the model's other modules (RMS norms,
+    that computes through a :py:class:`~zennit_mamba.core.ruleset.RuleSet` (SiLU identity, detached selection, half
+    rule, LN-rule in the gated norm); the module map puts the same rules on the model's other modules (RMS norms,
     activations, and in hybrids attention, routers, gated MLPs and experts), Zennit rules from ``gamma`` and
     ``layer_map`` on the layers they select (:py:class:`~zennit_mamba.core.hooks.ZennitRule`), and
     :py:class:`~zennit_mamba.core.hooks.ExplainedModel` on the root, which turns relevance into gradient where the

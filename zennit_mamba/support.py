@@ -100,13 +100,12 @@ def support_table() -> str:
     Examples
     --------
     >>> print(support_table().splitlines()[2])
-    | Bamba | transformers | `BambaMixer` | attention, MLPs, experts |
+    | Bamba | transformers | `BambaMixer` | attention, gated MLPs |
     '''
     rows = ['| family | library | mixer | layers beside the mixers |', '|---|---|---|---|']
     for family in FAMILIES:
         mixers = ', '.join(f'`{path.rpartition(".")[2]}`' for path in family.mixers())
-        rows.append(f'| {family.name} | {family.library} | {mixers} | '
-                    f'{"attention, MLPs, experts" if family.hybrid else "none"} |')
+        rows.append(f'| {family.name} | {family.library} | {mixers} | {family.beside} |')
     return '\n'.join(rows)
 
 

@@ -91,7 +91,10 @@ class Family(NamedTuple):
     layers : mapping of str to Treatment
         Every other class of the family, with its treatment.
     hybrid : bool, optional
-        Whether attention, MLP or expert layers sit beside the mixers (the README's table).
+        Whether attention, MLP or expert layers sit beside the mixers: in a hybrid, a layer of the user's own without a
+        treatment is refused.
+    beside : str, optional
+        The layers beside the mixers, for the README's table (``'attention, gated MLPs, experts'``).
     library_modules : tuple of str, optional
         The Python modules that define the family's classes: a class from them that no entry maps is refused.
     '''
@@ -100,6 +103,7 @@ class Family(NamedTuple):
     canonized: Mapping[str, Canonized]
     layers: Mapping[str, Treatment]
     hybrid: bool = False
+    beside: str = 'none'
     library_modules: Tuple[str, ...] = ()
 
     def mixers(self) -> Tuple[str, ...]:

@@ -51,8 +51,8 @@ class CanonizedForward(functools.partial):
     '''A canonized forward function with its rule set bound as the first argument: ``function(rules, module, ...)``.
 
     Its own type, so that a canonized module can be recognised (:py:func:`is_canonized`). Where the bound rules have
-    a switch (:py:class:`~zennit_mamba.core.switch.RuleSwitch`) that is off, the forward it replaced (:py:attr:`original`,
-    bound to the module) runs instead: the module computes as if nothing were registered.
+    a switch (:py:class:`~zennit_mamba.core.switch.RuleSwitch`) that is off, the forward it replaced
+    (:py:attr:`original`, bound to the module) runs instead: the module computes as if nothing were registered.
     '''
 
     original: Optional[Callable] = None

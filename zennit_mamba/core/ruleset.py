@@ -88,8 +88,8 @@ class RuleSet:
         return self.fuses({'silu', 'gate', 'norm'}, ('activation', 'gate', 'norm'))
 
     def scan(self, x, delta, A, B, C, D, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.kernels.scan.selective_scan`) with the selection rule; from
-        ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
+        '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.kernels.scan.selective_scan`) with the selection rule;
+        from ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
         delta, A, B, C = self.selection(delta, A, B, C)
         return selective_scan(x, delta, A, B, C, D, initial_state=initial_state)
 

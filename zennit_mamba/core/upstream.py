@@ -146,9 +146,9 @@ def check_hooks_added_during_a_call() -> None:
     '''Raise :py:class:`UpstreamChangedError` unless torch runs a forward hook that a forward pre-hook of the same
     call registered, after the forward and also when the forward raises (once per process).
 
-    :py:class:`~zennit_mamba.core.hooks.ExplainedModel` registers the hook where relevance enters that way, on the module
-    of the outermost call only; a torch that read the hooks before the forward would leave the output unconverted and
-    the explanation a plain gradient.
+    :py:class:`~zennit_mamba.core.hooks.ExplainedModel` registers the hook where relevance enters that way, on the
+    module of the outermost call only; a torch that read the hooks before the forward would leave the output unconverted
+    and the explanation a plain gradient.
     '''
     if not (_hook_added_during_the_call_runs(raises=False) and _hook_added_during_the_call_runs(raises=True)):
         raise UpstreamChangedError(

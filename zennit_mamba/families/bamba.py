@@ -6,7 +6,8 @@ from zennit_mamba.mixers import mamba2
 MODULE = 'transformers.models.bamba.modeling_bamba'
 
 FAMILY = Family(
-    name='Bamba', library='transformers', hybrid=True, library_modules=(MODULE,),
+    name='Bamba', library='transformers', hybrid=True, beside='attention, gated MLPs',
+    library_modules=(MODULE,),
     canonized=in_module(MODULE, {'BambaMixer': mamba2.TRANSFORMERS_MIXER}),
     layers=in_module(MODULE, {
         'BambaForCausalLM': COMPOSITION, 'BambaModel': COMPOSITION, 'BambaPreTrainedModel': COMPOSITION,

@@ -6,7 +6,8 @@ from zennit_mamba.mixers import mamba2
 MODULE = 'transformers.models.falcon_h1.modeling_falcon_h1'
 
 FAMILY = Family(
-    name='FalconH1', library='transformers', hybrid=True, library_modules=(MODULE,),
+    name='FalconH1', library='transformers', hybrid=True, beside='attention (in parallel), gated MLPs',
+    library_modules=(MODULE,),
     canonized=in_module(MODULE, {'FalconH1Mixer': mamba2.TRANSFORMERS_MIXER}),
     layers=in_module(MODULE, {
         'FalconH1ForCausalLM': COMPOSITION, 'FalconH1Model': COMPOSITION, 'FalconH1PreTrainedModel': COMPOSITION,

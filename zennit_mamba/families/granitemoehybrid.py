@@ -6,7 +6,8 @@ from zennit_mamba.mixers import mamba2
 MODULE = 'transformers.models.granitemoehybrid.modeling_granitemoehybrid'
 
 FAMILY = Family(
-    name='GraniteMoeHybrid', library='transformers', hybrid=True, library_modules=(MODULE,),
+    name='GraniteMoeHybrid', library='transformers', hybrid=True, beside='attention, experts, a shared gated MLP',
+    library_modules=(MODULE,),
     canonized=in_module(MODULE, {'GraniteMoeHybridMambaLayer': mamba2.TRANSFORMERS_MIXER}),
     layers=in_module(MODULE, {
         'GraniteMoeHybridForCausalLM': COMPOSITION, 'GraniteMoeHybridModel': COMPOSITION,

@@ -6,7 +6,8 @@ from zennit_mamba.mixers import mamba1
 MODULE = 'transformers.models.jamba.modeling_jamba'
 
 FAMILY = Family(
-    name='Jamba', library='transformers', hybrid=True, library_modules=(MODULE,),
+    name='Jamba', library='transformers', hybrid=True, beside='attention, gated MLPs, experts',
+    library_modules=(MODULE,),
     canonized=in_module(MODULE, {'JambaMambaMixer': mamba1.TRANSFORMERS_MIXER}),
     layers=in_module(MODULE, {
         'JambaForCausalLM': COMPOSITION, 'JambaForSequenceClassification': COMPOSITION, 'JambaModel': COMPOSITION,

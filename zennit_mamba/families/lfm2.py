@@ -73,7 +73,8 @@ def mlp_forward(rules, self, x: torch.Tensor) -> torch.Tensor:
 
 
 FAMILY = Family(
-    name='LFM2', library='transformers', hybrid=True, library_modules=(MODULE,),
+    name='LFM2', library='transformers', hybrid=True, beside='attention, gated MLPs',
+    library_modules=(MODULE,),
     canonized=in_module(MODULE, {
         # the original forward convolves with conv's weights without calling it
         'Lfm2ShortConv': Canonized(short_conv_forward, uncalled=('conv',)),

@@ -6,7 +6,8 @@ from zennit_mamba.mixers import mamba2
 MODULE = 'transformers.models.nemotron_h.modeling_nemotron_h'
 
 FAMILY = Family(
-    name='NemotronH', library='transformers', hybrid=True, library_modules=(MODULE,),
+    name='NemotronH', library='transformers', hybrid=True, beside='attention, MLPs, experts',
+    library_modules=(MODULE,),
     canonized=in_module(MODULE, {'NemotronHMamba2Mixer': mamba2.TRANSFORMERS_MIXER}),
     layers=in_module(MODULE, {
         'NemotronHForCausalLM': COMPOSITION, 'NemotronHModel': COMPOSITION, 'NemotronHPreTrainedModel': COMPOSITION,

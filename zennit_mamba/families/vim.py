@@ -9,8 +9,8 @@ in the middle of the patch sequence, an absolute position embedding, blocks of a
 ("bimamba v2") mixer with the residual stream in float32 (or wider), a final RMSNorm and a linear head on the class
 token. The mixer runs one Mamba-1 branch on the sequence and one, with its own convolution, selection, ``A`` and
 ``D``, on the reversed sequence; both share ``in_proj`` and ``out_proj``, and their gated outputs are summed and
-halved (the checkpoints' "div2"). Scans run through :py:func:`~zennit_mamba.kernels.scan.selective_scan`: mamba-ssm's CUDA
-kernel on a GPU where it is installed, PyTorch elsewhere.
+halved (the checkpoints' "div2"). Scans run through :py:func:`~zennit_mamba.kernels.scan.selective_scan`: mamba-ssm's
+CUDA kernel on a GPU where it is installed, PyTorch elsewhere.
 
 The mixer's own forward is the canonical computation of :py:func:`bidirectional_mixer` with every rule off;
 :py:class:`~zennit_mamba.MambaComposite` runs the same function with the MambaLRP rules on both directions, and the
@@ -91,7 +91,8 @@ class BidirectionalMamba(torch.nn.Module):
 
 def bidirectional_mixer(rules: RuleSet, mixer: BidirectionalMamba, hidden_states: torch.Tensor) -> torch.Tensor:
     '''Vim's bidirectional mixer on ``(batch, length, d_model)`` normalised hidden states under ``rules``: both
-    branches through :py:func:`~zennit_mamba.mixers.mamba1.selective_branch`, the backward one on the reversed sequence.'''
+    branches through :py:func:`~zennit_mamba.mixers.mamba1.selective_branch`, the backward one on the reversed
+    sequence.'''
     dtype = hidden_states.dtype
     x, gate = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
     forward, _ = selective_branch(rules, x, gate, mixer.branch(False), mixer.dt_rank, mixer.d_state, dtype)

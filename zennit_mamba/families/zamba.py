@@ -30,8 +30,10 @@ def zamba_mixer(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor, atte
                             attention_mask, blocks_allowed)
 
 
-def _mixer_block(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                 initial_state: Optional[torch.Tensor], context: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _mixer_block(
+    rules, mixer: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
+    initial_state: Optional[torch.Tensor], context: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     '''The mixer on consecutive positions (a :py:data:`~zennit_mamba.mixers.io.MixerBlock`): the output, the input of
     the convolution and the heads' last scan states ``(batch, heads, head_dim, state)``.'''
     batch, positions, _ = hidden_states.shape
@@ -74,7 +76,8 @@ def zamba_forward(rules, self, hidden_states: torch.Tensor, cache=None, attentio
 
 
 FAMILY = Family(
-    name='Zamba', library='transformers', hybrid=True, library_modules=(MODULE,),
+    name='Zamba', library='transformers', hybrid=True, beside='a shared attention block with gated MLPs',
+    library_modules=(MODULE,),
     # the original forward convolves with conv1d's weights without calling it
     canonized=in_module(MODULE, {'ZambaMambaMixer': Canonized(zamba_forward, uncalled=('conv1d',))}),
     layers=in_module(MODULE, {

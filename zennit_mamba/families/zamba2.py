@@ -6,7 +6,8 @@ from zennit_mamba.mixers import mamba2
 MODULE = 'transformers.models.zamba2.modeling_zamba2'
 
 FAMILY = Family(
-    name='Zamba2', library='transformers', hybrid=True, library_modules=(MODULE,),
+    name='Zamba2', library='transformers', hybrid=True, beside='a shared attention block with gated MLPs',
+    library_modules=(MODULE,),
     canonized=in_module(MODULE, {'Zamba2MambaMixer': mamba2.TRANSFORMERS_MIXER}),
     layers=in_module(MODULE, {
         'Zamba2ForCausalLM': COMPOSITION, 'Zamba2ForSequenceClassification': COMPOSITION, 'Zamba2Model': COMPOSITION,

@@ -2,8 +2,8 @@
 and a Mamba-2 gated normalisation (:py:class:`GatedRMSNorm`: one Triton kernel each way on a GPU).
 
 A Mamba-1 branch's SiLU, selective scan and gate under all three of their MambaLRP rules, as one autograd function
-around mamba-ssm's CUDA kernels: the same relevance as :py:class:`~zennit_mamba.core.ruleset.RuleSet`'s operations in turn,
-in fewer kernel launches and autograd nodes (the selection carries no gradient, so none of it is recorded).
+around mamba-ssm's CUDA kernels: the same relevance as :py:class:`~zennit_mamba.core.ruleset.RuleSet`'s operations in
+turn, in fewer kernel launches and autograd nodes (the selection carries no gradient, so none of it is recorded).
 
 For the convolution output ``c``, the gate input ``z`` and the (constant) selection ``delta, A, B, C``, the forward
 is mamba-ssm's ``o = y * silu(z)`` with ``y = scan(silu(c))`` (one kernel, the skip ``D`` included). The backward

@@ -107,7 +107,8 @@ def _pytorch_ssd(x, log_step, B, C, chunk_size, input_scale=None, output_scale=N
 
 def _exact_ssd(core, x, dt, A, B, C, D, chunk_size, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
     '''The SSD with skip in the promoted dtype of ``x`` (float32 or wider) by ``core`` (:py:func:`_pytorch_ssd` or
-    :py:func:`~zennit_mamba.kernels.ssd_triton.triton_ssd`), from ``initial_state`` where given (the PyTorch core only).'''
+    :py:func:`~zennit_mamba.kernels.ssd_triton.triton_ssd`), from ``initial_state`` where given (the PyTorch core
+    only).'''
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, dt, A, B, C, D = (tensor.to(dtype) for tensor in (x, dt, A, B, C, D))
     return core(x, dt * A, B, C, chunk_size, input_scale=dt, skip=D,
@@ -211,8 +212,8 @@ def ssd_scan(
     implementation : {'auto', 'torch', 'mamba_ssm'}, optional
         ``'auto'`` uses mamba-ssm's ``mamba_chunk_scan_combined`` for CUDA float16/bfloat16 tensors where mamba-ssm
         is installed. Its Triton matrix products round float32 inputs to TF32 (about 1e-3 relative error, measured
-        on an H100), so CUDA float32 takes this package's Triton SSD (:py:mod:`~zennit_mamba.kernels.ssd_triton`, products
-        exact to float32 rounding) where the selection is constant (MambaLRP's SSM rule, or no gradient taken),
+        on an H100), so CUDA float32 takes this package's Triton SSD (:py:mod:`~zennit_mamba.kernels.ssd_triton`,
+        products exact to float32 rounding) where the selection is constant (MambaLRP's SSM rule, or no gradient taken),
         and the PyTorch computation otherwise, as every other device and dtype does; ``'torch'`` always takes the
         PyTorch computation; ``'mamba_ssm'`` asks for mamba-ssm's kernel anyway.
     initial_state : :py:obj:`torch.Tensor`, optional

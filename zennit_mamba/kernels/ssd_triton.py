@@ -1,10 +1,10 @@
 '''Mamba-2's chunked SSD scan as four Triton kernels whose float32 matrix products are exact to float32 rounding.
 
 mamba-ssm's Triton SSD rounds float32 operands of its matrix products to TF32 (10 mantissa bits); the PyTorch SSD
-(:py:func:`~zennit_mamba.kernels.ssd._ssd`) is exact but forms every ``chunk x chunk`` mixing matrix in memory. These kernels
-compute the same chunked form as :py:func:`~zennit_mamba.kernels.ssd._ssd` with ``tf32x3`` products (each operand split
-into a TF32 head and tail, three tensor-core products: float32 accuracy at tensor-core speed); only the ``C . B``
-products of a chunk reach memory, once per group of heads, and the decay-weighted mixing stays in registers:
+(:py:func:`~zennit_mamba.kernels.ssd._ssd`) is exact but forms every ``chunk x chunk`` mixing matrix in memory. These
+kernels compute the same chunked form as :py:func:`~zennit_mamba.kernels.ssd._ssd` with ``tf32x3`` products (each
+operand split into a TF32 head and tail, three tensor-core products: float32 accuracy at tensor-core speed); only the
+``C . B`` products of a chunk reach memory, once per group of heads, and the decay-weighted mixing stays in registers:
 
 1. ``chunk_states``: each chunk's own contribution to the state at its end,
    ``sum_s exp(log_decay_end - log_decay_s) u_s B_s^T`` with ``u = x * input_scale`` (``x * dt`` in the forward);

@@ -4,12 +4,12 @@
 
 A Mamba-2 mixer is ``in_proj -> conv1d -> core -> out_proj``. The projections run as the mixer's own modules (so that
 Zennit rules such as Gamma can attach to them; on a GPU, a convolution with nothing attached to it runs as
-:py:class:`~zennit_mamba.kernels.causal_conv.CausalConv`, the same result without transposing copies); the core holds every
-nonlinear operation, computed through the :py:class:`~zennit_mamba.core.ruleset.RuleSet` the canonizer bound: the activation
-after the convolution, the step sizes, the SSD scan with its selection, the gated RMS norm ``norm(y * silu(gate))`` and,
-in mamba-ssm's variant with ``d_ssm < d_inner``, the gated MLP ``silu(z0) * x0`` beside the SSM. On a CPU, long inputs
-run through the mixer in time blocks (:py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK`), as Mamba-1's do.
-'''
+:py:class:`~zennit_mamba.kernels.causal_conv.CausalConv`, the same result without transposing copies); the core holds
+every nonlinear operation, computed through the :py:class:`~zennit_mamba.core.ruleset.RuleSet` the canonizer bound: the
+activation after the convolution, the step sizes, the SSD scan with its selection, the gated RMS norm ``norm(y *
+silu(gate))`` and, in mamba-ssm's variant with ``d_ssm < d_inner``, the gated MLP ``silu(z0) * x0`` beside the SSM. On a
+CPU, long inputs run through the mixer in time blocks (:py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK`), as Mamba-1's
+do. '''
 import functools
 from typing import List, NamedTuple, Optional, Tuple
 
