@@ -11,12 +11,26 @@ import transformers as tf
 
 from conftest import assert_snapshots_equal, relative_error, snapshot
 from reference import ALL_RULES, reference_relevance
+from zennit_mamba import MAMBA_LRP_RULES
 
 from zennit_mamba import MambaComposite, UnsupportedModelError
 
 MAMBA2_HEADS = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8,
                     mamba_expand=2)
 ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2)
+
+def with_selection(model: torch.nn.Module) -> torch.nn.Module:
+    '''Zamba's per-head selection weights start at zero (``x_proj_weight``): then ``B``, ``C`` and the step do not
+    depend on the input, and no test could tell whether the SSM rule holds them constant. Random ones, larger steps
+    and inputs, as training gives.'''
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, 'x_proj_weight'):
+                module.x_proj_weight.normal_(0.0, 2.0)
+                module.dt_proj_bias.add_(2.0)
+                module.in_proj.weight.mul_(20.0)  # inputs of the size a trained model's are
+    return model
+
 
 BUILDERS: Dict[str, Callable[[], torch.nn.Module]] = {
     'Mamba2': lambda: tf.Mamba2ForCausalLM(tf.Mamba2Config(
@@ -48,10 +62,10 @@ BUILDERS: Dict[str, Callable[[], torch.nn.Module]] = {
         layers_block_type=['mamba', 'hybrid', 'mamba', 'hybrid'], num_attention_heads=4, num_key_value_heads=4,
         n_mamba_heads=4, mamba_headdim=16, mamba_ngroups=2, mamba_d_state=8, chunk_size=8, mamba_expand=2,
         adapter_rank=4, num_mem_blocks=1)),
-    'Zamba': lambda: tf.ZambaForCausalLM(tf.ZambaConfig(
+    'Zamba': lambda: with_selection(tf.ZambaForCausalLM(tf.ZambaConfig(
         vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, attn_layer_period=2,
         attn_layer_offset=0, num_attention_heads=4, num_key_value_heads=4, n_mamba_heads=2, mamba_d_state=8,
-        mamba_expand=2)),
+        mamba_expand=2))),
     'Lfm2': lambda: tf.Lfm2ForCausalLM(tf.Lfm2Config(
         vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, layer_types=['conv', 'full_attention', 'conv', 'conv'], block_auto_adjust_ff_dim=False,
@@ -191,7 +205,8 @@ def test_each_rule_of_an_added_family_is_needed(name, rule):
     # C as the selection ('ssm'), its MLP's SiLU and gate, the attention rule
     model = build(name)
     embeddings = embeddings_for(model)
-    relevance, explained, _ = explain(model, embeddings, MambaComposite(epsilon=1e-12, rules=ALL_RULES - {rule}))
+    rules = MambaComposite(epsilon=1e-12, rules=MAMBA_LRP_RULES - {rule})
+    relevance, explained, _ = explain(model, embeddings, rules)
     assert (conservation_error(relevance, explained) > 100 * CONSERVATION_BOUNDS[name]).any()
 
 
@@ -205,13 +220,14 @@ def test_a_fresh_cache_is_filled_as_the_original_fills_it(name):
             output = modified(inputs_embeds=embeddings, use_cache=True)
             with pytest.raises(RuntimeError, match='explains whole sequences'):
                 modified(inputs_embeds=embeddings[:, :1], cache=output.cache, use_cache=True)
-    assert torch.allclose(output.logits, plain.logits, rtol=1e-10)
+    # transformers' own scan computes the step in float32 whatever the model's dtype
+    assert relative_error(output.logits, plain.logits) <= 1e-6
     for layer, kind in enumerate(model.config.layers_block_type if name == 'Zamba' else model.config.layer_types):
         if kind in ('conv', 'mamba', 'linear_attention', 'hybrid'):
-            assert torch.allclose(output.cache.get_conv_state(layer), plain.cache.get_conv_state(layer), rtol=1e-12)
+            assert relative_error(output.cache.get_conv_state(layer), plain.cache.get_conv_state(layer)) <= 1e-6
         if name == 'Zamba':
-            assert torch.allclose(output.cache.get_recurrent_state(layer), plain.cache.get_recurrent_state(layer),
-                                  rtol=1e-10)
+            assert relative_error(output.cache.get_recurrent_state(layer), plain.cache.get_recurrent_state(layer)) \
+                <= 1e-6
 
 
 @pytest.mark.parametrize('name', ['Bamba', 'Jamba'])
