@@ -43,19 +43,18 @@ class Table(NamedTuple):
     mixers: Tuple[type, ...]  #: the mixer classes among them
     hybrid_mixers: Tuple[type, ...]  #: the mixers of hybrid families
     treatments: Dict[type, Treatment]  #: every other known class (the families' and the generic layers)
-    family_of: Dict[type, Family]  #: the family of each class a family file names
     library_modules: FrozenSet[str]  #: the modules whose every class a family file must name
 
 
 @functools.lru_cache(maxsize=None)
 def table() -> Table:
     '''The table, built once from :data:`FAMILIES` (classes the installed libraries lack are left out).'''
-    canonized, treatments, family_of, mixers, hybrid_mixers = {}, dict(GENERIC), {}, [], []
+    canonized, treatments, mixers, hybrid_mixers = {}, dict(GENERIC), [], []
     for family in FAMILIES:
         for path, entry in family.canonized.items():
             kind = resolve(path)
             if kind is not None:
-                canonized[kind], family_of[kind] = entry, family
+                canonized[kind] = entry
                 if entry.mixer:
                     mixers.append(kind)
                     if family.hybrid:
@@ -63,9 +62,9 @@ def table() -> Table:
         for path, treatment in family.layers.items():
             kind = resolve(path)
             if kind is not None:
-                treatments[kind], family_of[kind] = treatment, family
+                treatments[kind] = treatment
     modules = frozenset(module for family in FAMILIES for module in family.library_modules)
-    return Table(canonized, tuple(mixers), tuple(hybrid_mixers), treatments, family_of, modules)
+    return Table(canonized, tuple(mixers), tuple(hybrid_mixers), treatments, modules)
 
 
 def mixer_types(hybrid_only: bool = False) -> Tuple[type, ...]:

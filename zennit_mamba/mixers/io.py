@@ -95,9 +95,15 @@ def observed_inside(mixer: torch.nn.Module) -> bool:
             continue  # the mixer itself is called once, whatever runs inside it
         if module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
             return True
-        if any(not isinstance(getattr(hook, '__self__', None), ZennitRule) for hook in module._forward_hooks.values()):
+        if _foreign_forward_hooks(module):
             return True
     return False
+
+
+def _foreign_forward_hooks(module: torch.nn.Module) -> bool:
+    '''Whether ``module`` has a forward hook other than this package's Zennit rules (which take each call on its own
+    and keep its value).'''
+    return any(not isinstance(getattr(hook, '__self__', None), ZennitRule) for hook in module._forward_hooks.values())
 
 
 def call_read_module(module: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
@@ -106,8 +112,7 @@ def call_read_module(module: torch.nn.Module, input: torch.Tensor) -> torch.Tens
     where a forward hook other than this package's rules is on it, checked to equal what the weights compute, since
     such a hook does not act on the original forward.'''
     output = module(input)
-    hooks = module._forward_hooks.values()
-    if any(not isinstance(getattr(hook, '__self__', None), ZennitRule) for hook in hooks) or global_module_hooks():
+    if _foreign_forward_hooks(module) or global_module_hooks():
         with torch.no_grad():
             expected = type(module).forward(module, input)
         if not torch.equal(output, expected):
