@@ -159,3 +159,22 @@ def vim_reference_relevance(
     explained = logits[torch.arange(len(targets)), targets]
     gradient, = torch.autograd.grad(explained.sum(), tokens)
     return (tokens * gradient).detach(), explained.detach()
+
+
+def sequential_gated_delta_rule(query, key, value, g, beta, initial_state=None):
+    '''The gated delta rule token by token, as its definition reads (an independent check of the chunked form):
+    ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t``, per batch row and
+    head; ``query``, ``key`` ``(batch, heads, length, key_dim)``, ``value`` ``(batch, heads, length, value_dim)``,
+    ``g``, ``beta`` ``(batch, heads, length)``. Returns the outputs and the last state.'''
+    batch, heads, length, key_dim = key.shape
+    state = (torch.zeros(batch, heads, key_dim, value.shape[-1], dtype=value.dtype)
+             if initial_state is None else initial_state)
+    identity = torch.eye(key_dim, dtype=value.dtype)
+    outputs = []
+    for t in range(length):
+        k, q, v = key[:, :, t], query[:, :, t], value[:, :, t]
+        b = beta[:, :, t, None, None]
+        projection = identity - b * k[..., :, None] * k[..., None, :]
+        state = g[:, :, t, None, None].exp() * (projection @ state) + b * k[..., :, None] * v[..., None, :]
+        outputs.append((state * q[..., :, None]).sum(-2))
+    return torch.stack(outputs, 2), state

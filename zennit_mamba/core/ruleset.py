@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from zennit_mamba.core.switch import RuleSwitch
+from zennit_mamba.kernels.delta_rule import chunk_gated_delta_rule
 from zennit_mamba.kernels.scan import selective_scan
 from zennit_mamba.kernels.ssd import ssd_scan
 from zennit_mamba.rules import MAMBA_LRP_RULES, RULES, DetachSelection, HalfRule, LNRule, SiLUIdentity
@@ -104,3 +105,12 @@ class RuleSet:
         ``initial_state`` (the last state of the previous time block, which carries relevance) where given.'''
         delta, A, B, C = self.selection(delta, A, B, C)
         return ssd_scan(x, delta, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state)
+
+    def delta_rule(self, query, key, value, g, beta, chunk_size: int = 64,
+                   initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        '''The gated delta rule of a Gated DeltaNet layer
+        (:py:func:`~zennit_mamba.kernels.delta_rule.chunk_gated_delta_rule`) with the selection rule: the queries and
+        keys (after their normalisation), the log-decays ``g`` and the write strengths ``beta`` are what the input
+        selects, held constant, so that the output is linear in the values and the initial state.'''
+        query, key, g, beta = self.selection(query, key, g, beta)
+        return chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=chunk_size, initial_state=initial_state)

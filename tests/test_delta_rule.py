@@ -1,0 +1,71 @@
+'''The gated delta rule of Gated DeltaNet layers: the chunked form against the rule's definition token by token, and
+the selection rule that makes it linear in the values.'''
+import pytest
+import torch
+
+from conftest import relative_error
+from reference import sequential_gated_delta_rule
+from zennit_mamba import RuleSet
+from zennit_mamba.kernels.delta_rule import chunk_gated_delta_rule
+
+
+def inputs(batch=2, heads=3, length=11, key_dim=4, value_dim=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator)
+
+    query = torch.nn.functional.normalize(normal(batch, heads, length, key_dim), dim=-1) * key_dim ** -0.5
+    key = torch.nn.functional.normalize(normal(batch, heads, length, key_dim), dim=-1)
+    g = -torch.nn.functional.softplus(normal(batch, heads, length))
+    beta = torch.sigmoid(normal(batch, heads, length))
+    return query, key, normal(batch, heads, length, value_dim), g, beta, normal(batch, heads, key_dim, value_dim)
+
+
+@pytest.mark.parametrize('chunk_size', [1, 4, 11, 64])
+@pytest.mark.parametrize('with_state', [False, True], ids=['zero state', 'initial state'])
+def test_the_chunked_form_is_the_rule_token_by_token(chunk_size, with_state):
+    query, key, value, g, beta, state = inputs()
+    state = state if with_state else None
+    expected, expected_state = sequential_gated_delta_rule(query, key, value, g, beta, state)
+    output, last_state = chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=chunk_size, initial_state=state)
+    assert relative_error(output, expected) <= 1e-12
+    assert relative_error(last_state, expected_state) <= 1e-12
+    assert output.dtype == torch.float64  # no cast to float32 on the way
+
+
+def test_continuing_from_the_last_state_is_the_whole_sequence():
+    query, key, value, g, beta, _ = inputs(length=13)
+    whole, whole_state = chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=4)
+    first, state = chunk_gated_delta_rule(*(tensor[:, :, :6] for tensor in (query, key, value, g, beta)), chunk_size=4)
+    second, last_state = chunk_gated_delta_rule(*(tensor[:, :, 6:] for tensor in (query, key, value, g, beta)),
+                                                chunk_size=4, initial_state=state)
+    assert relative_error(torch.cat([first, second], 2), whole) <= 1e-12
+    assert relative_error(last_state, whole_state) <= 1e-12
+
+
+def relevance_sums(rules):
+    '''Gradient x input of the outputs, for a random output relevance, over the values and the initial state, and
+    the output relevance's sum: equal where the rule set makes the delta rule linear in them.'''
+    query, key, value, g, beta, state = (tensor.requires_grad_() for tensor in inputs())
+    output, _ = RuleSet(rules).delta_rule(query, key, value, g, beta, chunk_size=4, initial_state=state)
+    output_relevance = torch.randn(output.shape, dtype=output.dtype, generator=torch.Generator().manual_seed(3))
+    gradients = torch.autograd.grad(output, (value, state), output_relevance)
+    relevance = sum((tensor * gradient).sum() for tensor, gradient in zip((value, state), gradients))
+    return relevance, (output * output_relevance).sum()
+
+
+def test_with_the_selection_held_constant_the_rule_conserves_relevance():
+    relevance, explained = relevance_sums({'ssm'})
+    assert abs(relevance - explained) <= 1e-12 * abs(explained)
+
+
+def test_without_the_selection_rule_gradient_x_input_does_not_conserve():
+    query, key, value, g, beta, state = (tensor.requires_grad_() for tensor in inputs())
+    output, _ = RuleSet(()).delta_rule(query, key, value, g, beta, chunk_size=4, initial_state=state)
+    selection_gradients = torch.autograd.grad(output.sum(), (query, key, g, beta))
+    assert all(gradient.abs().sum() > 1e-3 for gradient in selection_gradients)  # relevance would leak into them
+    with_rule = torch.autograd.grad(RuleSet({'ssm'}).delta_rule(query, key, value, g, beta, chunk_size=4,
+                                                                initial_state=state)[0].sum(),
+                                    (query, key, g, beta), allow_unused=True)
+    assert all(gradient is None for gradient in with_rule)
