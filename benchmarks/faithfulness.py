@@ -67,6 +67,8 @@ def explain_chunk(model, task: Task, indices: List[int], token_inputs: torch.Ten
         torch.manual_seed(1000 * indices[0] + number)
         start = time.perf_counter()
         scores = method(model, inputs, targets)
+        if scores is None:  # the method does not apply to this model
+            continue
         if device.type == 'cuda':
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / len(targets)

@@ -1,22 +1,25 @@
 '''The attribution methods compared by the faithfulness benchmark, each as ``(model, inputs, targets) -> scores``.
 
-Scores are per position (token, patch): attributions summed over the feature dimension.
+Scores are per position (token, patch): attributions summed over the feature dimension. A method that does not apply
+to a model (the hidden-attention rollouts to one without Mamba-1 scans, the attention rule's ablation to one without
+attention layers) returns None.
 '''
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 
 from captum_mamba import MambaLRP
 from zennit_mamba import MAMBA_LRP_RULES, MambaCanonizer, RuleSet
+from zennit_mamba.support import treatment_of
 
-Method = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Method = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 #: methods whose attributions are meant to sum to the explained output (their conservation error is reported)
 RELEVANCE_METHODS = {
     'InputXGradient', 'IntegratedGradients', 'LRP (LN-rule)', 'MambaLRP',
-    'MambaLRP w/o SiLU rule', 'MambaLRP w/o SSM rule', 'MambaLRP w/o gate rule',
+    'MambaLRP w/o SiLU rule', 'MambaLRP w/o SSM rule', 'MambaLRP w/o gate rule', 'MambaLRP w/o attention rule',
     'MambaLRP + gamma (in/out proj)', 'MambaLRP + gamma (conv1d)', 'MambaLRP + gamma (patch embedding)',
     'MambaLRP + gamma (all)',
 }
@@ -69,21 +72,25 @@ def canonized(model: torch.nn.Module, rules: RuleSet) -> Iterator[None]:
             instance.remove()
 
 
-def _rollout(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, gradient: bool) -> torch.Tensor:
+def _rollout(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+             gradient: bool) -> Optional[torch.Tensor]:
     '''Attention rollout over the hidden attention of every layer; gradient-weighted (Chefer-style, Ali et al.'s
-    MambaAttr) if asked.'''
+    MambaAttr) if asked; None for a model without Mamba-1 scans.'''
     # the hidden attention holds (examples, channels, length, length) per layer: long inputs a few at a time
     per_call = max(1, 2 ** 21 // inputs.shape[1] ** 2)
     if len(inputs) > per_call:
-        return torch.cat([_rollout(model, inputs[start:start + per_call], targets[start:start + per_call], gradient)
-                          for start in range(0, len(inputs), per_call)])
+        parts = [_rollout(model, inputs[start:start + per_call], targets[start:start + per_call], gradient)
+                 for start in range(0, len(inputs), per_call)]
+        return None if parts[0] is None else torch.cat(parts)
     rules = HiddenAttentionRules(gradient)
     with canonized(model, rules), torch.set_grad_enabled(gradient):
         logits = model(inputs)
-        if gradient:
+        if gradient and rules.attentions:
             explained = logits[torch.arange(len(targets)), targets]
             gradients = torch.autograd.grad(explained.sum(), rules.attentions)
     attentions = rules.attentions
+    if not attentions:
+        return None  # no Mamba-1 scan, whose hidden attention the rollout reads
     if gradient:
         attentions = [alpha * grad for alpha, grad in zip(attentions, gradients)]
     position = getattr(model, 'token_position', -1)
@@ -121,6 +128,9 @@ def methods(quick: bool, vision: bool = False) -> Dict[str, Method]:
     def mamba_lrp(rules, gamma=None):
         return lambda model, x, t: _per_position(MambaLRP(model, rules=rules, gamma=gamma).attribute(x, target=t))
 
+    def where_attention(method: Method) -> Method:
+        return lambda model, x, t: method(model, x, t) if _has_attention(model) else None
+
     chosen = {
         # seeded per chunk by the caller; drawn on the CPU, so the same on every device
         'Random': lambda model, x, t: torch.rand(x.shape[:2], dtype=x.dtype).to(x.device),
@@ -139,10 +149,16 @@ def methods(quick: bool, vision: bool = False) -> Dict[str, Method]:
         'MambaLRP w/o SiLU rule': mamba_lrp(MAMBA_LRP_RULES - {'silu'}),
         'MambaLRP w/o SSM rule': mamba_lrp(MAMBA_LRP_RULES - {'ssm'}),
         'MambaLRP w/o gate rule': mamba_lrp(MAMBA_LRP_RULES - {'gate'}),
+        'MambaLRP w/o attention rule': where_attention(mamba_lrp(MAMBA_LRP_RULES - {'attention'})),
     }
     if vision:
         chosen.update({name: mamba_lrp(MAMBA_LRP_RULES, gamma) for name, gamma in VIM_GAMMA_COMPOSITES.items()})
     return chosen
+
+
+def _has_attention(model: torch.nn.Module) -> bool:
+    '''Whether a layer of ``model`` takes the attention rule (attention, routing weights, held gates).'''
+    return any(getattr(treatment_of(module), 'rule', None) == 'attention' for module in model.modules())
 
 
 #: the gamma composites of the Vim ablation: which layer types take the gamma rule instead of LRP-0

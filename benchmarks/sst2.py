@@ -8,6 +8,8 @@ contains an SST-2 validation sentence is dropped from pretraining and fine-tunin
 * ``small``: a word-level tokenizer trained here (12,000 words), 4 layers of width 128. Its weights ship with the
   repository (``benchmarks/weights/sst2-small.pt``, float16, under 5 MB) so the CPU benchmark loads them.
 * ``130m``: mamba-130m's architecture (24 layers, width 768, GPT-NeoX tokenizer); trained on a GPU only.
+* ``deltanet-small``: a Gated DeltaNet hybrid in OLMo-Hybrid's layout (transformers' ``OlmoHybridForCausalLM``: three
+  Gated DeltaNet layers, then full attention; gated MLPs), width 128, the small size's tokenizer and schedule.
 
 Reproduce the shipped weights (a GPU takes minutes; the CPU path works, slowly)::
 
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, MambaConfig, OlmoHybridConfig, PretrainedConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +53,7 @@ class Size:
     finetune_epochs: int = 4
     batch: int = 32
     bfloat16: bool = False  # autocast to bfloat16 on a GPU
+    architecture: str = 'mamba'  # or 'gated-deltanet' (OLMo-Hybrid's layout)
 
 
 SIZES = {
@@ -58,6 +61,8 @@ SIZES = {
                   finetune_lr=5e-4),
     '130m': Size(hidden_size=768, layers=24, tokenizer='gpt-neox', pretrain_epochs=1, block=256, pretrain_lr=6e-4,
                  finetune_lr=5e-5, finetune_epochs=3, bfloat16=True),
+    'deltanet-small': Size(hidden_size=128, layers=4, tokenizer='word', pretrain_epochs=3, block=128, pretrain_lr=3e-3,
+                           finetune_lr=5e-4, architecture='gated-deltanet'),
 }
 
 
@@ -134,9 +139,17 @@ def tokenizer_for(size: Size, texts: List[str]):
     return word_tokenizer(texts) if size.tokenizer == 'word' else gpt_neox_tokenizer()
 
 
-def config_for(size: Size, vocabulary: int) -> MambaConfig:
-    # no convolution bias: a bias takes a share of the relevance, and the benchmark's conservation column is meant to
-    # check the rules (the other biases, dt's, sit inside the detached selection)
+def config_for(size: Size, vocabulary: int) -> PretrainedConfig:
+    # no biases: a bias takes a share of the relevance, and the benchmark's conservation column is meant to check the
+    # rules (the step-size biases sit inside the detached selection)
+    if size.architecture == 'gated-deltanet':
+        heads = size.hidden_size // 32
+        return OlmoHybridConfig(
+            vocab_size=vocabulary, hidden_size=size.hidden_size, intermediate_size=2 * size.hidden_size,
+            num_hidden_layers=size.layers, num_attention_heads=heads, num_key_value_heads=heads,
+            layer_types=['linear_attention'] * (size.layers - 1) + ['full_attention'], linear_num_key_heads=heads,
+            linear_num_value_heads=heads, linear_key_head_dim=32, linear_value_head_dim=32, tie_word_embeddings=True,
+            pad_token_id=0, bos_token_id=None, eos_token_id=None, max_position_embeddings=4096)
     return MambaConfig(vocab_size=vocabulary, hidden_size=size.hidden_size, num_hidden_layers=size.layers,
                        state_size=16, use_conv_bias=False, use_mambapy=True, tie_word_embeddings=True,
                        pad_token_id=0)
@@ -164,10 +177,10 @@ def _autocast(device: torch.device, size: Size):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda' and size.bfloat16)
 
 
-def pretrain(size: Size, vocabulary: int, blocks: torch.Tensor, device: torch.device, log=print) -> MambaForCausalLM:
+def pretrain(size: Size, vocabulary: int, blocks: torch.Tensor, device: torch.device, log=print):
     '''Causal language modelling on the blocks with AdamW.'''
     torch.manual_seed(SEED)
-    model = MambaForCausalLM(config_for(size, vocabulary)).to(device).train()
+    model = AutoModelForCausalLM.from_config(config_for(size, vocabulary)).to(device).train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=size.pretrain_lr, weight_decay=0.1, betas=(0.9, 0.95))
     steps = size.pretrain_epochs * (len(blocks) // size.batch)
     scheduler = _schedule(optimiser, steps)
@@ -219,14 +232,14 @@ def evaluate(model: SequenceClassifier, examples: List[Tuple[List[int], int]], d
     return correct / len(examples)
 
 
-def finetune(size: Size, language_model: MambaForCausalLM, train: List[Tuple[List[int], int]],
+def finetune(size: Size, language_model, train: List[Tuple[List[int], int]],
              held_out: List[Tuple[List[int], int]], device: torch.device, log=print) -> SequenceClassifier:
     '''A linear head on the last token, the whole network trained with AdamW; the epoch with the best held-out
     Rotten Tomatoes accuracy is kept (SST-2 is never looked at).'''
     torch.manual_seed(SEED)
     config = language_model.config
     model = SequenceClassifier(config, 2).to(device)
-    model.backbone.load_state_dict(language_model.backbone.state_dict())
+    model.backbone.load_state_dict(language_model.base_model.state_dict())
     optimiser = torch.optim.AdamW(model.parameters(), lr=size.finetune_lr, weight_decay=0.01)
     steps = size.finetune_epochs * math.ceil(len(train) / size.batch)
     scheduler = _schedule(optimiser, steps)
@@ -277,7 +290,9 @@ def load(size_name: str = 'small', directory: str = WEIGHTS, dtype: torch.dtype 
         raise FileNotFoundError(f'{weights} is missing: train it with python benchmarks/sst2.py --size {size_name} '
                                 '--device cuda')
     saved = torch.load(weights)
-    config = MambaConfig(**{**saved['config'], 'use_mambapy': False})
+    config = AutoConfig.for_model(**saved['config'])
+    if config.model_type == 'mamba':
+        config.use_mambapy = False
     model = SequenceClassifier(config, 2)
     model.load_state_dict({key: value.to(dtype) if value.is_floating_point() else value
                            for key, value in saved['state'].items()})

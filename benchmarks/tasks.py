@@ -17,31 +17,32 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
-from transformers import MambaConfig, MambaModel
+from transformers import AutoModel, MambaConfig, PretrainedConfig
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.set_verbosity_error()
 
 
 class SequenceClassifier(torch.nn.Module):
-    '''Mamba backbone with a linear head on the last position; takes embeddings (or patches) as input.
+    '''A backbone (Mamba, or any transformers model its config names) with a linear head on the last position;
+    takes embeddings (or patches) as input.
 
     Parameters
     ----------
-    config : MambaConfig
-        Backbone configuration.
+    config : PretrainedConfig
+        Backbone configuration (``MambaConfig``, ``OlmoHybridConfig``).
     classes : int
         Number of classes.
     patch_features : int, optional
         If given, inputs are patches of this many values, embedded by a linear layer without bias.
     '''
 
-    def __init__(self, config: MambaConfig, classes: int, patch_features: Optional[int] = None):
+    def __init__(self, config: PretrainedConfig, classes: int, patch_features: Optional[int] = None):
         super().__init__()
         self.patch_embedding = (
             torch.nn.Linear(patch_features, config.hidden_size, bias=False) if patch_features else None
         )
-        self.backbone = MambaModel(config)
+        self.backbone = AutoModel.from_config(config)
         self.head = torch.nn.Linear(config.hidden_size, classes, bias=False)
 
     def forward(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -69,3 +69,22 @@ def test_without_the_selection_rule_gradient_x_input_does_not_conserve():
                                                                 initial_state=state)[0].sum(),
                                     (query, key, g, beta), allow_unused=True)
     assert all(gradient is None for gradient in with_rule)
+
+
+@pytest.mark.parametrize('module', ['qwen3_next', 'qwen3_5', 'olmo_hybrid'])
+def test_the_reference_is_the_recurrence_transformers_decodes_with(module):
+    # each family's own token-by-token form (the one its layers decode with), in float32 as it computes: the same
+    # convention (state keys x values, decay before the update, read out after it) as tests/reference.py
+    import importlib
+
+    modeling = importlib.import_module(f'transformers.models.{module}.modeling_{module}')
+    query, key, value, g, beta, state = inputs()
+    key_dim = query.shape[-1]
+    expected, expected_state = sequential_gated_delta_rule(query, key, value, g, beta, state)
+    # transformers takes (batch, length, heads, ...) and scales the queries itself
+    unscaled = query / key_dim ** -0.5
+    output, last_state = modeling.torch_recurrent_gated_delta_rule(
+        *(tensor.transpose(1, 2) for tensor in (unscaled, key, value, g, beta)), initial_state=state,
+        output_final_state=True)
+    assert relative_error(output.transpose(1, 2).double(), expected) <= 1e-6
+    assert relative_error(last_state.double(), expected_state) <= 1e-6

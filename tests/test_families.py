@@ -19,6 +19,13 @@ MAMBA2_HEADS = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_
                     mamba_expand=2)
 ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2)
 
+#: Gated DeltaNet layers with two value heads per key head, and one attention layer
+GATED_DELTANET = dict(head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                      linear_value_head_dim=8, layer_types=['linear_attention', 'full_attention', 'linear_attention',
+                                                            'linear_attention'])
+EXPERTS = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+
+
 def with_selection(model: torch.nn.Module) -> torch.nn.Module:
     '''Zamba's per-head selection weights start at zero (``x_proj_weight``): then ``B``, ``C`` and the step do not
     depend on the input, and no test could tell whether the SSM rule holds them constant. Random ones, larger steps
@@ -29,6 +36,16 @@ def with_selection(model: torch.nn.Module) -> torch.nn.Module:
                 module.x_proj_weight.normal_(0.0, 2.0)
                 module.dt_proj_bias.add_(2.0)
                 module.in_proj.weight.mul_(20.0)  # inputs of the size a trained model's are
+    return model
+
+
+def with_norm_weights(model: torch.nn.Module) -> torch.nn.Module:
+    '''Qwen3-Next's RMSNorms scale by ``1 + w`` with ``w`` starting at zero: random ``w``, as training gives, so that
+    a norm's weight shows in the relevance.'''
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(('layernorm.weight', 'q_norm.weight', 'k_norm.weight', 'model.norm.weight')):
+                parameter.normal_(0.0, 0.3)
     return model
 
 
@@ -70,6 +87,16 @@ BUILDERS: Dict[str, Callable[[], torch.nn.Module]] = {
         vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, layer_types=['conv', 'full_attention', 'conv', 'conv'], block_auto_adjust_ff_dim=False,
         conv_bias=True)),
+    'Qwen3Next': lambda: with_norm_weights(tf.Qwen3NextForCausalLM(tf.Qwen3NextConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, decoder_sparse_step=2,
+        **EXPERTS, **GATED_DELTANET, **ATTENTION))),
+    'Qwen3_5': lambda: with_norm_weights(tf.Qwen3_5ForCausalLM(tf.Qwen3_5TextConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, **GATED_DELTANET, **ATTENTION))),
+    'Qwen3_5Moe': lambda: with_norm_weights(tf.Qwen3_5MoeForCausalLM(tf.Qwen3_5MoeTextConfig(
+        vocab_size=40, hidden_size=32, num_hidden_layers=4, **EXPERTS, **GATED_DELTANET, **ATTENTION))),
+    'OlmoHybrid': lambda: tf.OlmoHybridForCausalLM(tf.OlmoHybridConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, pad_token_id=0, eos_token_id=1,
+        **GATED_DELTANET, **ATTENTION)),
 }
 MAMBA_ONLY = ['Mamba2', 'FalconMamba']
 HYBRIDS = [name for name in BUILDERS if name not in MAMBA_ONLY]
@@ -139,6 +166,7 @@ def conservation_error(relevance: torch.Tensor, explained: torch.Tensor) -> torc
 CONSERVATION_BOUNDS = {
     'Mamba2': 5e-11, 'FalconMamba': 5e-11, 'Jamba': 2e-10, 'Bamba': 5e-10, 'NemotronH': 1e-7,
     'GraniteMoeHybrid': 5e-10, 'FalconH1': 5e-10, 'Zamba2': 2e-10, 'Zamba': 2e-10, 'Lfm2': 2e-10,
+    'Qwen3Next': 1e-10, 'Qwen3_5': 1e-10, 'Qwen3_5Moe': 1e-10, 'OlmoHybrid': 1e-10,
 }
 
 
@@ -197,6 +225,8 @@ def test_agrees_with_sequential_reference(name, rules, options):
 #: the rules on each added family's path: dropping any one breaks conservation (the ablations)
 ADDED_FAMILY_RULES = [('Zamba', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
 ADDED_FAMILY_RULES += [('Lfm2', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
+ADDED_FAMILY_RULES += [(name, rule) for name in ('Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid')
+                       for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
 
 
 @pytest.mark.parametrize('name, rule', ADDED_FAMILY_RULES, ids=[f'{name}-{rule}' for name, rule in ADDED_FAMILY_RULES])
@@ -210,7 +240,7 @@ def test_each_rule_of_an_added_family_is_needed(name, rule):
     assert (conservation_error(relevance, explained) > 100 * CONSERVATION_BOUNDS[name]).any()
 
 
-@pytest.mark.parametrize('name', ['Zamba', 'Lfm2'])
+@pytest.mark.parametrize('name', ['Zamba', 'Lfm2', 'Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid'])
 def test_a_fresh_cache_is_filled_as_the_original_fills_it(name):
     model = build(name)
     embeddings = embeddings_for(model, 1, 6)
@@ -225,7 +255,7 @@ def test_a_fresh_cache_is_filled_as_the_original_fills_it(name):
     for layer, kind in enumerate(model.config.layers_block_type if name == 'Zamba' else model.config.layer_types):
         if kind in ('conv', 'mamba', 'linear_attention', 'hybrid'):
             assert relative_error(output.cache.get_conv_state(layer), plain.cache.get_conv_state(layer)) <= 1e-6
-        if name == 'Zamba':
+        if kind in ('mamba', 'linear_attention', 'hybrid'):
             assert relative_error(output.cache.get_recurrent_state(layer), plain.cache.get_recurrent_state(layer)) \
                 <= 1e-6
 
@@ -237,6 +267,38 @@ def test_without_the_attention_rule_conservation_breaks(name):
     composite = MambaComposite(epsilon=1e-12, rules={'silu', 'ssm', 'gate', 'norm'})
     relevance, explained, _ = explain(model, embeddings, composite)
     assert (conservation_error(relevance, explained) > 1e-4).all()
+
+
+HELD_GATES = [('Qwen3Next', 'q_proj'), ('Qwen3Next', 'shared_expert_gate'), ('Qwen3_5', 'q_proj'),
+              ('Qwen3_5Moe', 'q_proj'), ('Qwen3_5Moe', 'shared_expert_gate')]
+
+
+@pytest.mark.parametrize('name, gate', HELD_GATES, ids=[f'{name}-{gate}' for name, gate in HELD_GATES])
+def test_each_gate_the_attention_rule_holds_is_needed(name, gate, monkeypatch):
+    # the attention rule holds the output gate of Qwen's attention (from q_proj) and the shared expert's gate: letting
+    # either through gives it relevance that the sum over the inputs then lacks
+    from zennit_mamba.core.layers import HeldOutputs
+
+    model = build(name)
+    embeddings = embeddings_for(model)
+    relevance, explained, _ = explain(model, embeddings)
+    assert (conservation_error(relevance, explained) <= CONSERVATION_BOUNDS[name]).all()
+    holds = HeldOutputs.__init__
+    monkeypatch.setattr(HeldOutputs, '__init__', lambda self, held=(): holds(self, tuple(set(held) - {gate})))
+    relevance, explained, _ = explain(model, embeddings)
+    assert (conservation_error(relevance, explained) > 1e-6).all()
+
+
+def test_qwen3_5s_vision_encoder_is_refused_naming_the_language_model():
+    text = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, **GATED_DELTANET,
+                **ATTENTION)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32)
+    torch.manual_seed(0)
+    model = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=text, vision_config=vision))
+    with pytest.raises(UnsupportedModelError, match='Qwen3_5VisionModel at .* explain the language model, '
+                                                    'Qwen3_5ForCausalLM'):
+        MambaComposite().context(model).__enter__()
+    assert snapshot(model)['hooks'] == 0
 
 
 @pytest.mark.parametrize('name', list(BUILDERS))
@@ -339,8 +401,8 @@ def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, mon
     import importlib
     import pkgutil
 
-    from zennit_mamba import families
-    from zennit_mamba.mixers import io as mixer_io, mamba1, mamba2
+    from zennit_mamba import families, mixers
+    from zennit_mamba.mixers import io as mixer_io
 
     model = make_mamba() if name == 'Mamba' else build(name)
     embeddings = embeddings_for(model)
@@ -359,10 +421,11 @@ def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, mon
         return [tensor for result in results for tensor in result[:2]]
 
     calls = []
-    # every mixer computation that runs in blocks: Mamba-1's and Mamba-2's, and a family file's own (Zamba's)
-    family_files = [importlib.import_module(f'zennit_mamba.families.{info.name}')
-                    for info in pkgutil.iter_modules(families.__path__)]
-    for module in [mamba1, mamba2] + [module for module in family_files if hasattr(module, '_mixer_block')]:
+    # every mixer computation that runs in blocks: the shared mixers' (Mamba-1, Mamba-2, Gated DeltaNet) and a family
+    # file's own (Zamba's)
+    files = [importlib.import_module(f'{package.__name__}.{info.name}') for package in (mixers, families)
+             for info in pkgutil.iter_modules(package.__path__)]
+    for module in [module for module in files if hasattr(module, '_mixer_block')]:
         monkeypatch.setattr(module, '_mixer_block', lambda *arguments, block_of=module._mixer_block: calls.append(1)
                             or block_of(*arguments))
     whole = outcomes()

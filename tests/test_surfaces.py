@@ -665,7 +665,7 @@ def test_calls_that_cannot_work_are_refused_with_the_way_out(call, error, messag
 
 # --- a third round: the modules inside a mixer ---------------------------------------------------------------------
 
-@pytest.mark.parametrize('name', ['Mamba2', 'Bamba', 'NemotronH', 'Zamba2', 'GraniteMoeHybrid'])
+@pytest.mark.parametrize('name', ['Mamba2', 'Bamba', 'NemotronH', 'Zamba2', 'GraniteMoeHybrid', 'Qwen3Next'])
 @pytest.mark.parametrize('where', ['instance', 'class'])
 def test_a_gated_norm_replaced_inside_a_mixer_is_refused(name, where, monkeypatch):
     # the canonized mixer computes its gated norm from the norm's weight: a replaced forward would be dropped

@@ -56,9 +56,12 @@ class CanonizedForward(functools.partial):
     '''
 
     original: Optional[Callable] = None
+    #: the bound rule set, kept apart from ``args``: a function that is itself a partial (a family's layout bound
+    #: to a shared forward) is flattened into this one, its arguments first
+    rules: object = None
 
     def __call__(self, module, *args, **kwargs):
-        if self.original is not None and not acts(getattr(self.args[0], 'switch', None)):
+        if self.original is not None and not acts(getattr(self.rules, 'switch', None)):
             return self.original(*args, **kwargs)
         return super().__call__(module, *args, **kwargs)
 
@@ -68,6 +71,7 @@ def bind_forward(module: torch.nn.Module, function: Callable, rules: object) -> 
     it, so that the hook still places inputs and weights); the result undoes it.'''
     slot = forward_slot(module)
     forward = CanonizedForward(function, rules)
+    forward.rules = rules
     forward.original = module.__dict__.get(slot) or types.MethodType(type(module).forward, module)
     return InstanceAttributes(module, {slot: types.MethodType(forward, module)})
 

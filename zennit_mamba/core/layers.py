@@ -9,7 +9,7 @@ untouched.
 '''
 import copy
 import functools
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -79,11 +79,6 @@ def select_implementation(module: torch.nn.Module, **rule: Callable) -> Instance
     setattr(config, f'{implementation}_internal', IMPLEMENTATION)
     setattr(config, RULE_FIELD, function)
     return InstanceAttributes(module, {'config': config})
-
-
-AttentionInterface.register(IMPLEMENTATION, attention_forward)
-AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-ExpertsInterface.register(IMPLEMENTATION, experts_forward)
 
 
 AttentionInterface.register(IMPLEMENTATION, attention_forward)
@@ -194,13 +189,41 @@ class NormRule(LNRule):
         return module.weight * (hidden_states * torch.rsqrt(variance + module.variance_epsilon).detach())
 
 
-class AttentionProbabilities(AttentionRule):
-    '''The attention rule on a transformers attention module: its attention runs through :py:func:`attention_forward`,
-    which holds the probabilities constant (through the queries and keys, inside SDPA).'''
+class HeldOutputs(AttentionRule):
+    '''The attention rule on gates that children of a module compute: their outputs held constant, so that
+    ``x * sigmoid(gate(x))`` passes relevance through ``x`` only, as the routing weights of experts do (Qwen3-Next's
+    ``shared_expert_gate``).
+
+    Parameters
+    ----------
+    held : tuple of str
+        The attributes of the children whose outputs are held.
+    '''
+
+    def __init__(self, held: Tuple[str, ...] = ()):
+        super().__init__()
+        self.held = tuple(held)
+
+    def copy(self) -> 'HeldOutputs':
+        rule = type(self)(self.held)
+        rule.switch = self.switch
+        return rule
 
     def register(self, module: torch.nn.Module) -> RemovableHandleList:
-        return RemovableHandleList([RemovableHandle(self),
-                                    select_implementation(module, probabilities=self._apply_where_on)])
+        return RemovableHandleList([RemovableHandle(self)] + [
+            getattr(module, name).register_forward_hook(self._on_output_where_on) for name in self.held])
+
+
+class AttentionProbabilities(HeldOutputs):
+    '''The attention rule on a transformers attention module: its attention runs through :py:func:`attention_forward`,
+    which holds the probabilities constant (through the queries and keys, inside SDPA); the outputs of the ``held``
+    children too. Qwen3-Next's gated attention ``o_proj((P V) * sigmoid(g))`` holds its ``q_proj``, whose output is
+    the queries and the gate ``g``: both select, neither carries relevance, so relevance flows through ``V`` only.'''
+
+    def register(self, module: torch.nn.Module) -> RemovableHandleList:
+        handles = super().register(module)
+        handles.append(select_implementation(module, probabilities=self._apply_where_on))
+        return handles
 
     def _apply_where_on(self, constant: torch.Tensor) -> torch.Tensor:
         return self.apply(constant) if self.acts() else constant
@@ -280,6 +303,31 @@ def gated_mlp(output: str) -> Treatment:
 
     return Treatment(f'gated MLP: half rule on the product entering `{output}`', 'gate',
                      functools.partial(GatedProduct, output), check)
+
+
+def gated_attention(gate: str) -> Treatment:
+    '''The treatment of an attention module whose child ``gate`` computes its output gate (with its queries).'''
+    def check(module: torch.nn.Module) -> Optional[str]:
+        return (_attention_problem(module) if has_submodules(module, (gate,))
+                else f'a gated attention without its projection {gate!r}')
+
+    return Treatment(f'attention: probabilities and the output gate from `{gate}` held constant', 'attention',
+                     functools.partial(AttentionProbabilities, (gate,)), check)
+
+
+def held_gate(gate: str) -> Treatment:
+    '''The treatment of a block that scales a branch by ``sigmoid(gate(x))``: the gate held constant.'''
+    def check(module: torch.nn.Module) -> Optional[str]:
+        return None if has_submodules(module, (gate,)) else f'a gated block without its gate {gate!r}'
+
+    return Treatment(f'the gate from `{gate}` held constant (as routing weights)', 'attention',
+                     functools.partial(HeldOutputs, (gate,)), check)
+
+
+def not_explained(what: str) -> Treatment:
+    '''The treatment of a class MambaLRP names but does not explain yet (a vision encoder beside a language model):
+    a model that has one is refused, with ``what`` to do instead.'''
+    return Treatment(f'not explained yet: {what}', check=lambda module: f'not explained yet; {what}')
 
 
 #: a module that only composes its children (and residual sums): LRP-0, its children's rules act

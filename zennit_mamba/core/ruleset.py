@@ -86,7 +86,22 @@ class RuleSet:
     def fuses_gated_norm(self) -> bool:
         '''Whether a Mamba-2 gated RMS normalisation may run as one fused function
         (:py:class:`~zennit_mamba.kernels.fused.GatedRMSNorm`).'''
-        return self.fuses({'silu', 'gate', 'norm'}, ('activation', 'gate', 'norm'))
+        return self.fuses({'silu', 'gate', 'norm'}, ('activation', 'gate', 'norm', 'gated_norm'))
+
+    def gated_norm(self, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, epsilon: float, group_size: int,
+                   before_gate: bool) -> torch.Tensor:
+        '''The gated RMS normalisation of a mixer's output ``y`` over groups of ``group_size`` channels:
+        ``w * rms(y * silu(gate))``, or ``w * rms(y) * silu(gate)`` where ``before_gate`` (Gated DeltaNet's), with
+        :py:class:`SiLUIdentity` on the gate's SiLU, :py:class:`HalfRule` on the product and :py:class:`LNRule` on
+        the normalisation; computed in float32 at least, returned in ``y``'s dtype.'''
+        dtype = y.dtype
+        compute = torch.promote_types(dtype, torch.float32)
+        activated = self.activation('silu', gate.to(compute))
+        hidden = y.to(compute) if before_gate else self.gate(y.to(compute), activated)
+        grouped = hidden.unflatten(-1, (hidden.shape[-1] // group_size, group_size))
+        normalised = self.norm(grouped, grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + epsilon))
+        hidden = weight.to(compute) * normalised.flatten(-2)
+        return (self.gate(hidden, activated) if before_gate else hidden).to(dtype)
 
     def scan(self, x, delta, A, B, C, D, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
         '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.kernels.scan.selective_scan`) with the selection rule;
@@ -98,7 +113,7 @@ class RuleSet:
         '''Whether a mixer may run over time blocks, each scan continued from the previous block's last state
         (:py:data:`~zennit_mamba.mixers.io.CPU_TIME_BLOCK`): not where a subclass changes a scan, which then sees
         the whole sequence at once.'''
-        return self.fuses((), ('scan', 'ssd'))
+        return self.fuses((), ('scan', 'ssd', 'delta_rule'))
 
     def ssd(self, x, delta, A, B, C, D, chunk_size: int, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
         '''The Mamba-2 SSD scan (:py:func:`~zennit_mamba.kernels.ssd.ssd_scan`) with the selection rule; from

@@ -71,24 +71,17 @@ def mamba_ssm_layout(mixer: torch.nn.Module) -> Mamba2Layout:
 def _gated_norm(rules, mixer: torch.nn.Module, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     '''``norm(y * silu(gate))`` (or ``norm(y) * silu(gate)``) with the gate, SiLU and LN rules.'''
     norm = getattr(mixer, 'norm', None)
-    dtype = y.dtype
-    compute = torch.promote_types(dtype, torch.float32)
     if not hasattr(norm, 'weight'):
         # without a gated norm (FalconH1's mamba_rms_norm=False, mamba-ssm's rmsnorm=False) the gate acts directly
-        return rules.gate(y.to(compute), rules.activation('silu', gate.to(compute))).to(dtype)
+        compute = torch.promote_types(y.dtype, torch.float32)
+        return rules.gate(y.to(compute), rules.activation('silu', gate.to(compute))).to(y.dtype)
     before_gate = getattr(norm, 'norm_before_gate', False)
-    width = y.shape[-1]
-    group_size = getattr(norm, 'group_size', None) or width // norm.n_groups
+    group_size = getattr(norm, 'group_size', None) or y.shape[-1] // norm.n_groups
     # transformers' name, then mamba-ssm's
     epsilon = norm.variance_epsilon if hasattr(norm, 'variance_epsilon') else norm.eps
     if rules.fuses_gated_norm() and not before_gate:
         return fused.GatedRMSNorm.apply(y, gate, norm.weight, group_size, epsilon)
-    activated = rules.activation('silu', gate.to(compute))
-    hidden = y.to(compute) if before_gate else rules.gate(y.to(compute), activated)
-    grouped = hidden.unflatten(-1, (width // group_size, group_size))
-    normalised = rules.norm(grouped, grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + epsilon))
-    hidden = norm.weight.to(compute) * normalised.flatten(-2)
-    return (rules.gate(hidden, activated) if before_gate else hidden).to(dtype)
+    return rules.gated_norm(y, gate, norm.weight, epsilon, group_size, before_gate)
 
 
 def mamba2_core(
