@@ -20,6 +20,7 @@ Method = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Optional[torch.
 RELEVANCE_METHODS = {
     'InputXGradient', 'IntegratedGradients', 'LRP (LN-rule)', 'MambaLRP',
     'MambaLRP w/o SiLU rule', 'MambaLRP w/o SSM rule', 'MambaLRP w/o gate rule', 'MambaLRP w/o attention rule',
+    'MambaLRP (delta: uniform q, k, v)',
     'MambaLRP + gamma (in/out proj)', 'MambaLRP + gamma (conv1d)', 'MambaLRP + gamma (patch embedding)',
     'MambaLRP + gamma (all)',
 }
@@ -125,11 +126,15 @@ def methods(quick: bool, vision: bool = False) -> Dict[str, Method]:
     paper's Vim ablation.'''
     ig_steps, noise_samples = (20, 5) if quick else (50, 10)
 
-    def mamba_lrp(rules, gamma=None):
-        return lambda model, x, t: _per_position(MambaLRP(model, rules=rules, gamma=gamma).attribute(x, target=t))
+    def mamba_lrp(rules, gamma=None, **options):
+        return lambda model, x, t: _per_position(MambaLRP(model, rules=rules, gamma=gamma, **options).attribute(
+            x, target=t))
 
     def where_attention(method: Method) -> Method:
         return lambda model, x, t: method(model, x, t) if _has_attention(model) else None
+
+    def where_delta_rule(method: Method) -> Method:
+        return lambda model, x, t: method(model, x, t) if _has_delta_rule(model) else None
 
     chosen = {
         # seeded per chunk by the caller; drawn on the CPU, so the same on every device
@@ -150,6 +155,8 @@ def methods(quick: bool, vision: bool = False) -> Dict[str, Method]:
         'MambaLRP w/o SSM rule': mamba_lrp(MAMBA_LRP_RULES - {'ssm'}),
         'MambaLRP w/o gate rule': mamba_lrp(MAMBA_LRP_RULES - {'gate'}),
         'MambaLRP w/o attention rule': where_attention(mamba_lrp(MAMBA_LRP_RULES - {'attention'})),
+        # the delta-rule layers' second treatment: relevance through queries and keys too (AttnLRP's uniform rule)
+        'MambaLRP (delta: uniform q, k, v)': where_delta_rule(mamba_lrp(MAMBA_LRP_RULES, delta_relevance='uniform')),
     }
     if vision:
         chosen.update({name: mamba_lrp(MAMBA_LRP_RULES, gamma) for name, gamma in VIM_GAMMA_COMPOSITES.items()})
@@ -159,6 +166,11 @@ def methods(quick: bool, vision: bool = False) -> Dict[str, Method]:
 def _has_attention(model: torch.nn.Module) -> bool:
     '''Whether a layer of ``model`` takes the attention rule (attention, routing weights, held gates).'''
     return any(getattr(treatment_of(module), 'rule', None) == 'attention' for module in model.modules())
+
+
+def _has_delta_rule(model: torch.nn.Module) -> bool:
+    '''Whether ``model`` has delta-rule layers (Gated DeltaNet, Kimi Delta Attention).'''
+    return any(type(module).__name__.endswith(('GatedDeltaNet', 'DeltaAttention')) for module in model.modules())
 
 
 #: the gamma composites of the Vim ablation: which layer types take the gamma rule instead of LRP-0

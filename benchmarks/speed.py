@@ -26,8 +26,8 @@ estimated or first-measured time is too long to repeat within the budget is meas
 ``--long N`` also explains one N-token input with ``recompute=True`` and reports time, memory and conservation.
 
 Run: ``python benchmarks/speed.py`` (CPU: 4 layers, d_model 256) or ``python benchmarks/speed.py --device cuda``
-(24 layers, d_model 768, the 130M size); ``--families mamba mamba2 falcon_mamba bamba`` measures each family at that
-size (Bamba: its last layer attention); ``--configs mamba-2.8b falcon-mamba-7b codestral-mamba-7b bamba-9b`` the
+(24 layers, d_model 768, the 130M size); ``--families mamba mamba2 falcon_mamba bamba olmo_hybrid kimi_linear``
+measures each family at that size (Bamba: its last layer attention; the delta-rule hybrids: every fourth); ``--configs mamba-2.8b falcon-mamba-7b codestral-mamba-7b bamba-9b`` the
 published models' layouts in bfloat16; ``--quick`` for a small smoke run. Writes ``speed_<device>.md`` and
 ``speed_<device>.csv`` (a row per family, length, batch and method; a column per ratio) to ``--out``.
 '''
@@ -68,7 +68,7 @@ TARGET = 7
 
 
 #: the families the benchmark covers; ``sequential`` (tests/reference.py) exists for Mamba and Mamba2 only
-FAMILIES = ('mamba', 'mamba2', 'falcon_mamba', 'bamba')
+FAMILIES = ('mamba', 'mamba2', 'falcon_mamba', 'bamba', 'olmo_hybrid', 'kimi_linear')
 REFERENCE_FAMILIES = {'mamba', 'mamba2'}
 
 
@@ -85,6 +85,25 @@ def _config(family: str, vocab_size: int, hidden_size: int, num_hidden_layers: i
         return transformers.FalconMambaConfig(state_size=16, **common)
     if family == 'mamba2':
         return transformers.Mamba2Config(**mamba2, **common)
+    # the delta-rule hybrids: three delta-rule layers to one attention layer, Qwen3-Next's proportions (heads of 128,
+    # twice as many value heads as key heads); Kimi: one head size, a dense MLP in every layer
+    # (the last layer attention at any depth: OLMo-Hybrid needs one)
+    layer_types = ['full_attention' if layer % 4 == 3 or layer == num_hidden_layers - 1 else 'linear_attention'
+                   for layer in range(num_hidden_layers)]
+    common.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # within any vocabulary
+    if family == 'olmo_hybrid':
+        return transformers.OlmoHybridConfig(
+            intermediate_size=2 * hidden_size, num_attention_heads=hidden_size // head_dim,
+            num_key_value_heads=hidden_size // head_dim, layer_types=layer_types,
+            linear_num_key_heads=max(1, hidden_size // 256), linear_num_value_heads=max(2, hidden_size // 128),
+            linear_key_head_dim=min(128, hidden_size), linear_value_head_dim=min(128, hidden_size), **common)
+    if family == 'kimi_linear':
+        return transformers.KimiLinearConfig(
+            intermediate_size=2 * hidden_size, num_attention_heads=hidden_size // head_dim,
+            num_key_value_heads=hidden_size // head_dim, kv_lora_rank=hidden_size // 2, qk_rope_head_dim=head_dim // 2,
+            qk_nope_head_dim=head_dim, v_head_dim=head_dim, layer_types=layer_types,
+            mlp_layer_types=['dense'] * num_hidden_layers, linear_num_heads=max(1, hidden_size // 128),
+            linear_head_dim=min(128, hidden_size), **common)
     return transformers.BambaConfig(
         intermediate_size=2 * hidden_size, attn_layer_indices=[num_hidden_layers - 1],
         num_attention_heads=hidden_size // head_dim, num_key_value_heads=hidden_size // head_dim,

@@ -28,7 +28,7 @@ MUTANTS = {
 
 MAMBA_ONLY = ['Mamba', 'Mamba2', 'FalconMamba']
 HYBRIDS = ['Jamba', 'Bamba', 'NemotronH', 'GraniteMoeHybrid', 'FalconH1', 'Zamba2', 'Zamba', 'Lfm2', 'Qwen3Next',
-           'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid']
+           'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid', 'KimiLinear']
 MAMBA_SSM = ['mamba-ssm Mamba', 'mamba-ssm Mamba2']
 TEST_FILES = ['tests/test_families.py', 'tests/test_conservation.py', 'tests/test_composite.py',
               'tests/test_captum.py', 'tests/test_rules.py']

@@ -163,9 +163,10 @@ def vim_reference_relevance(
 
 def sequential_gated_delta_rule(query, key, value, g, beta, initial_state=None):
     '''The gated delta rule token by token, as its definition reads (an independent check of the chunked form):
-    ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t``, per batch row and
-    head; ``query``, ``key`` ``(batch, heads, length, key_dim)``, ``value`` ``(batch, heads, length, value_dim)``,
-    ``g``, ``beta`` ``(batch, heads, length)``. Returns the outputs and the last state.'''
+    ``S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t``, per batch row
+    and head; ``query``, ``key`` ``(batch, heads, length, key_dim)``, ``value`` ``(batch, heads, length, value_dim)``,
+    ``beta`` ``(batch, heads, length)``, ``g`` the same (one decay per head and step) or ``(batch, heads, length,
+    key_dim)`` (Kimi Delta Attention's, per key channel). Returns the outputs and the last state.'''
     batch, heads, length, key_dim = key.shape
     state = (torch.zeros(batch, heads, key_dim, value.shape[-1], dtype=value.dtype)
              if initial_state is None else initial_state)
@@ -175,6 +176,7 @@ def sequential_gated_delta_rule(query, key, value, g, beta, initial_state=None):
         k, q, v = key[:, :, t], query[:, :, t], value[:, :, t]
         b = beta[:, :, t, None, None]
         projection = identity - b * k[..., :, None] * k[..., None, :]
-        state = g[:, :, t, None, None].exp() * (projection @ state) + b * k[..., :, None] * v[..., None, :]
+        decay = g[:, :, t, :, None].exp() if g.dim() == 4 else g[:, :, t, None, None].exp()
+        state = projection @ (decay * state) + b * k[..., :, None] * v[..., None, :]
         outputs.append((state * q[..., :, None]).sum(-2))
     return torch.stack(outputs, 2), state

@@ -97,6 +97,12 @@ BUILDERS: Dict[str, Callable[[], torch.nn.Module]] = {
     'OlmoHybrid': lambda: tf.OlmoHybridForCausalLM(tf.OlmoHybridConfig(
         vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=4, pad_token_id=0, eos_token_id=1,
         **GATED_DELTANET, **ATTENTION)),
+    'KimiLinear': lambda: tf.KimiLinearForCausalLM(tf.KimiLinearConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=4, v_head_dim=8,
+        qk_nope_head_dim=8, num_local_experts=4, num_experts_per_tok=2, linear_head_dim=8, linear_num_heads=4,
+        layer_types=GATED_DELTANET['layer_types'], mlp_layer_types=['dense', 'sparse', 'dense', 'sparse'],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 MAMBA_ONLY = ['Mamba2', 'FalconMamba']
 HYBRIDS = [name for name in BUILDERS if name not in MAMBA_ONLY]
@@ -167,6 +173,7 @@ CONSERVATION_BOUNDS = {
     'Mamba2': 5e-11, 'FalconMamba': 5e-11, 'Jamba': 2e-10, 'Bamba': 5e-10, 'NemotronH': 1e-7,
     'GraniteMoeHybrid': 5e-10, 'FalconH1': 5e-10, 'Zamba2': 2e-10, 'Zamba': 2e-10, 'Lfm2': 2e-10,
     'Qwen3Next': 1e-10, 'Qwen3_5': 1e-10, 'Qwen3_5Moe': 1e-10, 'OlmoHybrid': 1e-10,
+    'KimiLinear': 1e-10,
 }
 
 
@@ -225,7 +232,8 @@ def test_agrees_with_sequential_reference(name, rules, options):
 #: the rules on each added family's path: dropping any one breaks conservation (the ablations)
 ADDED_FAMILY_RULES = [('Zamba', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
 ADDED_FAMILY_RULES += [('Lfm2', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
-ADDED_FAMILY_RULES += [(name, rule) for name in ('Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid')
+DELTA_RULE_FAMILIES = ['Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid', 'KimiLinear']
+ADDED_FAMILY_RULES += [(name, rule) for name in DELTA_RULE_FAMILIES
                        for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
 
 
@@ -240,7 +248,8 @@ def test_each_rule_of_an_added_family_is_needed(name, rule):
     assert (conservation_error(relevance, explained) > 100 * CONSERVATION_BOUNDS[name]).any()
 
 
-@pytest.mark.parametrize('name', ['Zamba', 'Lfm2', 'Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid'])
+@pytest.mark.parametrize('name', ['Zamba', 'Lfm2', 'Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid',
+                                  'KimiLinear'])
 def test_a_fresh_cache_is_filled_as_the_original_fills_it(name):
     model = build(name)
     embeddings = embeddings_for(model, 1, 6)
@@ -299,6 +308,40 @@ def test_qwen3_5s_vision_encoder_is_refused_naming_the_language_model():
                                                     'Qwen3_5ForCausalLM'):
         MambaComposite().context(model).__enter__()
     assert snapshot(model)['hooks'] == 0
+
+
+@pytest.mark.parametrize('name', DELTA_RULE_FAMILIES)
+def test_the_uniform_delta_variant_conserves_and_moves_relevance(name, monkeypatch):
+    # relevance through the queries and written keys too (AttnLRP's uniform rule on the read-out and the write)
+    model = build(name)
+    embeddings = embeddings_for(model)
+    values, explained, targets = explain(model, embeddings)
+    composite = MambaComposite(epsilon=1e-12, delta_relevance='uniform')
+    relevance, uniform_explained, _ = explain(model, embeddings, composite, targets)
+    assert (conservation_error(relevance, uniform_explained) <= CONSERVATION_BOUNDS[name]).all()
+    assert relative_error(uniform_explained, explained) <= 1e-12
+    assert relative_error(relevance, values) > 1e-3
+    # the queries' and keys' L2 norm takes the LN-rule here: without it, conservation breaks
+    from zennit_mamba.core.ruleset import RuleSet
+
+    monkeypatch.setattr(RuleSet, 'delta_key_norm', lambda self, x: x * torch.rsqrt((x * x).sum(-1, keepdim=True)
+                                                                                    + 1e-6))
+    relevance, uniform_explained, _ = explain(model, embeddings, composite, targets)
+    assert (conservation_error(relevance, uniform_explained) > 1e-4).all()
+
+
+def test_kimis_sigmoid_output_gate_is_held(monkeypatch):
+    # Kimi Delta Attention gates its output by a sigmoid, which the attention rule holds inside the layer: letting it
+    # through (the rest of the attention rule kept) leaks relevance into the gate's projections
+    from zennit_mamba.core.ruleset import RuleSet
+
+    model = build('KimiLinear')
+    embeddings = embeddings_for(model)
+    relevance, explained, _ = explain(model, embeddings)
+    assert (conservation_error(relevance, explained) <= CONSERVATION_BOUNDS['KimiLinear']).all()
+    monkeypatch.setattr(RuleSet, 'held', lambda self, *gates: gates)
+    relevance, explained, _ = explain(model, embeddings)
+    assert (conservation_error(relevance, explained) > 1e-6).all()
 
 
 @pytest.mark.parametrize('name', list(BUILDERS))

@@ -17,12 +17,16 @@ from zennit_mamba import MambaComposite
 from zennit_mamba.support import mixer_types
 
 FAMILIES = ['Mamba', 'Mamba2', 'FalconMamba', 'Jamba', 'Bamba', 'NemotronH', 'GraniteMoeHybrid', 'FalconH1', 'Zamba2',
-            'Zamba', 'Lfm2', 'Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid']
+            'Zamba', 'Lfm2', 'Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid',
+            'KimiLinear']
 HYBRIDS = FAMILIES[3:]
 #: hybrids whose attention takes positions 0, 1, ... whatever the mask (no position_ids from it): transformers
 #: computes rotary embeddings in float32, so left padding shifts them by float32 rounding (LFM2's own logits by 1.4e-9,
 #: OLMo-Hybrid's relevance by 1.1e-7): these get position_ids from the mask, as a careful user passes them
 POSITIONS_FROM_THE_MASK = {'Lfm2', 'Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid'}
+#: padded against unpadded, where a family computes in float32 whatever the model's dtype: Kimi-Linear's router and
+#: forget gate (its unmodified float64 model's own logits differ by 5.8e-8 with left padding)
+PADDED_BOUND = {'KimiLinear': 1e-7}
 #: mamba-ssm's own MambaLMHeadModel with each of its mixers, in float32 on a GPU (skipped elsewhere)
 MAMBA_SSM = [pytest.param(name, marks=needs_mamba_ssm) for name in ('mamba-ssm Mamba', 'mamba-ssm Mamba2')]
 EVERY_FAMILY = FAMILIES + MAMBA_SSM
@@ -267,8 +271,8 @@ def test_left_padding_on_a_hybrid_gives_zero_relevance_to_pads_and_no_nan(name):
     relevance, padded_explained = explain(model, padded, attention_mask=mask, **positions)
     assert torch.isfinite(relevance).all()
     assert torch.equal(relevance[:, :3], torch.zeros_like(relevance[:, :3]))
-    assert relative_error(relevance[:, 3:], expected) <= 1e-8
-    assert torch.allclose(padded_explained, explained, rtol=1e-10)
+    assert relative_error(relevance[:, 3:], expected) <= PADDED_BOUND.get(name, 1e-8)
+    assert relative_error(padded_explained, explained) <= PADDED_BOUND.get(name, 1e-10)
 
 
 @pytest.mark.parametrize('name', EVERY_FAMILY)
@@ -350,7 +354,7 @@ def test_a_padding_mask_is_honoured_and_the_last_real_token_explained(name, padd
     real = relevance[0][mask[0].bool()]
     assert torch.equal(relevance[0][~mask[0].bool()], torch.zeros_like(relevance[0][~mask[0].bool()]))
     # Captum passes the mask alone: left padding shifts the rotary positions of POSITIONS_FROM_THE_MASK's families
-    assert relative_error(real, short[0]) <= (2e-7 if name in POSITIONS_FROM_THE_MASK else 1e-8)
+    assert relative_error(real, short[0]) <= (2e-7 if name in POSITIONS_FROM_THE_MASK else PADDED_BOUND.get(name, 1e-8))
     assert relative_error(relevance[1:], lrp.attribute(embeddings[1:], target=3)) <= 1e-10
 
 

@@ -88,6 +88,11 @@ class MambaComposite(Composite):
         Further canonizers, applied after :py:class:`~zennit_mamba.canonizers.MambaCanonizer`.
     recompute : bool, optional
         Recompute each mixer in the backward pass instead of storing its activations, for long inputs.
+    delta_relevance : str, optional
+        Where the delta-rule layers (Gated DeltaNet, Kimi Delta Attention) pass relevance: ``'values'`` (the default,
+        MambaLRP's principle: queries, keys, decays and write strengths select and are held constant) or
+        ``'uniform'`` (as AttnLRP treats attention: also through the queries and the written keys, the uniform rule
+        on the read-out ``S^T q`` and the write ``k v^T``; computed token by token).
 
     Examples
     --------
@@ -112,8 +117,9 @@ class MambaComposite(Composite):
         layer_map: Optional[LayerMap] = None,
         canonizers: Optional[List[Canonizer]] = None,
         recompute: bool = False,
+        delta_relevance: str = 'values',
     ):
-        self.rule_set = RuleSet(rules, recompute)
+        self.rule_set = RuleSet(rules, recompute, delta_relevance)
         if not epsilon > 0:
             raise ValueError(f'epsilon must be positive (it stabilises a division), got {epsilon!r}; use 1e-12 for '
                              f'an almost exact LRP-0.')

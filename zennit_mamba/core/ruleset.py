@@ -6,10 +6,15 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from zennit_mamba.core.switch import RuleSwitch
-from zennit_mamba.kernels.delta_rule import chunk_gated_delta_rule
+from zennit_mamba.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from zennit_mamba.kernels.scan import selective_scan
 from zennit_mamba.kernels.ssd import ssd_scan
-from zennit_mamba.rules import MAMBA_LRP_RULES, RULES, DetachSelection, HalfRule, LNRule, SiLUIdentity
+from zennit_mamba.rules import (
+    MAMBA_LRP_RULES, RULES, AttentionRule, DetachSelection, HalfRule, LNRule, SiLUIdentity,
+)
+
+#: where the delta-rule layers pass relevance (:py:class:`RuleSet`'s ``delta_relevance``)
+DELTA_RELEVANCE = ('values', 'uniform')
 
 #: each rule's equation as the fused functions restate it (kernels/fused.py, kernels/ssd_triton.py): where a rule's
 #: ``apply`` is another function, the rule set computes the operations in turn
@@ -28,6 +33,12 @@ class RuleSet:
         The rules that are on, a subset of :py:data:`MAMBA_LRP_RULES`.
     recompute : bool, optional
         Recompute each mixer in the backward pass instead of storing its activations.
+    delta_relevance : str, optional
+        Where the delta-rule layers (Gated DeltaNet, Kimi) pass relevance: ``'values'`` (MambaLRP's principle: the
+        queries and keys select, held constant with the decays and write strengths, so that relevance flows through
+        the values only) or ``'uniform'`` (AttnLRP's treatment of attention: relevance also through the queries and
+        the written keys, the uniform rule splitting each product, the read-out ``S^T q`` and the write ``k v^T``,
+        between its factors; the projections ``I - beta k k^T``, decays and write strengths held; token by token).
 
     Examples
     --------
@@ -38,18 +49,23 @@ class RuleSet:
     [3.0, 3.0]
     '''
 
-    def __init__(self, rules: Collection[str] = MAMBA_LRP_RULES, recompute: bool = False):
+    def __init__(self, rules: Collection[str] = MAMBA_LRP_RULES, recompute: bool = False,
+                 delta_relevance: str = 'values'):
         self.names = frozenset(rules)
         unknown = self.names - MAMBA_LRP_RULES
         if unknown:
             raise ValueError(f'Unknown MambaLRP rules {sorted(unknown)}; choose from {sorted(MAMBA_LRP_RULES)}.')
+        if delta_relevance not in DELTA_RELEVANCE:
+            raise ValueError(f'delta_relevance must be one of {DELTA_RELEVANCE}, got {delta_relevance!r}.')
         self.recompute = recompute
+        self.delta_relevance = delta_relevance
         #: whether the rules act on a call: while off, a canonized mixer runs its own forward
         #: (:py:class:`~zennit_mamba.core.instance.CanonizedForward`)
         self.switch = RuleSwitch()
 
     def __repr__(self) -> str:
-        return f'RuleSet({sorted(self.names)}, recompute={self.recompute})'
+        return (f'RuleSet({sorted(self.names)}, recompute={self.recompute}, '
+                f'delta_relevance={self.delta_relevance!r})')
 
     def activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
         '''The activation ``name`` of ``ACT2FN`` (SiLU for Mamba), under :py:class:`SiLUIdentity`.'''
@@ -89,19 +105,28 @@ class RuleSet:
         return self.fuses({'silu', 'gate', 'norm'}, ('activation', 'gate', 'norm', 'gated_norm'))
 
     def gated_norm(self, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, epsilon: float, group_size: int,
-                   before_gate: bool) -> torch.Tensor:
+                   before_gate: bool, activation: str = 'silu') -> torch.Tensor:
         '''The gated RMS normalisation of a mixer's output ``y`` over groups of ``group_size`` channels:
-        ``w * rms(y * silu(gate))``, or ``w * rms(y) * silu(gate)`` where ``before_gate`` (Gated DeltaNet's), with
-        :py:class:`SiLUIdentity` on the gate's SiLU, :py:class:`HalfRule` on the product and :py:class:`LNRule` on
-        the normalisation; computed in float32 at least, returned in ``y``'s dtype.'''
+        ``w * rms(y * act(gate))``, or ``w * rms(y) * act(gate)`` where ``before_gate`` (the delta-rule layers'), with
+        :py:class:`LNRule` on the normalisation. A SiLU gate (Mamba's) takes :py:class:`SiLUIdentity` and
+        :py:class:`HalfRule` on the product; a sigmoid gate (Kimi's), a value in (0, 1) that scales the signal as a
+        routing weight does, is held constant by :py:meth:`held` and the product passes relevance to ``y``. Computed
+        in float32 at least, returned in ``y``'s dtype.'''
         dtype = y.dtype
         compute = torch.promote_types(dtype, torch.float32)
-        activated = self.activation('silu', gate.to(compute))
-        hidden = y.to(compute) if before_gate else self.gate(y.to(compute), activated)
+        if activation == 'sigmoid':
+            activated, product = self.held(torch.sigmoid(gate.to(compute)))[0], torch.mul
+        else:
+            activated, product = self.activation(activation, gate.to(compute)), self.gate
+        hidden = y.to(compute) if before_gate else product(y.to(compute), activated)
         grouped = hidden.unflatten(-1, (hidden.shape[-1] // group_size, group_size))
         normalised = self.norm(grouped, grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + epsilon))
         hidden = weight.to(compute) * normalised.flatten(-2)
-        return (self.gate(hidden, activated) if before_gate else hidden).to(dtype)
+        return (product(hidden, activated) if before_gate else hidden).to(dtype)
+
+    def held(self, *gates: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        '''Gates, routing weights or probabilities that scale a signal, under :py:class:`AttentionRule`.'''
+        return tuple(AttentionRule.apply(gate) for gate in gates) if 'attention' in self.names else gates
 
     def scan(self, x, delta, A, B, C, D, initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
         '''The Mamba-1 selective scan (:py:func:`~zennit_mamba.kernels.scan.selective_scan`) with the selection rule;
@@ -123,9 +148,24 @@ class RuleSet:
 
     def delta_rule(self, query, key, value, g, beta, chunk_size: int = 64,
                    initial_state=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        '''The gated delta rule of a Gated DeltaNet layer
+        '''The gated delta rule of a Gated DeltaNet or Kimi layer
         (:py:func:`~zennit_mamba.kernels.delta_rule.chunk_gated_delta_rule`) with the selection rule: the queries and
         keys (after their normalisation), the log-decays ``g`` and the write strengths ``beta`` are what the input
-        selects, held constant, so that the output is linear in the values and the initial state.'''
+        selects, held constant, so that the output is linear in the values and the initial state. With
+        ``delta_relevance='uniform'`` the queries and the written keys pass relevance too
+        (:py:func:`~zennit_mamba.kernels.delta_rule.recurrent_gated_delta_rule` with :py:class:`HalfRule` on the
+        read-out and the write; the projections' keys, ``g`` and ``beta`` held).'''
+        if self.delta_relevance == 'uniform' and 'ssm' in self.names:
+            projection_key, g, beta = self.selection(key, g, beta)
+            uniform = HalfRule.apply if 'gate' in self.names else (lambda product: product)
+            return recurrent_gated_delta_rule(query, key, value, g, beta, initial_state,
+                                              projection_key=projection_key, read=uniform, write=uniform)
         query, key, g, beta = self.selection(query, key, g, beta)
         return chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=chunk_size, initial_state=initial_state)
+
+    def delta_key_norm(self, x: torch.Tensor) -> torch.Tensor:
+        '''The L2 normalisation of a delta-rule layer's queries or keys, ``x / sqrt(|x|^2 + 1e-6)``: under
+        ``delta_relevance='uniform'``, where relevance passes them, with the scale held constant by :py:class:`LNRule`
+        (a normalisation, whose gradient x input is about zero otherwise).'''
+        normalised = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+        return self.norm(x, normalised) if self.delta_relevance == 'uniform' else normalised

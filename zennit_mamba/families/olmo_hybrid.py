@@ -9,11 +9,11 @@ each norm's ratio whatever its place.
 '''
 from zennit_mamba.core.family import Family, in_module
 from zennit_mamba.core.layers import ATTENTION, COMPOSITION, INSIDE_MIXER, NORM, POSITIONS, gated_mlp
-from zennit_mamba.mixers.gated_deltanet import GatedDeltaNetParts, separate_projections, transformers_layer
+from zennit_mamba.mixers.gated_deltanet import DeltaLayerParts, separate_projections, transformers_layer
 
 MODULE = 'transformers.models.olmo_hybrid.modeling_olmo_hybrid'
 
-PARTS = GatedDeltaNetParts(separate_projections(('q_proj', 'k_proj', 'v_proj'), 'g_proj', 'b_proj', 'a_proj'),
+PARTS = DeltaLayerParts(separate_projections(('q_proj', 'k_proj', 'v_proj'), 'g_proj', 'b_proj', 'a_proj'),
                            norm='o_norm', output='o_proj')
 
 FAMILY = Family(

@@ -10,13 +10,13 @@ from zennit_mamba.core.family import Family, in_module
 from zennit_mamba.core.layers import (
     COMPOSITION, INSIDE_MIXER, NORM, POSITIONS, gated_attention, gated_mlp, not_explained,
 )
-from zennit_mamba.mixers.gated_deltanet import GatedDeltaNetParts, separate_projections, transformers_layer
+from zennit_mamba.mixers.gated_deltanet import DeltaLayerParts, separate_projections, transformers_layer
 
 MODULE = 'transformers.models.qwen3_5.modeling_qwen3_5'
 #: how a multimodal model's language part is explained meanwhile
 VISION = not_explained('explain the language model, Qwen3_5ForCausalLM')
 
-PARTS = GatedDeltaNetParts(separate_projections(('in_proj_qkv',), 'in_proj_z', 'in_proj_b', 'in_proj_a'))
+PARTS = DeltaLayerParts(separate_projections(('in_proj_qkv',), 'in_proj_z', 'in_proj_b', 'in_proj_a'))
 
 FAMILY = Family(
     name='Qwen3.5', library='transformers', hybrid=True, beside='gated attention, gated MLPs',

@@ -6,12 +6,12 @@ from zennit_mamba.core.family import Family, in_module
 from zennit_mamba.core.layers import (
     COMPOSITION, EXPERTS, INSIDE_MIXER, NORM, POSITIONS, ROUTER, gated_attention, gated_mlp, held_gate, not_explained,
 )
-from zennit_mamba.mixers.gated_deltanet import GatedDeltaNetParts, separate_projections, transformers_layer
+from zennit_mamba.mixers.gated_deltanet import DeltaLayerParts, separate_projections, transformers_layer
 
 MODULE = 'transformers.models.qwen3_5_moe.modeling_qwen3_5_moe'
 VISION = not_explained('explain the language model, Qwen3_5MoeForCausalLM')
 
-PARTS = GatedDeltaNetParts(separate_projections(('in_proj_qkv',), 'in_proj_z', 'in_proj_b', 'in_proj_a'))
+PARTS = DeltaLayerParts(separate_projections(('in_proj_qkv',), 'in_proj_z', 'in_proj_b', 'in_proj_a'))
 
 FAMILY = Family(
     name='Qwen3.5-MoE', library='transformers', hybrid=True,

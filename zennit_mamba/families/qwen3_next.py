@@ -15,7 +15,7 @@ from zennit_mamba.core.family import Family, in_module
 from zennit_mamba.core.layers import (
     COMPOSITION, EXPERTS, INSIDE_MIXER, NORM, POSITIONS, ROUTER, gated_attention, gated_mlp, held_gate,
 )
-from zennit_mamba.mixers.gated_deltanet import GatedDeltaNetParts, transformers_layer
+from zennit_mamba.mixers.gated_deltanet import DeltaLayerParts, gated_deltanet_selection, transformers_layer
 
 MODULE = 'transformers.models.qwen3_next.modeling_qwen3_next'
 
@@ -23,18 +23,18 @@ MODULE = 'transformers.models.qwen3_next.modeling_qwen3_next'
 def project(layer: torch.nn.Module, hidden_states: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     '''Qwen3-Next's projections: ``in_proj_qkvz`` and ``in_proj_ba``, grouped by key head, put in order by the layer's
-    own ``fix_query_key_value_ordering``.'''
+    own ``fix_query_key_value_ordering``; the convolution's input, the gate, the write strengths and log-decays.'''
     query, key, value, z, b, a = layer.fix_query_key_value_ordering(layer.in_proj_qkvz(hidden_states),
                                                                      layer.in_proj_ba(hidden_states))
     conv_input = torch.cat([tensor.flatten(2) for tensor in (query, key, value)], dim=-1)
-    return conv_input, z.flatten(2), b, a
+    return (conv_input, z.flatten(2), *gated_deltanet_selection(layer, b, a))
 
 
 FAMILY = Family(
     name='Qwen3-Next', library='transformers', hybrid=True, beside='gated attention, experts, a gated shared expert',
     library_modules=(MODULE,),
     canonized=in_module(MODULE, {
-        'Qwen3NextGatedDeltaNet': transformers_layer(GatedDeltaNetParts(project), selection=('in_proj_ba',)),
+        'Qwen3NextGatedDeltaNet': transformers_layer(DeltaLayerParts(project), selection=('in_proj_ba',)),
     }),
     layers=in_module(MODULE, {
         'Qwen3NextForCausalLM': COMPOSITION, 'Qwen3NextModel': COMPOSITION, 'Qwen3NextPreTrainedModel': COMPOSITION,
