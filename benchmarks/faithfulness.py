@@ -1,4 +1,4 @@
-'''Faithfulness benchmark: MambaLRP against Captum's methods, attention rollouts and ablations, on four tasks.
+'''Faithfulness benchmark: MambaLRP against Captum's methods, attention rollouts and ablations, on five tasks.
 
 Loads (SST-2, needle: shipped weights) or trains and caches a small Mamba classifier per task, explains test
 examples with every method, and measures deletion and insertion curves, MoRF and LeRF
@@ -215,11 +215,15 @@ def plot(records: List[dict], tables: Dict[str, List[dict]], out: str) -> None:
               'insertion_morf': 'insertion, MoRF (most relevant inserted first)', 'insertion_lerf': 'insertion, LeRF'}
     for task, rows in tables.items():
         figure, axes = plt.subplots(2, 2, figsize=(12, 9), sharey=True)
-        for row in rows:
+        for index, row in enumerate(rows):
             method_records = [r for r in records if r['task'] == task and r['method'] == row['method']]
+            # a colour of its own for each of up to 20 methods (the default cycle repeats after 10), and a line
+            # style that changes every 10
+            style = dict(color=plt.get_cmap('tab20')(index % 20), linestyle=('-', '--')[index // 10 % 2],
+                         linewidth=2.5 if row['method'] == 'MambaLRP' else 1.0)
             for axis, key in zip(axes.flat, panels):
                 curve = numpy.mean([numpy.interp(grid, r['fractions'], r[key]) for r in method_records], axis=0)
-                axis.plot(grid, curve, label=row['method'], linewidth=2.5 if row['method'] == 'MambaLRP' else 1.0)
+                axis.plot(grid, curve, label=row['method'], **style)
         for axis, title in zip(axes.flat, panels.values()):
             axis.set_title(title, fontsize=10)
             axis.set_xlabel('fraction of positions removed or inserted')
@@ -248,15 +252,16 @@ def plot(records: List[dict], tables: Dict[str, List[dict]], out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
     parser.add_argument('--quick', action='store_true', help='small data, models and example counts')
     parser.add_argument('--tasks', nargs='+', default=list(TASKS), choices=list(TASKS))
     parser.add_argument('--examples', type=int, help='test examples explained per task (default 96, quick 24)')
     parser.add_argument('--device', default='cpu', help='where the models run (cuda: the GPU benchmark)')
-    parser.add_argument('--sst2-size', default='small', help="the SST-2 classifier: 'small' (shipped) or '130m'")
+    parser.add_argument('--sst2-size', default='small', help="the SST-2 classifier: 'small' (shipped), '130m' or 'deltanet-small' (Gated DeltaNet)")
     parser.add_argument('--weights', help='directory of the SST-2 weights (default: the shipped ones)')
     parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output',
-                                                      'faithfulness'))
+                                                      'faithfulness'),
+                        help='directory the tables and plots are written to (default: benchmarks/output/faithfulness)')
     args = parser.parse_args()
     torch.manual_seed(0)
 

@@ -139,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--sizes', nargs='+', default=['mamba:1024:1', 'bamba:1024:1'],
                         help='family:length:batch, families of speed.py at the device\'s size')
-    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--repeats', type=int, default=7, help='timed rounds, interleaved (default 7)')
     args = parser.parse_args(argv)
     collector = CollectorTime()
     device_name = torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'

@@ -137,7 +137,7 @@ def sharded(args, device: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
     parser.add_argument('--mode', choices=('corpus', 'sharded'), default='corpus')
     parser.add_argument('--sequences', type=int, default=256)
     parser.add_argument('--length', type=int, default=1024)

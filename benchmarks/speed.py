@@ -113,7 +113,7 @@ def _config(family: str, vocab_size: int, hidden_size: int, num_hidden_layers: i
 
 #: real-size configurations (``--configs``), explained in bfloat16 with random weights: the published models'
 #: layouts (their config.json: widths, depths, heads, state and vocabulary sizes, Bamba's attention layers) and
-#: parameter counts (2.77, 7.27, 7.29 and 9.78 billion)
+#: parameter counts (2.77, 7.27, 7.29 and 9.78 billion; OLMo-Hybrid 7B 7.43)
 REAL_SIZES = {
     'mamba-2.8b': lambda: MambaConfig(hidden_size=2560, num_hidden_layers=64, state_size=16, vocab_size=50280),
     'falcon-mamba-7b': lambda: transformers.FalconMambaConfig(
@@ -126,6 +126,8 @@ REAL_SIZES = {
         hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
         num_key_value_heads=8, attn_layer_indices=[9, 18, 27], mamba_n_heads=128, mamba_d_head=64, mamba_n_groups=1,
         mamba_d_state=128, mamba_chunk_size=256, mamba_expand=2, vocab_size=128256),
+    # transformers' defaults are the published OLMo-Hybrid 7B layout (width 3840, 32 layers, every 4th attention)
+    'olmo-hybrid-7b': lambda: transformers.OlmoHybridConfig(),
 }
 
 
@@ -501,7 +503,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     parser.add_argument('--lengths', type=int, nargs='+', default=[128, 1024, 8192])
     parser.add_argument('--batches', type=int, nargs='+', help='batch sizes (default 1 and 8; quick: 1 and 2)')
-    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=3, help='timed rounds per case, methods interleaved (default 3)')
     parser.add_argument('--budget', type=float, default=60.0, help='skip a method estimated to take longer (s)')
     parser.add_argument('--long', type=int, default=0, help='also explain one input of this many tokens')
     parser.add_argument('--families', nargs='+', default=None, choices=FAMILIES,
@@ -511,7 +513,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS,
                         help='the methods to measure (gi_same_kernels, ratio (b), is always measured)')
     parser.add_argument('--quick', action='store_true', help='tiny model, short inputs, one repeat')
-    parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'output'))
+    parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'output'),
+                        help='directory the tables are written to (default: benchmarks/output)')
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.repeats = [16, 64], 1

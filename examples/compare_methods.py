@@ -18,6 +18,8 @@ from captum_mamba import MambaLRP
 from sentiment_task import NEUTRAL, make_sentences, trained_classifier, words
 from zennit_mamba.heatmap import save_png
 
+CLASSES = ('negative', 'positive')  # sentiment_task's labels
+
 
 class EmbeddingClassifier(torch.nn.Module):
     '''The classifier as a function of its input embeddings, as Captum's input attribution methods need.'''
@@ -47,12 +49,13 @@ def methods(forward: torch.nn.Module):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'))
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
+    parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'),
+                        help='directory the comparison is written to (default: examples/output)')
     parser.add_argument('--weights', default=None,
                         help='the classifier\'s weights: loaded if the file exists, else trained and saved there '
                              '(default: sentiment_classifier.pt in --out)')
-    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=3, help='timed runs per method; the median is shown (default 3)')
     args = parser.parse_args()
 
     # Captum's gradient methods warn that they set requires_grad on the inputs themselves
@@ -85,12 +88,13 @@ def main() -> None:
         conservation = f'{delta:18.1e}' if is_relevance else f'{"(a gradient)":>18s}'
         print(f'{name:38s} {statistics.median(seconds):10.3f} {conservation} {share:25.1%}')
         rows.append((words(ids[0]), token_relevance[0].tolist()))
-        captions.append(name)
+        captions.append(f'{name}: class {CLASSES[int(targets[0])]} (logit {float(explained[0]):.2f})')
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, 'compare_methods.png')
     save_png(path, rows, captions)
-    print(f'\nwrote {path} (first sentence, one row per method; red positive, blue negative)')
+    print(f'\nwrote {path} (first sentence, one row per method, each explaining the predicted class '
+          f'{CLASSES[int(targets[0])]!r}; red speaks for it, blue against)')
 
 
 if __name__ == '__main__':

@@ -45,10 +45,11 @@ def to_pixels(model, patch_scores: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'))
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
+    parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'),
+                        help='directory the pictures are written to (default: examples/output)')
     parser.add_argument('--quick', action='store_true', help='3 training epochs instead of 10')
-    parser.add_argument('--examples', type=int, default=4)
+    parser.add_argument('--examples', type=int, default=4, help='test images shown, one row each (default 4)')
     args = parser.parse_args()
 
     task = vim_digits_task(quick=False)

@@ -63,8 +63,9 @@ def train_language_model(sentences, tokenizer, steps: int = 300) -> MambaForCaus
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'))
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
+    parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'),
+                        help='directory the heatmaps are written to (default: examples/output)')
     args = parser.parse_args()
     transformers_logging.set_verbosity_error()
 

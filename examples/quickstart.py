@@ -31,8 +31,9 @@ def explain(model: torch.nn.Module, ids: torch.Tensor):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'))
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
+    parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output'),
+                        help='directory the heatmaps are written to (default: examples/output)')
     parser.add_argument('--weights', default=None,
                         help='the classifier\'s weights: loaded if the file exists, else trained and saved there '
                              '(default: sentiment_classifier.pt in --out)')

@@ -22,8 +22,12 @@ def test_every_supported_transformers_class_exists():
     from zennit_mamba.core.family import resolve
 
     missing = [path for family in FAMILIES if family.library == 'transformers'
-               for path in list(family.canonized) + list(family.layers) if resolve(path) is None]
+               for path in list(family.canonized) + list(family.layers) if resolve(path) is None
+               and not any(path in pair and any(resolve(other) for other in pair) for pair in family.renamed)]
     assert missing == []
+    for family in FAMILIES:
+        for pair in family.renamed:
+            assert set(pair) <= set(family.canonized) | set(family.layers), pair
 
 
 @pytest.mark.parametrize('canonizer', MambaCanonizer().canonizers, ids=lambda canonizer: canonizer.module_type.__name__)

@@ -97,6 +97,9 @@ class Family(NamedTuple):
         The layers beside the mixers, for the README's table (``'attention, gated MLPs, experts'``).
     library_modules : tuple of str, optional
         The Python modules that define the family's classes: a class from them that no entry maps is refused.
+    renamed : tuple of (str, str), optional
+        Classes an upstream release renamed, as (former path, new path), both named in ``layers`` or ``canonized``:
+        the releases the pin allows have one or the other.
     '''
     name: str
     library: str
@@ -105,6 +108,7 @@ class Family(NamedTuple):
     hybrid: bool = False
     beside: str = 'none'
     library_modules: Tuple[str, ...] = ()
+    renamed: Tuple[Tuple[str, str], ...] = ()
 
     def mixers(self) -> Tuple[str, ...]:
         '''The dotted paths of the family's mixer classes.'''

@@ -107,12 +107,15 @@ def replaced_forward(module: torch.nn.Module) -> Optional[str]:
         return f'forward set on the instance ({getattr(own, "__qualname__", type(own).__name__)!r})'
     cls = type(module)
     # the class's forward and the functions it wraps (decorators such as transformers' deprecate_kwarg): each must
-    # be code of the class's own library (or torch's), the innermost the forward a class of its hierarchy defines
+    # be code of the class's own library (or torch's, or kernels'), the innermost the forward a class of its hierarchy defines
     # (a functools.wraps copies names, not where the code is)
     chain = [cls.forward]
     while hasattr(chain[-1], '__wrapped__'):
         chain.append(chain[-1].__wrapped__)
-    libraries = tuple(_library_folder(name) for name in (cls.__module__, 'torch'))
+    # kernels (a dependency of transformers from 5.25) wraps the forward of classes that call kernel functions
+    # (use_kernelized_func): the wrapper routes those functions and calls the class's forward; its kernelize() sets
+    # an instance forward instead, which is refused above
+    libraries = tuple(_library_folder(name) for name in (cls.__module__, 'torch', 'kernels'))
     foreign = next((function for function in chain if not getattr(getattr(function, '__code__', None), 'co_filename',
                                                                    '').startswith(libraries)), None)
     innermost = chain[-1]
@@ -125,12 +128,17 @@ def replaced_forward(module: torch.nn.Module) -> Optional[str]:
     return f'forward replaced on the class by {getattr(function, "__qualname__", function)!r} from {where}'
 
 
-@functools.lru_cache(maxsize=None)
 def _library_folder(module_name: str) -> str:
-    '''The folder of the top-level package that ``module_name`` belongs to (with a trailing separator).'''
+    '''The folder of the top-level package that ``module_name`` belongs to (with a trailing separator); one that
+    matches no file where that package is not imported (yet: nothing of it can then be in a forward).'''
     top = sys.modules.get(module_name.split('.')[0])
     path = getattr(top, '__file__', None)
-    return os.path.join(os.path.dirname(path), '') if path else '\0'
+    return _folder_of(path) if path else '\0'
+
+
+@functools.lru_cache(maxsize=None)
+def _folder_of(path: str) -> str:
+    return os.path.join(os.path.dirname(path), '')
 
 
 def called_plainly(module: torch.nn.Module) -> bool:

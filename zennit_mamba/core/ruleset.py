@@ -7,6 +7,7 @@ from transformers.activations import ACT2FN
 
 from zennit_mamba.core.switch import RuleSwitch
 from zennit_mamba.kernels.delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from zennit_mamba.kernels.delta_rule_fla import fla_delta_rule_applies, fla_values_delta_rule
 from zennit_mamba.kernels.scan import selective_scan
 from zennit_mamba.kernels.ssd import ssd_scan
 from zennit_mamba.rules import (
@@ -154,13 +155,18 @@ class RuleSet:
         selects, held constant, so that the output is linear in the values and the initial state. With
         ``delta_relevance='uniform'`` the queries and the written keys pass relevance too
         (:py:func:`~zennit_mamba.kernels.delta_rule.recurrent_gated_delta_rule` with :py:class:`HalfRule` on the
-        read-out and the write; the projections' keys, ``g`` and ``beta`` held).'''
+        read-out and the write; the projections' keys, ``g`` and ``beta`` held). The values' rule is to run
+        flash-linear-attention's chunk kernels on a GPU once they are validated
+        (:py:data:`~zennit_mamba.kernels.delta_rule_fla.SERVES_THE_RULE_SET`).'''
         if self.delta_relevance == 'uniform' and 'ssm' in self.names:
             projection_key, g, beta = self.selection(key, g, beta)
             uniform = HalfRule.apply if 'gate' in self.names else (lambda product: product)
             return recurrent_gated_delta_rule(query, key, value, g, beta, initial_state,
                                               projection_key=projection_key, read=uniform, write=uniform)
         query, key, g, beta = self.selection(query, key, g, beta)
+        if 'ssm' in self.names and fla_delta_rule_applies(value, key.shape[-1]):
+            # the kernels the layers run on a GPU, the backward pass computing the values' gradient only
+            return fla_values_delta_rule(query, key, value, g, beta, initial_state=initial_state)
         return chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=chunk_size, initial_state=initial_state)
 
     def delta_key_norm(self, x: torch.Tensor) -> torch.Tensor:

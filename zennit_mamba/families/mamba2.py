@@ -11,5 +11,8 @@ FAMILY = Family(
     layers=in_module(MODULE, {
         'Mamba2ForCausalLM': COMPOSITION, 'Mamba2Model': COMPOSITION, 'Mamba2PreTrainedModel': COMPOSITION,
         'Mamba2Block': COMPOSITION, 'Mamba2RMSNorm': NORM, 'MambaRMSNormGated': INSIDE_MIXER,
+        'Mamba2RMSNormGated': INSIDE_MIXER,
     }),
+    # transformers 5.25 renamed the gated norm
+    renamed=((f'{MODULE}.MambaRMSNormGated', f'{MODULE}.Mamba2RMSNormGated'),),
 )
