@@ -40,14 +40,14 @@ def replacement(model, task: Task, inputs: torch.Tensor) -> torch.Tensor:
     '''What a deleted position becomes: the unknown-token embedding, or zeros (black patches, zero embedding).'''
     if task.replacement_token is None:
         return torch.zeros_like(inputs[0, 0])
-    return model.backbone.embeddings.weight[task.replacement_token].detach()
+    return model.backbone.get_input_embeddings().weight[task.replacement_token].detach()
 
 
 def insertion_baseline(model, task: Task, inputs: torch.Tensor) -> torch.Tensor:
     '''What insertion starts from, unlike the deletion value (else dA_I would repeat dA_F): the mean token
     embedding over the vocabulary, or the mean training image (patch by patch).'''
     if task.uses_tokens:
-        return model.backbone.embeddings.weight.detach().mean(0)
+        return model.backbone.get_input_embeddings().weight.detach().mean(0)
     return task.train_inputs.mean(0).to(inputs)
 
 

@@ -235,7 +235,7 @@ def build_model(task: Task) -> torch.nn.Module:
 def model_inputs(model: SequenceClassifier, task: Task, inputs: torch.Tensor) -> torch.Tensor:
     '''What the attribution methods see: token embeddings, or the patches themselves.'''
     if task.uses_tokens:
-        return model.backbone.embeddings(inputs).detach()
+        return model.backbone.get_input_embeddings()(inputs).detach()
     return inputs
 
 
@@ -280,7 +280,7 @@ def train_model(task: Task, quick: bool, seed: int = 0, device: str = 'cpu') -> 
                     inputs = image_patches(shifted(model.images(inputs)[:, 0], generator), task.vim.patch)
                 inputs = inputs.to(device)
                 if task.uses_tokens:  # embeddings with gradient, unlike model_inputs()
-                    inputs = model.backbone.embeddings(inputs)
+                    inputs = model.backbone.get_input_embeddings()(inputs)
                 mask = task.train_mask[batch].to(device) if task.train_mask is not None else None
                 loss = torch.nn.functional.cross_entropy(model(inputs, mask), train_labels[batch].to(device))
                 optimiser.zero_grad()

@@ -30,8 +30,10 @@ MAMBA_ONLY = ['Mamba', 'Mamba2', 'FalconMamba']
 HYBRIDS = ['Jamba', 'Bamba', 'NemotronH', 'GraniteMoeHybrid', 'FalconH1', 'Zamba2', 'Zamba', 'Lfm2', 'Qwen3Next',
            'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid', 'KimiLinear']
 MAMBA_SSM = ['mamba-ssm Mamba', 'mamba-ssm Mamba2']
+#: this package's plain-PyTorch models without attention
+PLAIN = ['Mamba3']
 TEST_FILES = ['tests/test_families.py', 'tests/test_conservation.py', 'tests/test_composite.py',
-              'tests/test_captum.py', 'tests/test_rules.py']
+              'tests/test_captum.py', 'tests/test_rules.py', 'tests/test_mamba3.py']
 
 
 def apply_mutation(rule: str) -> None:
@@ -45,7 +47,7 @@ def families(rule: str, gpu: bool) -> List[str]:
     '''The families on whose path ``rule`` is on.'''
     if gpu:
         return [] if rule == 'attention' else MAMBA_SSM
-    return HYBRIDS if rule == 'attention' else MAMBA_ONLY + HYBRIDS
+    return HYBRIDS if rule == 'attention' else MAMBA_ONLY + HYBRIDS + PLAIN
 
 
 def family_of(test: str) -> str:
@@ -58,7 +60,7 @@ def family_of(test: str) -> str:
             return 'mamba-ssm Mamba2'
         return 'mamba-ssm Mamba' if 'mamba_ssm' in test or 'kernel' in test else 'Mamba'
     tokens = set(re.split(r'[-\[\]]', test.split('::', 1)[-1]))
-    named = next((name for name in MAMBA_ONLY + HYBRIDS if name in tokens), None)
+    named = next((name for name in MAMBA_ONLY + HYBRIDS + PLAIN if name in tokens), None)
     if named is None and test.startswith('tests/test_families.py'):
         return 'unnamed'  # a test of test_families.py whose family is not in its id: counted for none
     return named or 'Mamba'

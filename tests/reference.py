@@ -180,3 +180,81 @@ def sequential_gated_delta_rule(query, key, value, g, beta, initial_state=None):
         state = projection @ (decay * state) + b * k[..., :, None] * v[..., None, :]
         outputs.append((state * q[..., :, None]).sum(-2))
     return torch.stack(outputs, 2), state
+
+
+def _turn_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    '''(x[2i], x[2i+1]) turned by angles[i], one pair at a time.'''
+    x = x.clone()
+    for i in range(angles.shape[-1]):
+        first, second = x[..., 2 * i].clone(), x[..., 2 * i + 1].clone()
+        cos, sin = torch.cos(angles[..., i]), torch.sin(angles[..., i])
+        x[..., 2 * i], x[..., 2 * i + 1] = first * cos - second * sin, first * sin + second * cos
+    return x
+
+
+def _mamba3_mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str]) -> torch.Tensor:
+    '''mamba-ssm's Mamba3 (SISO) token by token, from its parameters: the trapezoidal recurrence
+    h_t = a_t h_{t-1} + a_t dt_t (1 - s_t) x_{t-1} k_{t-1}^T + dt_t s_t x_t k_t^T, y_t = h_t q_t + D x_t, then the gate
+    (or the gated norm). As checked against mamba-ssm 2.3.2's Triton kernels (run by Triton's interpreter, 2e-5).'''
+    batch, length, _ = u.shape
+    heads, headdim, state, groups = mixer.nheads, mixer.headdim, mixer.d_state, mixer.num_bc_heads
+    inner, angle_count = mixer.d_inner, mixer.num_rope_angles
+    z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(
+        u @ mixer.in_proj.weight.T, [inner, inner, groups * state, groups * state, heads, heads, heads, angle_count],
+        dim=-1)
+    x, z = x.reshape(batch, length, heads, headdim), z.reshape(batch, length, heads, headdim)
+    A = torch.clamp(-F.softplus(dd_A), max=-mixer.A_floor)
+    dt = F.softplus(dd_dt + mixer.dt_bias)
+    trap = torch.sigmoid(trap)
+
+    def normalised(matrix, norm, bias):
+        matrix = matrix.reshape(batch, length, groups, state)
+        matrix = norm.weight * matrix / torch.sqrt(matrix.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return matrix[:, :, [head * groups // heads for head in range(heads)]] + bias[:, 0]
+
+    k, q = normalised(B, mixer.B_norm, mixer.B_bias), normalised(C, mixer.C_norm, mixer.C_bias)
+    theta = torch.zeros(batch, heads, angle_count, dtype=u.dtype)
+    h = torch.zeros(batch, heads, headdim, state, dtype=u.dtype)
+    x_before, k_before = torch.zeros_like(x[:, 0]), torch.zeros_like(k[:, 0])
+    outputs = []
+    for t in range(length):
+        theta = theta + torch.pi * torch.tanh(angles[:, t, None, :]) * dt[:, t, :, None]
+        selection = [torch.exp(A[:, t] * dt[:, t]), dt[:, t], trap[:, t], _turn_pairs(q[:, t], theta),
+                     _turn_pairs(k[:, t], theta)]
+        if 'ssm' in rules:
+            selection = [value.detach() for value in selection]
+        decay, step, share, query, key = selection
+        h = (decay[..., None, None] * h
+             + (decay * step * (1 - share))[..., None, None] * x_before[..., None] * k_before[..., None, :]
+             + (step * share)[..., None, None] * x[:, t, ..., None] * key[..., None, :])
+        outputs.append((h * query[..., None, :]).sum(-1) + mixer.D[:, None] * x[:, t])
+        x_before, k_before = x[:, t], key
+    y = torch.stack(outputs, dim=1)
+    gate = _silu(z, 'silu' in rules)
+    if mixer.is_outproj_norm:
+        scale = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + mixer.norm.eps)
+        if 'norm' in rules:
+            scale = scale.detach()
+        y = mixer.norm.weight.reshape(heads, headdim) * y * scale
+    gated = y * gate
+    if 'gate' in rules:
+        gated = 0.5 * gated + 0.5 * gated.detach()
+    return gated.reshape(batch, length, inner) @ mixer.out_proj.weight.T
+
+
+def mamba3_reference_relevance(
+    model: torch.nn.Module,
+    embeddings: torch.Tensor,
+    targets: torch.Tensor,
+    rules: Collection[str] = ALL_RULES,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    ''':py:func:`reference_relevance` for a ``Mamba3LMHeadModel`` (mamba-ssm's block layout with Mamba-3 mixers).'''
+    embeddings = embeddings.detach().clone().requires_grad_()
+    hidden = embeddings
+    for block in model.backbone.layers:
+        hidden = hidden + _mamba3_mixer(block.mixer, _rms_norm(block.norm, hidden, 'norm' in rules), rules)
+    hidden = _rms_norm(model.backbone.norm_f, hidden, 'norm' in rules)
+    logits = hidden[:, -1] @ model.lm_head.weight.T
+    explained = logits[torch.arange(len(targets)), targets]
+    gradient, = torch.autograd.grad(explained.sum(), embeddings)
+    return (embeddings * gradient).detach(), explained.detach()

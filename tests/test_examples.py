@@ -66,3 +66,24 @@ def test_explain_image(tmp_path):
     assert accuracy > 70
     for name in ('explain_image.png', 'explain_image_captum.png'):
         assert (tmp_path / name).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_walkthrough_notebook_runs_and_its_explanations_conserve(classifier_weights, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    # the kernel inherits the environment: the package, and the classifier the other examples share
+    monkeypatch.setenv('PYTHONPATH', ROOT)
+    monkeypatch.setenv('MAMBA_LRP_CLASSIFIER', classifier_weights)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    notebook = nbformat.read(os.path.join(ROOT, 'examples', 'walkthrough.ipynb'), as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name='python3',
+                   resources={'metadata': {'path': os.path.join(ROOT, 'examples')}}).execute()
+    text = ''.join(output.get('text', '') for cell in notebook.cells for output in cell.get('outputs', []))
+    assert float(re.search(r'\|sum R - f\| / \|f\|: ([\d.e+-]+)', text).group(1)) < 1e-5
+    shares = {name: float(share) for name, share in re.findall(r'(\w+) +share on sentiment words +([\d.]+)%', text)}
+    assert shares['MambaLRP'] > shares['InputXGradient']
+    explained, total = re.search(r'-> "green", explained logit ([\d.-]+), sum of relevance ([\d.-]+)', text).groups()
+    assert abs(float(explained) - float(total)) < 1e-2
+    heatmaps = [output for cell in notebook.cells for output in cell.get('outputs', []) if 'data' in output]
+    assert len(heatmaps) == 3 and all('text/html' in output['data'] for output in heatmaps)

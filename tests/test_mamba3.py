@@ -1,0 +1,152 @@
+'''Mamba-3 (mamba-ssm's Mamba3, SISO) in plain PyTorch: the mixer against the token-by-token recurrence, MambaLRP's
+conservation, each rule's ablation, the rules against the independent reference, both front ends, restoration.'''
+import pytest
+import torch
+
+from conftest import assert_snapshots_equal, relative_error, snapshot
+from reference import ALL_RULES, _mamba3_mixer, mamba3_reference_relevance
+from captum_mamba import MambaLRP
+from zennit_mamba import MambaComposite
+from zennit_mamba.families.mamba3 import Mamba3, Mamba3LMHeadModel
+
+#: mixer settings: the rotation of half or all state channels, two groups of B and C, the gated output norm
+VARIANTS = {
+    'Mamba3': dict(rope_fraction=0.5, ngroups=1, is_outproj_norm=False),
+    'Mamba3-rope1-groups2': dict(rope_fraction=1.0, ngroups=2, is_outproj_norm=False),
+    'Mamba3-outproj_norm': dict(rope_fraction=0.5, ngroups=2, is_outproj_norm=True),
+}
+
+
+def trained_like(module: torch.nn.Module) -> torch.nn.Module:
+    '''Random step biases, B and C biases, skips and norm weights, as training gives (they start at constants).'''
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if not name.endswith(('in_proj.weight', 'out_proj.weight', 'embedding.weight')):
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return module
+
+
+def language_model(variant: str = 'Mamba3') -> Mamba3LMHeadModel:
+    torch.manual_seed(0)
+    model = Mamba3LMHeadModel(d_model=32, n_layer=2, vocab_size=40, d_state=16, headdim=8, chunk_size=8,
+                              **VARIANTS[variant])
+    return trained_like(model).double().eval()
+
+
+def embeddings_of(model: Mamba3LMHeadModel, batch: int = 2, length: int = 13) -> torch.Tensor:
+    ids = torch.randint(0, 40, (batch, length), generator=torch.Generator().manual_seed(2))
+    return model.get_input_embeddings()(ids).detach()
+
+
+def explain(model, embeddings, rules=ALL_RULES):
+    embeddings = embeddings.detach().clone().requires_grad_()
+    with MambaComposite(epsilon=1e-12, rules=rules).context(model) as modified:
+        logits = modified(inputs_embeds=embeddings)[:, -1]
+        targets = logits.argmax(-1)
+        explained = logits[torch.arange(len(targets)), targets]
+        relevance, = torch.autograd.grad(explained, embeddings, explained.detach())
+    return relevance, explained.detach(), targets
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+@pytest.mark.parametrize('length', [1, 8, 21])
+def test_mixer_equals_the_recurrence_token_by_token(variant, length):
+    mixer = trained_like(Mamba3(d_model=32, d_state=16, headdim=8, chunk_size=8, **VARIANTS[variant])).double()
+    u = torch.randn(2, length, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert relative_error(mixer(u), _mamba3_mixer(mixer, u, ())) <= 1e-12
+
+
+def test_weights_load_strictly_with_mamba_ssms_names_and_shapes():
+    mixer = Mamba3(d_model=32, d_state=16, headdim=8, is_outproj_norm=True)
+    shapes = {name: tuple(value.shape) for name, value in mixer.state_dict().items()}
+    # mamba_ssm.modules.mamba3.Mamba3(d_model=32, d_state=16, headdim=8, is_outproj_norm=True): 2 * 64 + 2 * 16 + 3 *
+    # 8 heads + 4 angles rows of in_proj
+    assert shapes == {'in_proj.weight': (188, 32), 'dt_bias': (8,), 'B_bias': (8, 1, 16), 'C_bias': (8, 1, 16),
+                      'B_norm.weight': (16,), 'C_norm.weight': (16,), 'D': (8,), 'norm.weight': (64,),
+                      'out_proj.weight': (32, 64)}
+    copy = Mamba3(d_model=32, d_state=16, headdim=8, is_outproj_norm=True)
+    copy.load_state_dict(trained_like(mixer).state_dict(), strict=True)
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_conservation_and_the_reference(variant):
+    model = language_model(variant)
+    embeddings = embeddings_of(model)
+    relevance, explained, targets = explain(model, embeddings)
+    assert ((relevance.sum((1, 2)) - explained).abs() <= 1e-9 * explained.abs()).all()
+    expected, expected_explained = mamba3_reference_relevance(model, embeddings, targets)
+    assert relative_error(explained, expected_explained) <= 1e-12
+    assert relative_error(relevance, expected) <= 1e-9
+
+    # gradient x input of the unmodified model does not conserve
+    embeddings = embeddings.clone().requires_grad_()
+    logits = model(inputs_embeds=embeddings)[:, -1]
+    gradient, = torch.autograd.grad(logits[torch.arange(len(targets)), targets].sum(), embeddings)
+    assert (((embeddings * gradient).sum((1, 2)) - explained).abs() > 1e-3 * explained.abs()).all()
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+@pytest.mark.parametrize('rule', sorted(ALL_RULES))
+def test_each_rule_is_needed_and_its_ablation_equals_the_reference(variant, rule):
+    model = language_model(variant)
+    embeddings = embeddings_of(model)
+    rules = ALL_RULES - {rule}
+    relevance, explained, targets = explain(model, embeddings, rules)
+    assert ((relevance.sum((1, 2)) - explained).abs() > 1e-6 * explained.abs()).any()
+    expected, _ = mamba3_reference_relevance(model, embeddings, targets, rules)
+    assert relative_error(relevance, expected) <= 1e-9
+
+
+def test_captum_front_end_and_restoration():
+    model = language_model('Mamba3-outproj_norm')
+    embeddings = embeddings_of(model)
+    with torch.no_grad():
+        logits = model(inputs_embeds=embeddings)
+    before = snapshot(model)
+
+    def last_logits(inputs):
+        return model(inputs_embeds=inputs)[:, -1]
+
+    targets = logits[:, -1].argmax(-1)
+    relevance, delta = MambaLRP(last_logits, model=model, epsilon=1e-12).attribute(
+        embeddings, target=targets, return_convergence_delta=True)
+    assert (delta.abs() <= 1e-9 * logits[torch.arange(2), -1, targets].abs()).all()
+    expected, _ = mamba3_reference_relevance(model, embeddings, targets)
+    assert relative_error(relevance, expected) <= 1e-9
+    assert_snapshots_equal(snapshot(model), before)
+    with torch.no_grad():
+        assert torch.equal(model(inputs_embeds=embeddings), logits)
+
+
+def test_whole_sequences_only():
+    mixer = Mamba3(d_model=32, d_state=16, headdim=8)
+    with pytest.raises(NotImplementedError, match='whole sequences'):
+        mixer(torch.randn(1, 3, 32), inference_params=object())
+    with pytest.raises(NotImplementedError, match='SISO'):
+        Mamba3(d_model=32, is_mimo=True)
+
+
+def _mamba_ssm_mamba3():
+    try:
+        from mamba_ssm.modules.mamba3 import Mamba3 as KernelMamba3
+    except Exception:  # not installed, or without CUDA
+        return None
+    return KernelMamba3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _mamba_ssm_mamba3() is None,
+                    reason='needs a CUDA GPU and mamba-ssm with Mamba3')
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_mamba_ssms_mamba3_loads_into_the_plain_copy_and_computes_the_same(variant):
+    torch.manual_seed(0)
+    kernels = trained_like(_mamba_ssm_mamba3()(d_model=64, d_state=32, headdim=16, chunk_size=16, device='cuda',
+                                               **VARIANTS[variant])).eval()
+    plain = Mamba3(d_model=64, d_state=32, headdim=16, chunk_size=16, **VARIANTS[variant]).cuda().eval()
+    plain.load_state_dict(kernels.state_dict(), strict=True)
+    u = torch.randn(2, 100, 64, device='cuda', generator=torch.Generator('cuda').manual_seed(1))
+    with torch.no_grad():
+        # the kernels read q, k, v, the trapezoid weights and angles in bfloat16 (2e-3 to 4e-3 relative on the
+        # float64 recurrence, measured under Triton's interpreter)
+        assert relative_error(plain(u).double(), kernels(u).double()) <= 2e-2
