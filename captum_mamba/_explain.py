@@ -286,7 +286,8 @@ class ExplainedForward:
     def _attention_mask(self, args: Tuple[Any, ...]) -> Optional[Tensor]:
         '''The attention mask of a language model, the one further argument it takes (its forward's other parameters
         come in different orders: transformers' Mamba2 takes ``inputs_embeds`` second); None where there is none.'''
-        if not (self.pretrained or self.mamba_ssm) or not args or not torch.is_tensor(args[0]) or len(args) == 1:
+        if (not (self.pretrained or self.mamba_ssm or self.embeddings_keyword) or not args
+                or not torch.is_tensor(args[0]) or len(args) == 1):
             return None
         if len(args) == 2 and is_padding_mask(args[1], args[0]):
             return args[1]
@@ -344,8 +345,11 @@ def _is_transformers_model(forward_func: Callable) -> bool:
 
 
 def _is_language_model(forward_func: Callable) -> bool:
-    '''A transformers or mamba-ssm model whose float inputs are embeddings, passed as ``inputs_embeds``.'''
-    return _is_transformers_model(forward_func) or _is_mamba_ssm_lm(forward_func)
+    '''A transformers or mamba-ssm model, or another with input embeddings that takes them as ``inputs_embeds``
+    (this package's ``Mamba3LMHeadModel``): its float inputs are embeddings, passed as ``inputs_embeds``.'''
+    return (_is_transformers_model(forward_func) or _is_mamba_ssm_lm(forward_func)
+            or (isinstance(forward_func, torch.nn.Module) and hasattr(forward_func, 'get_input_embeddings')
+                and 'inputs_embeds' in inspect.signature(forward_func.forward).parameters))
 
 
 def _is_mamba_ssm_lm(forward_func: Callable) -> bool:

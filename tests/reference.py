@@ -2,7 +2,8 @@
 
 Every MambaLRP rule is a ``detach`` in this forward (see shared/method.md); the scan is a per-timestep loop. Nothing
 here uses zennit or zennit_mamba. It reads the weights of a transformers ``MambaForCausalLM``,
-``FalconMambaForCausalLM`` (Mamba-1 with normalised selection) or ``Mamba2ForCausalLM``.
+``FalconMambaForCausalLM`` (Mamba-1 with normalised selection) or ``Mamba2ForCausalLM``, or of this package's
+``Mamba3LMHeadModel``.
 '''
 from typing import Collection, Tuple
 
@@ -114,7 +115,8 @@ def reference_relevance(
     embeddings = embeddings.detach().clone().requires_grad_()
     hidden = embeddings
     for block in model.backbone.layers:
-        mixer = _mixer if hasattr(block.mixer, 'x_proj') else _mamba2_mixer
+        mixer = (_mixer if hasattr(block.mixer, 'x_proj') else _mamba3_mixer if hasattr(block.mixer, 'B_bias')
+                 else _mamba2_mixer)
         hidden = hidden + mixer(block.mixer, _rms_norm(block.norm, hidden, 'norm' in rules), rules)
     hidden = _rms_norm(model.backbone.norm_f, hidden, 'norm' in rules)
     logits = hidden[:, -1] @ model.lm_head.weight.T
@@ -241,20 +243,3 @@ def _mamba3_mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str
         gated = 0.5 * gated + 0.5 * gated.detach()
     return gated.reshape(batch, length, inner) @ mixer.out_proj.weight.T
 
-
-def mamba3_reference_relevance(
-    model: torch.nn.Module,
-    embeddings: torch.Tensor,
-    targets: torch.Tensor,
-    rules: Collection[str] = ALL_RULES,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    ''':py:func:`reference_relevance` for a ``Mamba3LMHeadModel`` (mamba-ssm's block layout with Mamba-3 mixers).'''
-    embeddings = embeddings.detach().clone().requires_grad_()
-    hidden = embeddings
-    for block in model.backbone.layers:
-        hidden = hidden + _mamba3_mixer(block.mixer, _rms_norm(block.norm, hidden, 'norm' in rules), rules)
-    hidden = _rms_norm(model.backbone.norm_f, hidden, 'norm' in rules)
-    logits = hidden[:, -1] @ model.lm_head.weight.T
-    explained = logits[torch.arange(len(targets)), targets]
-    gradient, = torch.autograd.grad(explained.sum(), embeddings)
-    return (embeddings * gradient).detach(), explained.detach()

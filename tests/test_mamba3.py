@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_snapshots_equal, relative_error, snapshot
-from reference import ALL_RULES, _mamba3_mixer, mamba3_reference_relevance
+from reference import ALL_RULES, _mamba3_mixer, reference_relevance as mamba3_reference_relevance
 from captum_mamba import MambaLRP
 from zennit_mamba import MambaComposite
 from zennit_mamba.families.mamba3 import Mamba3, Mamba3LMHeadModel
@@ -150,3 +150,62 @@ def test_mamba_ssms_mamba3_loads_into_the_plain_copy_and_computes_the_same(varia
         # the kernels read q, k, v, the trapezoid weights and angles in bfloat16 (2e-3 to 4e-3 relative on the
         # float64 recurrence, measured under Triton's interpreter)
         assert relative_error(plain(u).double(), kernels(u).double()) <= 2e-2
+
+
+def test_both_front_ends_take_the_language_model_itself_and_refuse_a_mask():
+    from captum_mamba import ExplainedLogits
+
+    model = language_model()
+    embeddings = embeddings_of(model)
+    with torch.no_grad():
+        targets = model(inputs_embeds=embeddings)[:, -1].argmax(-1)
+    expected, _ = mamba3_reference_relevance(model, embeddings, targets)
+    for explained in (model, ExplainedLogits(model)):
+        assert relative_error(MambaLRP(explained, epsilon=1e-12).attribute(embeddings, target=targets),
+                              expected) <= 1e-9
+        with pytest.raises(ValueError, match='takes no attention_mask'):
+            MambaLRP(explained).attribute(embeddings, target=targets,
+                                          additional_forward_args=(torch.ones(2, 13, dtype=torch.long),))
+
+
+def test_a_zennit_rule_on_a_module_mambalrp_computes_itself_is_refused():
+    from zennit.rules import Gamma, ZPlus
+
+    from conftest import make_mamba
+    from zennit_mamba.families.mamba3 import MixerRMSNorm
+
+    for model, layer_map in ((language_model(), [(Mamba3, ZPlus())]), (language_model(), [(MixerRMSNorm, Gamma())]),
+                             (make_mamba(layers=1, hidden=16), [(type(make_mamba(layers=1).backbone.layers[0].mixer),
+                                                                 ZPlus())])):
+        before = snapshot(model)
+        with pytest.raises(ValueError, match='cannot act on'):
+            with MambaComposite(layer_map=layer_map).context(model):
+                pass
+        assert_snapshots_equal(snapshot(model), before)
+
+
+def test_a_composite_on_a_bare_mixer_registers_and_leaves_cleanly_twice():
+    mixer = trained_like(Mamba3(d_model=32, d_state=16, headdim=8, chunk_size=8)).double()
+    u = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        expected = mixer(u)
+    for _ in range(2):
+        with MambaComposite(epsilon=1e-12).context(mixer) as modified:
+            output = modified(u)
+            relevance, = torch.autograd.grad(output, u, output.detach())
+        assert relative_error(output.detach(), expected) <= 1e-12
+        # the output's relevance (each element its value) conserved at the inputs
+        assert relative_error(relevance.sum(), output.detach().sum()) <= 1e-9
+    assert 'forward' not in vars(mixer)
+
+
+def test_settings_and_inputs_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match='finite'):
+        MambaComposite(epsilon=float('inf'))
+    for rules in (None, 'ssm'):
+        with pytest.raises(TypeError, match='collection of rule names'):
+            MambaComposite(rules=rules)
+    with pytest.raises(ValueError, match='must divide'):
+        Mamba3(d_model=32, d_state=16, headdim=8, ngroups=3)
+    with pytest.raises(ValueError, match='add the batch dimension'):
+        Mamba3(d_model=32, d_state=16, headdim=8)(torch.randn(5, 32))

@@ -17,6 +17,7 @@ from zennit.types import Convolution, Linear
 from zennit_mamba.canonizers import ForwardCanonizer, MambaCanonizer
 from zennit_mamba.core.hooks import ExplainedModel, ZennitRule
 from zennit_mamba.core.instance import InstanceAttributes
+from zennit_mamba.core.layers import INSIDE_MIXER
 from zennit_mamba.core.ruleset import RuleSet
 from zennit_mamba.rules import MAMBA_LRP_RULES, Rule
 from zennit_mamba.support import (
@@ -120,9 +121,9 @@ class MambaComposite(Composite):
         delta_relevance: str = 'values',
     ):
         self.rule_set = RuleSet(rules, recompute, delta_relevance)
-        if not epsilon > 0:
-            raise ValueError(f'epsilon must be positive (it stabilises a division), got {epsilon!r}; use 1e-12 for '
-                             f'an almost exact LRP-0.')
+        if not 0 < epsilon < float('inf'):
+            raise ValueError(f'epsilon must be positive and finite (it stabilises a division), got {epsilon!r}; use '
+                             f'1e-12 for an almost exact LRP-0.')
         #: a float gamma applies to the projections of the mixers, whichever of them the model has
         self._gamma_everywhere = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
         if self._gamma_everywhere:
@@ -174,7 +175,9 @@ class MambaComposite(Composite):
             # another walk over the model
             canonized = [instance.attributes.module for instance in self.handles
                          if isinstance(instance, ForwardCanonizer) and instance.attributes is not None]
-            self.handles.extend(InstanceAttributes(guarded, _COPY_GUARDS) for guarded in [module] + canonized)
+            # the root once, also where it is itself canonized (a bare mixer)
+            self.handles.extend(InstanceAttributes(guarded, _COPY_GUARDS)
+                                for guarded in [module] + [child for child in canonized if child is not module])
         except BaseException:
             self.remove()
             raise
@@ -277,6 +280,7 @@ class MambaComposite(Composite):
             return None  # the root takes ExplainedModel, registered after every other hook (see register)
         for index, (types, hook) in enumerate(self.layer_map):
             if isinstance(module, types):
+                _refuse_rule_on_computed(name, module)
                 ctx.setdefault('layer_map', set()).add(index)
                 ctx.setdefault('ruled', set()).add(name)
                 for key in self._gamma_keys(name, module):
@@ -329,6 +333,20 @@ class MambaComposite(Composite):
             ctx.setdefault('gamma', {}).setdefault(key, []).append(name)
         ctx.setdefault('ruled', set()).add(name)
         return values.pop()
+
+
+def _refuse_rule_on_computed(name: str, module: torch.nn.Module) -> None:
+    '''Refuse a ``layer_map`` rule on a module whose computation MambaLRP replaces (a canonized mixer, block or
+    backbone) or that a canonized mixer computes from its parameters without calling it (its gated norms): the rule
+    would replace the MambaLRP rules inside it, or act nowhere.'''
+    canonized = table().canonized.get(type(module)) is not None
+    if canonized or treatment_of(module) is INSIDE_MIXER:
+        what = ('MambaLRP computes it with its own forward and rules' if canonized
+                else 'the canonized mixer computes it from its parameters without calling it')
+        raise ValueError(
+            f'layer_map selects \'{name}\' ({type(module).__name__}), which a Zennit rule cannot act on: {what}. '
+            f'Select the layers inside it instead (e.g. in_proj, out_proj, conv1d: their types, or gamma keys).'
+        )
 
 
 def _check_gamma(gamma: Optional[Mapping]) -> None:

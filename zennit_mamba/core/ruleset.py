@@ -52,6 +52,9 @@ class RuleSet:
 
     def __init__(self, rules: Collection[str] = MAMBA_LRP_RULES, recompute: bool = False,
                  delta_relevance: str = 'values'):
+        if isinstance(rules, str) or not isinstance(rules, Collection):
+            raise TypeError(f'rules must be a collection of rule names such as {{\'silu\', \'ssm\'}} (() for none), '
+                            f'got {rules!r}')
         self.names = frozenset(rules)
         unknown = self.names - MAMBA_LRP_RULES
         if unknown:

@@ -17,10 +17,12 @@ from typing import Optional, Tuple
 import torch
 
 from zennit_mamba.core.family import Canonized, Family, in_module
-from zennit_mamba.core.layers import COMPOSITION, INSIDE_MIXER, NORM
+from zennit_mamba.core.layers import COMPOSITION, INSIDE_MIXER
 from zennit_mamba.core.ruleset import RuleSet
+# mamba-ssm's RMSNorm between blocks, as Vim's (whose family file gives it the LN-rule)
+from zennit_mamba.families.vim import RMSNorm
 from zennit_mamba.mixers.io import run_mixer
-from zennit_mamba.mixers.mamba3 import mamba3_mixer, rms
+from zennit_mamba.mixers.mamba3 import mamba3_mixer
 
 #: the plain computation: the mixer's own forward
 _NO_RULES = RuleSet(())
@@ -79,6 +81,9 @@ class Mamba3(torch.nn.Module):
         if self.d_inner % headdim:
             raise ValueError(f'expand * d_model ({self.d_inner}) must be a multiple of headdim ({headdim})')
         self.nheads = self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f'ngroups ({ngroups}) must divide the number of heads ({self.nheads}): each group of B '
+                             f'and C serves consecutive heads')
         self.num_bc_heads = ngroups
         rotated = int(d_state * rope_fraction)
         self.num_rope_angles = (rotated - rotated % 2) // 2
@@ -128,19 +133,6 @@ class Mamba3Block(torch.nn.Module):
         return self.mixer(self.norm(residual.to(self.norm.weight.dtype))), residual
 
 
-class RMSNorm(torch.nn.Module):
-    '''``weight * h / sqrt(mean(h^2) + eps)`` in float32 or wider (mamba-ssm's RMSNorm between blocks).'''
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(dim))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        wide = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
-        return rms(wide, self.weight, self.eps).to(hidden_states.dtype)
-
-
 class Mamba3Backbone(torch.nn.Module):
     '''Embedding, Mamba-3 blocks and a final RMSNorm (mamba-ssm's ``MixerModel``); from token ids or embeddings.'''
 
@@ -183,8 +175,11 @@ class Mamba3LMHeadModel(torch.nn.Module):
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.backbone.embedding
 
-    def forward(self, input_ids: Optional[torch.Tensor] = None,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise ValueError('Mamba3LMHeadModel takes no attention_mask (as mamba-ssm\'s MambaLMHeadModel): explain '
+                             'sequences of different lengths in separate calls, without padding.')
         return self.lm_head(self.backbone(input_ids, inputs_embeds=inputs_embeds))
 
 
@@ -192,7 +187,7 @@ FAMILY = Family(
     name='Mamba-3', library='mamba-lrp', library_modules=(__name__,),
     canonized=in_module(__name__, {'Mamba3': Canonized(canonized_forward)}),
     layers=in_module(__name__, {
-        'Mamba3LMHeadModel': COMPOSITION, 'Mamba3Backbone': COMPOSITION, 'Mamba3Block': COMPOSITION, 'RMSNorm': NORM,
+        'Mamba3LMHeadModel': COMPOSITION, 'Mamba3Backbone': COMPOSITION, 'Mamba3Block': COMPOSITION,
         'MixerRMSNorm': INSIDE_MIXER,
     }),
 )

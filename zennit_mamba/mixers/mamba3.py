@@ -78,6 +78,9 @@ def mamba3_mixer(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor) -> 
     '''A Mamba-3 mixer (mamba-ssm's parameter names: ``in_proj``, ``dt_bias``, ``B_bias``, ``C_bias``, ``B_norm``,
     ``C_norm``, ``D``, ``norm`` where ``is_outproj_norm``, ``out_proj``) on ``(batch, length, d_model)`` under
     ``rules``, computed in float32 or wider.'''
+    if hidden_states.dim() != 3:
+        raise ValueError(f'a Mamba-3 mixer takes (batch, length, d_model) inputs, got shape '
+                         f'{tuple(hidden_states.shape)}: add the batch dimension (inputs[None])')
     batch, length, _ = hidden_states.shape
     heads, headdim, state = mixer.nheads, mixer.headdim, mixer.d_state
     groups, angles_count, inner = mixer.num_bc_heads, mixer.num_rope_angles, mixer.d_inner
