@@ -43,6 +43,25 @@ def test_the_kernels_serve_only_cuda_tensors_they_can_hold_constant():
         fla_values_delta_rule(query.requires_grad_(), key, value, g, beta)
 
 
+def test_the_chunks_transposed_product_is_the_loop_and_contiguous():
+    '''``A^T g`` chunk by chunk, from the lower triangles only (what lies above is garbage in fla's buffers), as a
+    kernel reads it: contiguous.'''
+    from zennit_mamba.kernels.delta_rule_fla import CHUNK, _within_chunks_transposed
+
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(2, 150, 3, CHUNK, generator=generator, dtype=torch.float64)
+    gradient = torch.randn(2, 150, 3, 5, generator=generator, dtype=torch.float64)
+    product = _within_chunks_transposed(matrix, gradient)
+    expected = torch.zeros_like(gradient)
+    for start in range(0, 150, CHUNK):
+        size = min(CHUNK, 150 - start)
+        # (t, heads, s) with s <= t kept
+        block = torch.tril(matrix[:, start:start + size, :, :size].permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+        expected[:, start:start + size] = torch.einsum('bths,bthv->bshv', block, gradient[:, start:start + size])
+    assert product.is_contiguous()
+    assert relative_error(product.double(), expected) <= 1e-6  # computed in float32
+
+
 @needs_fla
 @pytest.mark.parametrize('per_channel', [False, True], ids=['per head', 'per key channel'])
 @pytest.mark.parametrize('length', [64, 200])

@@ -31,7 +31,9 @@ CHUNK = 64
 
 #: whether the rule set runs these kernels: not yet. On an H100 (Triton 3.6, fla 0.6.0) the per-head form (Gated
 #: DeltaNet) equalled the float64 rule for 64 positions, but the per-channel form's (Kimi's) value gradient did not
-#: (relative error 0.99 against 2e-3 allowed), and the other cases of tests/test_delta_rule_cuda.py did not run.
+#: (relative error 0.99 against 2e-3 allowed; the likely cause, since fixed: its within-chunk term went to
+#: ``chunk_gated_delta_rule_bwd_dhu`` as einsum's non-contiguous result, which the kernel reads by contiguous
+#: strides), and the other cases of tests/test_delta_rule_cuda.py did not run.
 #: Until they pass, every device computes with the PyTorch form; the GPU tests call these kernels directly.
 SERVES_THE_RULE_SET = False
 
@@ -77,7 +79,9 @@ def _within_chunks_transposed(matrix: torch.Tensor, gradient: torch.Tensor) -> t
     causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=matrix.device).tril()
     matrix = matrix.masked_fill(~causal[:, None, :], 0.0)
     gradient = F.pad(gradient, (0, 0, 0, 0, 0, pad)).unflatten(1, (-1, CHUNK)).float()
-    return torch.einsum('bnths,bnthv->bnshv', matrix, gradient).flatten(1, 2)[:, :length]
+    # contiguous: the result may go to a kernel that reads it by the strides of the contiguous layout (einsum's
+    # result need not be laid out so)
+    return torch.einsum('bnths,bnthv->bnshv', matrix, gradient).flatten(1, 2)[:, :length].contiguous()
 
 
 class _ValuesDeltaRule(torch.autograd.Function):
