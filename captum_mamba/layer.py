@@ -11,6 +11,8 @@ from torch import Tensor
 
 from zennit_mamba import MambaComposite
 from zennit_mamba.core.hooks import check_finite, check_relevance_finite
+from zennit_mamba.core.layers import INSIDE_MIXER
+from zennit_mamba.support import treatment_of
 
 from ._explain import (
     ExplainedForward, HeldRegistration, check_additional_forward_args, check_inputs, check_position,
@@ -59,6 +61,12 @@ class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):
         **composite_options: Any,
     ):
         super().__init__(forward_func, layer, device_ids, multiply_by_inputs=False)
+        if treatment_of(layer) is INSIDE_MIXER:
+            raise ValueError(
+                f'LayerMambaLRP on a {type(layer).__name__}, which the canonized mixer computes from its parameters '
+                f'without calling it: no layer method observes it. Attribute to the mixer\'s output, or to a layer '
+                f'inside it that it calls (in_proj, out_proj).'
+            )
         self.model = explained_model('LayerMambaLRP', forward_func, model)
         check_position(position)
         self.position = position
@@ -115,6 +123,12 @@ class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):
                     attribute_to_layer_input=attribute_to_layer_input,
                 )
             except AssertionError as error:
+                if 'did not obtain any outputs' in str(error):
+                    raise ValueError(
+                        f'The {type(self.layer).__name__} given to LayerMambaLRP was not called in the forward pass: '
+                        f'a canonized mixer computes some modules from their parameters. Choose a module the forward '
+                        f'calls: the mixer itself, or a layer it calls (in_proj, out_proj).'
+                    ) from error
                 if not attribute_to_layer_input or 'not a torch.Tensor' not in str(error):
                     raise
                 raise TypeError(

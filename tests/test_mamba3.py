@@ -209,3 +209,17 @@ def test_settings_and_inputs_that_cannot_work_are_refused():
         Mamba3(d_model=32, d_state=16, headdim=8, ngroups=3)
     with pytest.raises(ValueError, match='add the batch dimension'):
         Mamba3(d_model=32, d_state=16, headdim=8)(torch.randn(5, 32))
+
+
+def test_a_layer_method_on_a_norm_the_mixer_computes_without_calling_it_is_refused():
+    from captum_mamba import LayerMambaLRP
+
+    model = language_model('Mamba3-outproj_norm')
+    mixer = model.backbone.layers[0].mixer
+    for layer in (mixer.B_norm, mixer.norm):
+        with pytest.raises(ValueError, match='without calling it'):
+            LayerMambaLRP(model, layer)
+    # the mixer and the layers it calls are observed
+    ids = torch.randint(0, 40, (2, 13), generator=torch.Generator().manual_seed(2))
+    relevance = LayerMambaLRP(model, mixer.out_proj, epsilon=1e-12).attribute(ids, target=3)
+    assert relevance.shape == (2, 13, 32)
