@@ -74,8 +74,8 @@ class Mamba3(torch.nn.Module):
             raise ValueError(f'rope_fraction must be 0.5 or 1.0, not {rope_fraction}')
         factory = {'device': device, 'dtype': dtype}
         self.d_model, self.d_state, self.expand, self.headdim = d_model, d_state, expand, headdim
-        self.chunk_size, self.layer_idx, self.A_floor, self.is_outproj_norm = chunk_size, layer_idx, A_floor, \
-            is_outproj_norm
+        self.chunk_size, self.layer_idx = chunk_size, layer_idx
+        self.A_floor, self.is_outproj_norm = A_floor, is_outproj_norm
         self.is_mimo, self.mimo_rank = False, 1
         self.d_inner = int(expand * d_model)
         if self.d_inner % headdim:
