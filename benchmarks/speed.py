@@ -68,7 +68,9 @@ TARGET = 7
 
 
 #: the families the benchmark covers; ``sequential`` (tests/reference.py) exists for Mamba and Mamba2 only
-FAMILIES = ('mamba', 'mamba2', 'falcon_mamba', 'bamba', 'olmo_hybrid', 'kimi_linear')
+FAMILIES = ('mamba', 'mamba2', 'falcon_mamba', 'bamba', 'olmo_hybrid', 'kimi_linear', 'mamba3')
+#: the families whose layers run flash-linear-attention's delta-rule kernels where it is installed
+DELTA_RULE_FAMILIES = {'olmo_hybrid', 'kimi_linear', 'olmo-hybrid-7b'}
 REFERENCE_FAMILIES = {'mamba', 'mamba2'}
 
 
@@ -131,6 +133,49 @@ REAL_SIZES = {
 }
 
 
+def mamba3_model(device: str, hidden_size: int, num_hidden_layers: int) -> torch.nn.Module:
+    '''A language model of Mamba-3 blocks (Mamba-3's 130M-size layout on a GPU: state 128, heads of 64, rotation of
+    half the state), float32: on a GPU with mamba-ssm, its ``Mamba3`` (Triton kernels); else the plain-PyTorch copy.'''
+    from zennit_mamba.families.mamba3 import Mamba3LMHeadModel
+
+    mixer_class = None
+    if device == 'cuda':
+        try:
+            from mamba_ssm.modules.mamba3 import Mamba3 as mixer_class
+        except ImportError:
+            pass
+    head_dim = min(64, hidden_size // 2)
+    model = Mamba3LMHeadModel(d_model=hidden_size, n_layer=num_hidden_layers, vocab_size=50280 if device == 'cuda'
+                              else 1000, mixer_class=mixer_class, d_state=min(128, hidden_size), headdim=head_dim,
+                              chunk_size=64)
+    return model.to(device).eval()
+
+
+def layout(model: torch.nn.Module) -> Tuple[int, torch.dtype, int]:
+    '''The width and dtype of a model's input embeddings, and its number of layers.'''
+    weight = model.get_input_embeddings().weight
+    layers = model.config.num_hidden_layers if hasattr(model, 'config') else len(model.backbone.layers)
+    return weight.shape[-1], weight.dtype, layers
+
+
+def time_flas_gated_backward_on_old_triton() -> Optional[str]:
+    '''flash-linear-attention 0.6 refuses its gated backward (``chunk_bwd_dqkwg``) on Hopper GPUs with Triton 3.4 to
+    3.7.0, which miscompiles it (fla issue #640), so gradient x input of an unmodified Gated DeltaNet model cannot
+    run there. Its time is what ``gi`` compares against, not its values: the refusal is lifted for this process and
+    the returned note says so (None where nothing was lifted).'''
+    try:
+        from fla.ops.common import chunk_o
+    except ImportError:
+        return None
+    if not (chunk_o.IS_NVIDIA_HOPPER and chunk_o.TRITON_ABOVE_3_4_0 and not chunk_o.TRITON_ABOVE_3_7_1):
+        return None
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    import triton
+    return (f'gi of the delta-rule models ran flash-linear-attention\'s gated backward, which fla refuses with '
+            f'Triton {triton.__version__} on Hopper (it computes wrong gradients there, fla #640): timed only, its '
+            f'values unused')
+
+
 def build_model(device: str, quick: bool, family: str = 'mamba') -> torch.nn.Module:
     '''The family's causal LM with random weights, float32, convolution biases zeroed (so relevance is
     conserved); or a real-size configuration of :py:data:`REAL_SIZES` in bfloat16, built on ``device``.'''
@@ -143,6 +188,9 @@ def build_model(device: str, quick: bool, family: str = 'mamba') -> torch.nn.Mod
                 model = transformers.AutoModelForCausalLM.from_config(REAL_SIZES[family]()).eval()
         finally:
             torch.set_default_dtype(default)
+    elif family == 'mamba3':
+        size = dict(hidden_size=64, num_hidden_layers=2) if quick else SIZES[device]
+        model = mamba3_model(device, **size)
     else:
         size = dict(hidden_size=64, num_hidden_layers=2) if quick else SIZES[device]
         config = _config(family, 50280 if device == 'cuda' else 1000, **size)
@@ -155,6 +203,8 @@ def build_model(device: str, quick: bool, family: str = 'mamba') -> torch.nn.Mod
 
 
 def explained_logit(model, embeddings: torch.Tensor, **kwargs) -> torch.Tensor:
+    if not isinstance(model, transformers.PreTrainedModel):  # Mamba3LMHeadModel: logits at every position
+        return model(inputs_embeds=embeddings, **kwargs)[:, -1, TARGET]
     logits = model(inputs_embeds=embeddings, use_cache=False, logits_to_keep=1, **kwargs).logits
     return logits[:, -1, TARGET]
 
@@ -288,8 +338,8 @@ def run_size(model, methods: Dict[str, Callable], device: str, length: int, batc
              estimates: Dict[str, float], budget: float) -> Dict[str, dict]:
     '''Medians over repeats of every method that fits the budget, measured in turn.'''
     generator = torch.Generator().manual_seed(length + batch)
-    embeddings = (torch.randn(batch, length, model.config.hidden_size, generator=generator) * 0.5).to(
-        device, model.dtype)
+    hidden_size, dtype, _ = layout(model)
+    embeddings = (torch.randn(batch, length, hidden_size, generator=generator) * 0.5).to(device, dtype)
     chosen = {name: method for name, method in methods.items() if estimates.get(name, 0.0) <= budget}
     # a method too slow for warm-up and repeats within the budget runs once
     once = {name for name in chosen if estimates.get(name, 0.0) * (repeats + 1) > budget}
@@ -393,7 +443,7 @@ def ratio(rows: Dict[str, dict], name: str, base: str, key: str = 'seconds') -> 
 def long_input(model, device: str, length: int) -> dict:
     '''MambaLRP with recomputation on one long input: seconds, peak memory and conservation error.'''
     generator = torch.Generator().manual_seed(length)
-    embeddings = (torch.randn(1, length, model.config.hidden_size, generator=generator) * 0.5).to(device)
+    embeddings = (torch.randn(1, length, layout(model)[0], generator=generator) * 0.5).to(device)
     outcome = {}
 
     def explain():
@@ -523,11 +573,15 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     os.makedirs(args.out, exist_ok=True)
 
     args.families = args.families if args.families is not None else ([] if args.configs else ['mamba'])
-    results, long_results, sizes = [], [], []
+    results, long_results, sizes, notes = [], [], [], []
     for family in args.families + args.configs:
+        if args.device == 'cuda' and family in DELTA_RULE_FAMILIES and 'gi' in args.methods:
+            note = time_flas_gated_backward_on_old_triton()
+            notes += [note] if note and note not in notes else []
         model = build_model(args.device, args.quick, family)
-        sizes.append(f'{family} ({model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, '
-                     f'{str(model.dtype).replace("torch.", "")})')
+        hidden_size, dtype, layers = layout(model)
+        sizes.append(f'{family} ({layers} layers, d_model {hidden_size}, '
+                     f'{str(dtype).replace("torch.", "")})')
         methods = {name: method for name, method in method_table(family).items()
                    if name in args.methods or name == 'gi_same_kernels'}
         for batch in args.batches:
@@ -549,7 +603,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             torch.cuda.empty_cache()
     description = (f'{args.device}, ' + ', '.join(sizes) + f', {torch.get_num_threads()} threads'
                    + (f', {torch.cuda.get_device_name()}' if args.device == 'cuda' else ''))
-    text = report(results, args.device, long_results, description)
+    text = report(results, args.device, long_results, description) + ''.join(f'\nNote: {note}\n' for note in notes)
     print(text)
     with open(os.path.join(args.out, f'speed_{args.device}.md'), 'w') as handle:
         handle.write(text)

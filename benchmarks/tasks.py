@@ -48,7 +48,8 @@ class SequenceClassifier(torch.nn.Module):
     def forward(self, inputs: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         embeddings = inputs if self.patch_embedding is None else self.patch_embedding(inputs)
         hidden = self.backbone(inputs_embeds=embeddings, attention_mask=attention_mask, use_cache=False)
-        return self.head(hidden.last_hidden_state[:, -1])
+        # in the head's dtype: a bfloat16 Mamba with residual_in_fp32 returns its hidden states in float32
+        return self.head(hidden.last_hidden_state[:, -1].to(self.head.weight.dtype))
 
 
 @dataclass

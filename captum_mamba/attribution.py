@@ -1,5 +1,6 @@
 '''MambaLRP as a Captum attribution method.'''
-from typing import Any, Callable, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from captum._utils.common import _format_output, _format_tensor_into_tuples, _is_tuple, _run_forward
@@ -9,11 +10,24 @@ from captum.log import log_usage
 from torch import Tensor
 
 from zennit_mamba import MambaComposite
+from zennit_mamba.constants import additive_parameters, check_constants_can_be_explained, constant_relevance
 
 from ._explain import (
     ExplainedForward, HeldRegistration, _is_language_model, check_additional_forward_args, check_inputs,
     check_position, explained_model, refuse_extra_arguments,
 )
+
+
+@contextmanager
+def _requiring_gradients(parameters: List[torch.nn.Parameter]) -> Iterator[None]:
+    '''Frozen parameters made to require gradients while an explanation takes theirs.'''
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
 
 
 class MambaLRP(HeldRegistration, GradientAttribution):
@@ -73,8 +87,9 @@ class MambaLRP(HeldRegistration, GradientAttribution):
         target: TargetType = None,
         additional_forward_args: Optional[object] = None,
         return_convergence_delta: bool = False,
+        return_constant_relevance: bool = False,
         **kwargs: Any,
-    ) -> Union[TensorOrTupleOfTensorsGeneric, Tuple[TensorOrTupleOfTensorsGeneric, Tensor]]:
+    ) -> Union[TensorOrTupleOfTensorsGeneric, Tuple[Any, ...]]:
         '''Relevance of each input element for the target output of each example.
 
         Parameters
@@ -86,12 +101,23 @@ class MambaLRP(HeldRegistration, GradientAttribution):
         additional_forward_args : optional
             Further arguments passed to the model after the inputs.
         return_convergence_delta : bool, optional
-            Also return ``sum(attributions) - f(x)`` per example.
+            Also return ``sum(attributions) - f(x)`` per example: minus the relevance of the model's constants
+            (biases, class tokens, position embeddings), which are part of the output too, and of what epsilon keeps.
+        return_constant_relevance : bool, optional
+            Also return the relevance of each of those constants per example, a dict parameter name -> ``(batch,)``
+            (:py:func:`zennit_mamba.constants.constant_relevance`; one backward pass per example), so that
+            ``sum(attributions) + sum(constants) = f(x)``.
 
         Returns
         -------
-        Tensor or tuple of Tensor, and optionally the convergence delta
-            Attributions shaped like ``inputs``; they sum to the explained output (up to biases and epsilon).
+        Tensor or tuple of Tensor, then the convergence delta and the constants' relevance where asked for
+            Attributions shaped like ``inputs``; they sum to the explained output less the constants' share.
+
+        Examples
+        --------
+        >>> attributions, constants = MambaLRP(model).attribute(embeddings, target=5,
+        ...                                                      return_constant_relevance=True)  # doctest: +SKIP
+        >>> attributions.sum() + sum(constants.values())  # the explained logit  # doctest: +SKIP
         '''
         refuse_extra_arguments('MambaLRP', kwargs)
         check_additional_forward_args(additional_forward_args)
@@ -109,11 +135,18 @@ class MambaLRP(HeldRegistration, GradientAttribution):
         inputs = tuple(tensor.detach().requires_grad_() for tensor in inputs)
 
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=True)
+        constants = additive_parameters(self.model) if return_constant_relevance else {}
+        frozen = [parameter for parameter in constants.values() if not parameter.requires_grad]
         with self._registration(), torch.enable_grad():
             # the ends are here: the gradient of the explained value starts the backward pass, and relevance leaves at
             # the inputs given here (what a forward function computes around the model is differentiated as it is)
-            with self.composite.ends.explained_by_caller(inputs) as converted:
+            with self.composite.ends.explained_by_caller(inputs) as converted, _requiring_gradients(frozen):
+                if constants:
+                    check_constants_can_be_explained(self.model, constants)
                 explained = _run_forward(forward, converted, target, additional_forward_args)
+                if constants:
+                    # the gradient of the explained value is the relevance here: the seed is 1
+                    constants = constant_relevance(explained, self.model, constants, seed=1.0)
                 relevance = torch.autograd.grad(torch.unbind(explained), inputs, allow_unused=True)
         unused = [index for index, gradient in enumerate(relevance) if gradient is None]
         if unused:
@@ -123,9 +156,12 @@ class MambaLRP(HeldRegistration, GradientAttribution):
                 f'the detach; an input the output does not use has no relevance to explain.'
             )
         attributions = _format_output(is_inputs_tuple, relevance)
+        returned = (attributions,)
         if return_convergence_delta:
-            return attributions, self.compute_convergence_delta(attributions, explained.detach())
-        return attributions
+            returned += (self.compute_convergence_delta(attributions, explained.detach()),)
+        if return_constant_relevance:
+            returned += (constants,)
+        return returned if len(returned) > 1 else attributions
 
     def has_convergence_delta(self) -> bool:
         return True
@@ -133,7 +169,9 @@ class MambaLRP(HeldRegistration, GradientAttribution):
     def compute_convergence_delta(
         self, attributions: TensorOrTupleOfTensorsGeneric, output: Tensor
     ) -> Tensor:
-        '''``sum(attributions) - output`` per example: zero where relevance is conserved.
+        '''``sum(attributions) - output`` per example: minus the share of the model's constants (biases, class tokens,
+        position embeddings; ``return_constant_relevance`` itemises it) and of what epsilon keeps; zero where the
+        constants are zero (transformers initialises convolution biases to zero, trained models have non-zero ones).
 
         Parameters
         ----------

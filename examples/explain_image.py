@@ -68,11 +68,17 @@ def main() -> None:
     maps = {name: to_pixels(model, chosen[name](model, patches, targets)) for name in COLUMNS}
     vim = model.vim  # the Vim itself takes (batch, 1, 16, 16) images
     pixels = model.images(patches)
-    pixel_relevance = MambaLRP(vim).attribute(pixels, target=targets)
+    pixel_relevance, constants = MambaLRP(vim).attribute(pixels, target=targets, return_constant_relevance=True)
     maps['MambaLRP (pixels)'] = pixel_relevance[:, 0]
     explained = logits[torch.arange(len(targets)), targets]
-    print('MambaLRP: pixel relevance / explained logit (the rest sits on the class token, position embedding and '
-          'biases): ' + ', '.join(f'{share:.2f}' for share in (pixel_relevance.sum((1, 2, 3)) / explained).tolist()))
+    kinds = {}
+    for name, relevance in constants.items():  # the constants by kind: biases, class token, position embedding
+        kind = name.rsplit('.', 1)[-1]
+        kinds[kind] = kinds.get(kind, 0) + relevance
+    shares = {'pixels': pixel_relevance.sum((1, 2, 3)), **kinds}
+    print('MambaLRP: shares of the explained logit, per image (pixels + constants = logit): ' + '; '.join(
+        f'{kind} ' + ', '.join(f'{value:.2f}' for value in (share / explained).tolist())
+        for kind, share in shares.items()))
 
     columns = ['input'] + list(maps)
     figure, axes = plt.subplots(len(patches), len(columns), figsize=(1.7 * len(columns), 1.8 * len(patches) + 0.6))

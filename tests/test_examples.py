@@ -64,6 +64,11 @@ def test_explain_image(tmp_path):
     assert completed.returncode == 0, completed.stderr
     accuracy = float(re.search(r'test accuracy ([\d.]+)%', completed.stdout).group(1))
     assert accuracy > 70
+    # the pixels' and the constants' shares of each explained logit add up to it
+    shares = re.search(r'pixels \+ constants = logit\): (.*)', completed.stdout).group(1).split('; ')
+    columns = [[float(value) for value in share.split(' ', 1)[1].split(', ')] for share in shares]
+    assert {share.split(' ')[0] for share in shares} >= {'pixels', 'cls_token', 'pos_embed', 'bias'}
+    assert all(abs(sum(column) - 1) <= 0.02 for column in zip(*columns)), shares
     for name in ('explain_image.png', 'explain_image_captum.png'):
         assert (tmp_path / name).read_bytes()[:4] == b'\x89PNG'
 

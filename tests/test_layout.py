@@ -22,6 +22,7 @@ LAYERS = {
     'zennit_mamba.mixers': 3,
     'zennit_mamba.families': 4,
     'zennit_mamba.support': 5, 'zennit_mamba.canonizers': 5, 'zennit_mamba.composite': 5, 'zennit_mamba': 5,
+    'zennit_mamba.constants': 5,
     'zennit_mamba.heatmap': 6,
     'captum_mamba': 7,
 }

@@ -1,5 +1,7 @@
 '''Mamba-3 (mamba-ssm's Mamba3, SISO) in plain PyTorch: the mixer against the token-by-token recurrence, MambaLRP's
 conservation, each rule's ablation, the rules against the independent reference, both front ends, restoration.'''
+import os
+
 import pytest
 import torch
 
@@ -136,6 +138,62 @@ def _mamba_ssm_mamba3():
     return KernelMamba3
 
 
+def held_ssd_inputs(dtype=torch.float64, length=37):
+    generator = torch.Generator().manual_seed(5)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    x = normal(2, length, 4, 8)
+    log_step = -torch.nn.functional.softplus(normal(2, length, 4))
+    B, C = normal(2, length, 2, 16), normal(2, length, 2, 16)
+    return x, log_step, B, C, normal(2, length, 4).exp(), normal(4)
+
+
+def test_the_held_selection_scans_backward_is_the_transposed_scan():
+    '''The trapezoid's SSD with the selection held: its backward (the transposed scan) equals autograd through the
+    chunks, and with the selection not held autograd reaches it.'''
+    from zennit_mamba.kernels.ssd import _pytorch_ssd, held_selection_ssd
+
+    x, log_step, B, C, scale, skip = held_ssd_inputs()
+    gradient = torch.randn(2, 37, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    held = x.clone().requires_grad_()
+    output = held_selection_ssd(held, log_step, B, C, scale, skip, chunk_size=8)
+    reached, = torch.autograd.grad(output, held, gradient)
+    exact = x.clone().requires_grad_()
+    expected_output, _ = _pytorch_ssd(exact, log_step, B, C, 8, input_scale=scale, skip=skip)
+    expected, = torch.autograd.grad(expected_output, exact, gradient)
+    assert relative_error(output, expected_output) <= 1e-12
+    assert relative_error(reached, expected) <= 1e-12
+    log_step.requires_grad_()
+    output = held_selection_ssd(x.clone().requires_grad_(), log_step, B, C, scale, skip, chunk_size=8)
+    assert torch.autograd.grad(output, log_step, gradient)[0].abs().sum() > 0
+
+
+_HELD_SSD_UNDER_TRITON = '''
+import torch
+from zennit_mamba.kernels.ssd import _HeldSelectionSSD, _pytorch_ssd
+from zennit_mamba.kernels.ssd_triton import triton_ssd
+from test_mamba3 import held_ssd_inputs
+x, log_step, B, C, scale, skip = held_ssd_inputs(torch.float32, length=70)
+gradient = torch.randn_like(x)
+results = []
+for core in (triton_ssd, _pytorch_ssd):
+    inputs = x.clone().requires_grad_()
+    output = _HeldSelectionSSD.apply(inputs, log_step, B, C, scale, skip, 16, core)
+    results.append((output, torch.autograd.grad(output, inputs, gradient)[0]))
+close = all(((a - b).abs().max() <= 1e-4 * b.abs().max()).item() for a, b in zip(*results))
+print('equal' if close else 'differ')
+'''
+
+
+def test_the_held_selection_scan_on_the_triton_ssd_equals_the_pytorch_one():
+    from conftest import run_under_triton_interpreter
+
+    run_under_triton_interpreter(f'import sys; sys.path[:0] = {[os.path.dirname(os.path.abspath(__file__))]!r}\n'
+                                 + _HELD_SSD_UNDER_TRITON)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or _mamba_ssm_mamba3() is None,
                     reason='needs a CUDA GPU and mamba-ssm with Mamba3')
 @pytest.mark.parametrize('variant', list(VARIANTS))
@@ -150,6 +208,36 @@ def test_mamba_ssms_mamba3_loads_into_the_plain_copy_and_computes_the_same(varia
         # the kernels read q, k, v, the trapezoid weights and angles in bfloat16 (2e-3 to 4e-3 relative on the
         # float64 recurrence, measured under Triton's interpreter)
         assert relative_error(plain(u).double(), kernels(u).double()) <= 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _mamba_ssm_mamba3() is None,
+                    reason='needs a CUDA GPU and mamba-ssm with Mamba3')
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_mamba_ssms_mamba3_is_explained_as_the_plain_copy_through_both_front_ends(variant):
+    '''mamba-ssm's own Mamba3 mixers in a language model, canonized: relevance conserved in float32 and equal to the
+    plain copy's (the same computation), the model's kernels restored after explaining.'''
+    from captum_mamba import ExplainedLogits
+
+    torch.manual_seed(0)
+    options = dict(d_model=64, n_layer=2, vocab_size=50, d_state=32, headdim=16, chunk_size=16, **VARIANTS[variant])
+    kernels = trained_like(Mamba3LMHeadModel(mixer_class=_mamba_ssm_mamba3(), **options).cuda()).eval()
+    plain = Mamba3LMHeadModel(**options).cuda().eval()
+    plain.load_state_dict(kernels.state_dict(), strict=True)
+    ids = torch.randint(0, 50, (2, 150), generator=torch.Generator().manual_seed(2)).cuda()
+    embeddings = kernels.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        before = kernels(inputs_embeds=embeddings)
+    targets = before[:, -1].argmax(-1)
+
+    expected, explained, _ = explain(plain, embeddings)
+    relevance, kernels_explained, _ = explain(kernels, embeddings)
+    assert relative_error(kernels_explained, explained) <= 1e-5
+    assert relative_error(relevance, expected) <= 1e-4
+    assert ((relevance.sum((1, 2)) - kernels_explained).abs() <= 1e-3 * kernels_explained.abs()).all()
+    for front_end in (kernels, ExplainedLogits(kernels)):
+        assert relative_error(MambaLRP(front_end).attribute(embeddings, target=targets), expected) <= 1e-4
+    with torch.no_grad():  # the kernels' forward again, bit for bit
+        assert torch.equal(kernels(inputs_embeds=embeddings), before)
 
 
 def test_both_front_ends_take_the_language_model_itself_and_refuse_a_mask():
@@ -223,3 +311,12 @@ def test_a_layer_method_on_a_norm_the_mixer_computes_without_calling_it_is_refus
     ids = torch.randint(0, 40, (2, 13), generator=torch.Generator().manual_seed(2))
     relevance = LayerMambaLRP(model, mixer.out_proj, epsilon=1e-12).attribute(ids, target=3)
     assert relevance.shape == (2, 13, 32)
+
+
+def test_the_mimo_form_is_refused_when_registering():
+    '''mamba-ssm's MIMO Mamba3 (TileLang kernels) computes what mamba3_mixer does not: refused, naming it.'''
+    model = language_model()
+    model.backbone.layers[1].mixer.is_mimo = True  # as mamba-ssm's Mamba3(is_mimo=True) has it
+    with pytest.raises(Exception, match='MIMO'):
+        with MambaComposite().context(model):
+            pass

@@ -376,3 +376,24 @@ def test_mamba_ssm_refuses_a_mask_and_labels(name):
     assert_snapshots_equal(snapshot(model), before)
     _, explained = explain(model, embeddings)
     assert conserved(MambaLRP(model).attribute(embeddings, target=3), explained, 1e-4)
+
+
+def test_zennits_attributor_on_a_language_model_names_the_wrapper_and_the_wrapper_works():
+    '''Zennit's attributors call the model with the explained input positionally: a transformers model takes token
+    ids there. Refused naming ExplainedLogits; the recipe with it conserves; the model is left without the check.'''
+    from zennit.attribution import Gradient
+    from captum_mamba import ExplainedLogits
+
+    model = make_mamba()
+    embeddings = model.get_input_embeddings()(torch.tensor([[1, 2, 3, 4]])).detach()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match='ExplainedLogits'):
+        with Gradient(model, MambaComposite()) as attributor:
+            attributor(embeddings, torch.eye(40)[[5]])
+    assert_snapshots_equal(snapshot(model), before)
+    with Gradient(ExplainedLogits(model), MambaComposite(epsilon=1e-12)) as attributor:
+        output, relevance = attributor(embeddings, lambda logits: logits * torch.eye(40, dtype=logits.dtype)[[5]])
+    assert torch.allclose(relevance.sum(), output[0, 5].to(relevance.dtype), rtol=1e-6)
+    assert_snapshots_equal(snapshot(model), before)
+    with torch.no_grad():  # token ids still pass
+        model(torch.tensor([[1, 2, 3]]))

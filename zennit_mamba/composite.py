@@ -1,6 +1,7 @@
 '''The MambaLRP composite: the canonizer that binds the rule set into the Mamba mixers, and the map from module types
 to rules, as in Zennit's own composites.'''
 import difflib
+import inspect
 import threading
 import weakref
 from contextlib import contextmanager
@@ -46,6 +47,28 @@ def _refuse_copy(*args, **kwargs):
 
 #: set on the model and its canonized modules while registered (copy and pickle look them up on the instance)
 _COPY_GUARDS = {'__deepcopy__': _refuse_copy, '__reduce_ex__': _refuse_copy}
+
+
+def _takes_token_ids_first(module: torch.nn.Module) -> bool:
+    '''Whether ``module``'s forward takes token ids as its first argument (a language model's).'''
+    try:
+        first = next(iter(inspect.signature(module.forward).parameters), None)
+    except (TypeError, ValueError):
+        return False
+    return first == 'input_ids'
+
+
+def _refuse_embeddings_as_token_ids(module: torch.nn.Module, args: tuple) -> None:
+    '''A forward pre-hook: float values passed where the model takes token ids (as Zennit's attributors pass their
+    input), which its embedding layer would reject with an error about index types.'''
+    if args and torch.is_tensor(args[0]) and torch.is_floating_point(args[0]):
+        raise TypeError(
+            f'{type(module).__name__} takes token ids first, but was called with a float tensor, as Zennit\'s '
+            f'attributors and Captum\'s methods call a model with the explained input: pass embeddings by keyword, '
+            f'model(inputs_embeds=embeddings), or wrap the model so that it takes them and returns the logits: '
+            f'captum_mamba.ExplainedLogits(model) (e.g. zennit.attribution.Gradient(ExplainedLogits(model), '
+            f'MambaComposite())).'
+        )
 
 
 @register_composite('mamba_lrp')
@@ -178,6 +201,8 @@ class MambaComposite(Composite):
             # the root once, also where it is itself canonized (a bare mixer)
             self.handles.extend(InstanceAttributes(guarded, _COPY_GUARDS)
                                 for guarded in [module] + [child for child in canonized if child is not module])
+            if _takes_token_ids_first(module):
+                self.handles.append(module.register_forward_pre_hook(_refuse_embeddings_as_token_ids))
         except BaseException:
             self.remove()
             raise

@@ -385,7 +385,12 @@ class _ThroughZennitRule(torch.autograd.Function):
     def backward(ctx, gradient):
         input, output = ctx.saved_tensors
         hook = _registered(ctx.hook_ref)
-        relevance = hook.relevance(ctx.module, input, output * gradient, ctx.parameters)
+        output_relevance = output * gradient
+        relevance = hook.relevance(ctx.module, input, output_relevance, ctx.parameters)
+        if hook.kept is not None:
+            # what the rule gives the input less than it received: the share of the layer's bias (and stabiliser)
+            kept = output_relevance.sum() - relevance.sum()
+            hook.kept[ctx.module] = hook.kept.get(ctx.module, 0.0) + kept.detach()
         zero = input == 0
         if ctx.zero_inputs is not None and hook.may_credit_zero_inputs:
             # the layer takes an explained input directly: its conversion adds what the rule gave to the zeros
@@ -437,6 +442,9 @@ class ZennitRule(Hook):
         self.switch: Optional[RuleSwitch] = None
         #: whether the rule may give relevance to zero inputs (then checked in each backward pass)
         self.may_credit_zero_inputs = _may_credit_zero_inputs(rule)
+        #: where set (:py:func:`zennit_mamba.constants.constant_relevance`), the relevance each module's rule keeps
+        #: in a backward pass, ``R_out - R_in`` summed, is added to it by module
+        self.kept: Optional[Dict[torch.nn.Module, torch.Tensor]] = None
         # the Zennit rule keeps the input it works on in its own state: one backward pass at a time uses it
         self._lock = threading.Lock()
 

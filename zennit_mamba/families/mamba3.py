@@ -12,17 +12,16 @@ same parameter names: ``backbone.embedding``, ``backbone.layers.{i}.norm`` and `
 :py:mod:`zennit_mamba.mixers.mamba3`. MIMO (``is_mimo=True``) and mamba-ssm's inference cache are not implemented.
 '''
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from zennit_mamba.core.family import Canonized, Family, in_module
+from zennit_mamba.core.family import Family, in_module
 from zennit_mamba.core.layers import COMPOSITION, INSIDE_MIXER
 from zennit_mamba.core.ruleset import RuleSet
 # mamba-ssm's RMSNorm between blocks, as Vim's (whose family file gives it the LN-rule)
 from zennit_mamba.families.vim import RMSNorm
-from zennit_mamba.mixers.io import run_mixer
-from zennit_mamba.mixers.mamba3 import mamba3_mixer
+from zennit_mamba.mixers.mamba3 import MIXER, mamba3_mixer
 
 #: the plain computation: the mixer's own forward
 _NO_RULES = RuleSet(())
@@ -108,23 +107,15 @@ class Mamba3(torch.nn.Module):
         return mamba3_mixer(_NO_RULES, self, u)
 
 
-def canonized_forward(rules: RuleSet, self: torch.nn.Module, u: torch.Tensor, seq_idx=None, cu_seqlens=None,
-                      inference_params=None) -> torch.Tensor:
-    '''Forward of a Mamba-3 mixer under :py:class:`~zennit_mamba.MambaComposite`.'''
-    if seq_idx is not None or cu_seqlens is not None or inference_params is not None:
-        raise NotImplementedError('MambaLRP explains a Mamba-3 mixer on whole sequences: no seq_idx, cu_seqlens or '
-                                  'inference cache')
-    return run_mixer(rules, mamba3_mixer, self, u)
-
-
 class Mamba3Block(torch.nn.Module):
     '''mamba-ssm's ``Block`` without MLP: add -> RMSNorm -> mixer, returning the mixer output and the residual
     stream (float32 or wider).'''
 
-    def __init__(self, d_model: int, eps: float = 1e-5, **mixer_options):
+    def __init__(self, d_model: int, eps: float = 1e-5, mixer_class: Callable[..., torch.nn.Module] = None,
+                 **mixer_options):
         super().__init__()
         self.norm = RMSNorm(d_model, eps)
-        self.mixer = Mamba3(d_model, **mixer_options)
+        self.mixer = (mixer_class or Mamba3)(d_model, **mixer_options)
 
     def forward(self, hidden_states: torch.Tensor,
                 residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -136,10 +127,11 @@ class Mamba3Block(torch.nn.Module):
 class Mamba3Backbone(torch.nn.Module):
     '''Embedding, Mamba-3 blocks and a final RMSNorm (mamba-ssm's ``MixerModel``); from token ids or embeddings.'''
 
-    def __init__(self, d_model: int, n_layer: int, vocab_size: int, eps: float = 1e-5, **mixer_options):
+    def __init__(self, d_model: int, n_layer: int, vocab_size: int, eps: float = 1e-5,
+                 mixer_class: Callable[..., torch.nn.Module] = None, **mixer_options):
         super().__init__()
         self.embedding = torch.nn.Embedding(vocab_size, d_model)
-        self.layers = torch.nn.ModuleList(Mamba3Block(d_model, eps, layer_idx=index, **mixer_options)
+        self.layers = torch.nn.ModuleList(Mamba3Block(d_model, eps, mixer_class, layer_idx=index, **mixer_options)
                                           for index in range(n_layer))
         self.norm_f = RMSNorm(d_model, eps)
 
@@ -157,7 +149,9 @@ class Mamba3Backbone(torch.nn.Module):
 
 class Mamba3LMHeadModel(torch.nn.Module):
     '''A causal language model of Mamba-3 blocks, laid out as mamba-ssm's ``MambaLMHeadModel`` (tied embeddings);
-    ``model(input_ids)`` or ``model(inputs_embeds=...)`` gives the logits ``(batch, length, vocab_size)``.
+    ``model(input_ids)`` or ``model(inputs_embeds=...)`` gives the logits ``(batch, length, vocab_size)``. The mixers
+    are the plain-PyTorch :py:class:`Mamba3`, or mamba-ssm's own with ``mixer_class=mamba_ssm.modules.mamba3.Mamba3``
+    (its Triton kernels, on a GPU); both are explained alike (canonized), and their weights load into each other.
 
     Examples
     --------
@@ -166,9 +160,10 @@ class Mamba3LMHeadModel(torch.nn.Module):
     torch.Size([1, 3, 20])
     '''
 
-    def __init__(self, d_model: int, n_layer: int, vocab_size: int, eps: float = 1e-5, **mixer_options):
+    def __init__(self, d_model: int, n_layer: int, vocab_size: int, eps: float = 1e-5,
+                 mixer_class: Callable[..., torch.nn.Module] = None, **mixer_options):
         super().__init__()
-        self.backbone = Mamba3Backbone(d_model, n_layer, vocab_size, eps, **mixer_options)
+        self.backbone = Mamba3Backbone(d_model, n_layer, vocab_size, eps, mixer_class, **mixer_options)
         self.lm_head = torch.nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.backbone.embedding.weight
 
@@ -185,7 +180,7 @@ class Mamba3LMHeadModel(torch.nn.Module):
 
 FAMILY = Family(
     name='Mamba-3', library='mamba-lrp', library_modules=(__name__,),
-    canonized=in_module(__name__, {'Mamba3': Canonized(canonized_forward)}),
+    canonized=in_module(__name__, {'Mamba3': MIXER}),
     layers=in_module(__name__, {
         'Mamba3LMHeadModel': COMPOSITION, 'Mamba3Backbone': COMPOSITION, 'Mamba3Block': COMPOSITION,
         'MixerRMSNorm': INSIDE_MIXER,

@@ -12,7 +12,7 @@ import torch
 
 from zennit_mamba.core.family import Canonized, Family, resolve
 from zennit_mamba.core.layers import COMPOSITION, INSIDE_MIXER, NORM
-from zennit_mamba.mixers import mamba1, mamba2
+from zennit_mamba.mixers import mamba1, mamba2, mamba3
 
 
 def _add(hidden_states: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
@@ -52,7 +52,7 @@ def backbone_forward(
 
 
 _RMS_NORM = 'mamba_ssm.ops.triton.layer_norm.RMSNorm'
-_MIXERS = ('mamba_ssm.modules.mamba_simple.Mamba', 'mamba_ssm.modules.mamba2.Mamba2')
+_MIXERS = ('mamba_ssm.modules.mamba_simple.Mamba', 'mamba_ssm.modules.mamba2.Mamba2', 'mamba_ssm.modules.mamba3.Mamba3')
 
 
 def _block_problem(block: torch.nn.Module) -> Optional[str]:
@@ -71,11 +71,13 @@ def _backbone_problem(backbone: torch.nn.Module) -> Optional[str]:
 
 FAMILY = Family(
     name='mamba-ssm', library='mamba-ssm',
-    library_modules=('mamba_ssm.modules.mamba_simple', 'mamba_ssm.modules.mamba2', 'mamba_ssm.modules.block',
+    library_modules=('mamba_ssm.modules.mamba_simple', 'mamba_ssm.modules.mamba2', 'mamba_ssm.modules.mamba3',
+                     'mamba_ssm.modules.block',
                      'mamba_ssm.models.mixer_seq_simple'),
     canonized={
         _MIXERS[0]: mamba1.MAMBA_SSM_MIXER,
         _MIXERS[1]: mamba2.MAMBA_SSM_MIXER,
+        _MIXERS[2]: mamba3.MIXER,
         'mamba_ssm.modules.block.Block': Canonized(block_forward, mixer=False, check=_block_problem),
         'mamba_ssm.models.mixer_seq_simple.MixerModel': Canonized(backbone_forward, added=('inputs_embeds',),
                                                                   mixer=False, check=_backbone_problem),

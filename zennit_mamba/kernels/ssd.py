@@ -262,3 +262,59 @@ def _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, to
     )
     return outputs.float(), state
 
+
+
+class _HeldSelectionSSD(torch.autograd.Function):
+    '''The SSD core with per-position log-steps and input scales for a constant selection (Mamba-3's trapezoidal
+    form, :py:func:`held_selection_ssd`): a linear map of ``x``, whose backward is the transposed scan.
+
+    With ``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} l_r) (C_t . B_s) w_s x_s + D x_t``,
+    ``dL/dx_s = w_s sum_{t >= s} exp(sum_{r = s+1}^{t} l_r) (B_s . C_t) dL/dy_t + D dL/dy_s``: the same core run in
+    reversed time on the gradient, ``C`` and ``B`` exchanged, the log-steps moved one position and ``w`` scaling the
+    output (as :py:class:`_LinearSSD`).'''
+
+    @staticmethod
+    def forward(ctx, x, log_step, B, C, input_scale, skip, chunk_size, core):
+        ctx.chunk_size, ctx.core = chunk_size, core
+        ctx.save_for_backward(log_step, B, C, input_scale, skip)
+        outputs, _ = core(x, log_step, B, C, chunk_size, input_scale=input_scale, skip=skip)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        log_step, B, C, input_scale, skip = ctx.saved_tensors
+        later_log_step = F.pad(log_step[:, 1:], (0, 0, 0, 1))  # the core reverses time as it reads
+        grad_x, _ = ctx.core(grad_outputs.to(input_scale.dtype).contiguous(), later_log_step, C, B, ctx.chunk_size,
+                             output_scale=input_scale, skip=skip, reverse=True)
+        return grad_x, None, None, None, None, None, None, None
+
+
+def held_selection_ssd(x: torch.Tensor, log_step: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       input_scale: torch.Tensor, skip: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
+    '''``y_t = sum_{s <= t} exp(sum_{r = s+1}^{t} log_step_r) (C_t . B_s) input_scale_s x_s + skip x_t`` (the SSD
+    with a log-step and an input scale per position and head, as Mamba-3's trapezoidal update has them), from a zero
+    state, in the promoted dtype of ``x`` (float32 or wider).
+
+    Where the selection (``log_step``, ``B``, ``C``, ``input_scale``) is constant (detached: MambaLRP's SSM rule) and a
+    gradient is taken, the map is linear in ``x`` and its backward is the transposed scan (nothing of the forward kept),
+    on CUDA float32 by this package's Triton SSD; otherwise autograd differentiates the PyTorch computation.
+
+    ``x`` is ``(batch, length, heads, head_dim)``; ``log_step`` (non-positive) and ``input_scale`` ``(batch, length,
+    heads)``; ``B`` and ``C`` ``(batch, length, groups, state)``; ``skip`` ``(heads,)``.
+
+    Examples
+    --------
+    >>> x, ones = torch.ones(1, 3, 1, 1), torch.ones(1, 3, 1)
+    >>> B = C = torch.ones(1, 3, 1, 1)
+    >>> held_selection_ssd(x, ones * -0.6931, B, C, ones, torch.zeros(1), chunk_size=2).flatten()
+    tensor([1.0000, 1.5000, 1.7500])
+    '''
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, log_step, B, C, input_scale, skip = (tensor.to(dtype) for tensor in (x, log_step, B, C, input_scale, skip))
+    selection = (log_step, B, C, input_scale)
+    if not (torch.is_grad_enabled() and x.requires_grad) or any(tensor.requires_grad for tensor in selection):
+        return _pytorch_ssd(x, log_step, B, C, chunk_size, input_scale=input_scale, skip=skip)[0]
+    core = triton_ssd if triton_ssd_applies(x, B.shape[-1]) else _pytorch_ssd
+    if x.device.type == 'cpu':
+        chunk_size = min(chunk_size, CPU_CHUNK)  # the outputs do not depend on the chunk length
+    return _HeldSelectionSSD.apply(x, log_step.contiguous(), B, C, input_scale.contiguous(), skip, chunk_size, core)

@@ -27,12 +27,14 @@ Unrolled, with ``c_t = sum_{r <= t} A_r DT_r``: ``y_t = sum_{s < t} exp(c_t - c_
 the input scaled by ``w`` and the diagonal corrected, which :py:func:`trapezoid_ssd` computes.
 '''
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from zennit_mamba.kernels.ssd import _pytorch_ssd
+from zennit_mamba.core.family import Canonized
+from zennit_mamba.kernels.ssd import held_selection_ssd
+from zennit_mamba.mixers.io import run_mixer
 
 
 class Mamba3Selection(NamedTuple):
@@ -68,8 +70,7 @@ def trapezoid_ssd(x: torch.Tensor, selection: Mamba3Selection, D: torch.Tensor, 
     current = step * trap
     # the weight of x_s in every later state: its own step's share and the next step's share of the previous token
     later = current + F.pad((step * (1 - trap))[:, 1:], (0, 0, 0, 1))
-    y, _ = _pytorch_ssd(x, selection.log_decay, selection.key, selection.query, chunk_size, input_scale=later,
-                        skip=D)
+    y = held_selection_ssd(x, selection.log_decay, selection.key, selection.query, later, D, chunk_size)
     # the diagonal term has the current token's share only
     return y + ((current - later) * (selection.query * selection.key).sum(-1)).unsqueeze(-1) * x
 
@@ -108,3 +109,22 @@ def mamba3_mixer(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor) -> 
     else:
         y = rules.gate(y.flatten(2), rules.activation('silu', z))
     return mixer.out_proj(y.to(hidden_states.dtype))
+
+
+def canonized_forward(rules, self: torch.nn.Module, u: torch.Tensor, seq_idx=None, cu_seqlens=None,
+                      inference_params=None) -> torch.Tensor:
+    '''Forward of a Mamba-3 mixer (mamba-ssm's ``Mamba3`` or the plain-PyTorch copy) under
+    :py:class:`~zennit_mamba.MambaComposite`.'''
+    if seq_idx is not None or cu_seqlens is not None or inference_params is not None:
+        raise NotImplementedError('MambaLRP explains a Mamba-3 mixer on whole sequences: no seq_idx, cu_seqlens or '
+                                  'inference cache')
+    return run_mixer(rules, mamba3_mixer, self, u)
+
+
+def _mimo(mixer: torch.nn.Module) -> Optional[str]:
+    '''A setting :py:func:`mamba3_mixer` does not compute: the MIMO form (its kernels are TileLang's).'''
+    return 'the MIMO form (is_mimo=True), which MambaLRP does not compute yet' if mixer.is_mimo else None
+
+
+#: mamba-ssm's ``Mamba3`` and the plain-PyTorch copy (:py:mod:`zennit_mamba.families.mamba3`): SISO only
+MIXER = Canonized(canonized_forward, check=_mimo)
