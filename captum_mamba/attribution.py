@@ -1,4 +1,6 @@
 '''MambaLRP as a Captum attribution method.'''
+import sys
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
@@ -28,6 +30,33 @@ def _requiring_gradients(parameters: List[torch.nn.Parameter]) -> Iterator[None]
     finally:
         for parameter in parameters:
             parameter.requires_grad_(False)
+
+
+def _called_by_noise_tunnel() -> bool:
+    '''Whether Captum's NoiseTunnel calls this ``attribute`` (it calls the undecorated function from its own).'''
+    frame = sys._getframe(1)
+    for _ in range(4):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        if frame.f_globals.get('__name__', '').endswith('noise_tunnel'):
+            return True
+    return False
+
+
+def _warn_where_unaccounted(relevance: Tuple[Tensor, ...], constants: dict, explained: Tensor) -> None:
+    '''Warn where the inputs' and the constants' relevance leave more than rounding of the explained output: a rule
+    left out (``rules=``, an ablation, does not conserve), or a forward function with parameters outside ``model``.'''
+    total = sum(tensor.flatten(1).sum(1).double() for tensor in relevance) + sum(
+        value.double() for value in constants.values())
+    remainder = (explained.reshape(-1).double() - total).abs()
+    scale = explained.reshape(-1).double().abs().clamp(min=torch.finfo(explained.dtype).tiny)
+    worst = (remainder / scale).max().item()
+    if worst > 1e-3:
+        warnings.warn(
+            f'The inputs and the constants leave {worst:.1e} of the explained output unaccounted for: relevance is '
+            f'not conserved by this explanation (a rule left out with rules=), or the forward function computes with '
+            f'parameters outside model= (their share is not itemised).', stacklevel=3)
 
 
 class MambaLRP(HeldRegistration, GradientAttribution):
@@ -106,7 +135,8 @@ class MambaLRP(HeldRegistration, GradientAttribution):
         return_constant_relevance : bool, optional
             Also return the relevance of each of those constants per example, a dict parameter name -> ``(batch,)``
             (:py:func:`zennit_mamba.constants.constant_relevance`; one backward pass per example), so that
-            ``sum(attributions) + sum(constants) = f(x)``.
+            ``sum(attributions) + sum(constants) = f(x)``, with a warning where they do not (an ablation by
+            ``rules=``; a forward function's own parameters outside ``model``). Not through NoiseTunnel.
 
         Returns
         -------
@@ -134,6 +164,10 @@ class MambaLRP(HeldRegistration, GradientAttribution):
         # copies: the caller's tensors keep their requires_grad flag and graph
         inputs = tuple(tensor.detach().requires_grad_() for tensor in inputs)
 
+        if return_constant_relevance and _called_by_noise_tunnel():
+            raise ValueError('return_constant_relevance is not available through NoiseTunnel, which averages the '
+                             'attributions of noisy copies (not the constants\' relevance): call MambaLRP.attribute '
+                             'itself.')
         forward = ExplainedForward(self.forward_func, self.position, target, embeddings=True)
         constants = additive_parameters(self.model) if return_constant_relevance else {}
         frozen = [parameter for parameter in constants.values() if not parameter.requires_grad]
@@ -156,6 +190,8 @@ class MambaLRP(HeldRegistration, GradientAttribution):
                 f'the detach; an input the output does not use has no relevance to explain.'
             )
         attributions = _format_output(is_inputs_tuple, relevance)
+        if return_constant_relevance:
+            _warn_where_unaccounted(relevance, constants, explained.detach())
         returned = (attributions,)
         if return_convergence_delta:
             returned += (self.compute_convergence_delta(attributions, explained.detach()),)

@@ -151,3 +151,67 @@ def test_constants_of_layers_under_a_zennit_rule_take_what_the_rule_keeps(gamma)
         zennit_constants = constant_relevance(explained, model)
         relevance, = torch.autograd.grad(explained, inputs, explained.detach())
     assert_accounted(relevance.sum((1, 2, 3)), zennit_constants, explained)
+
+
+def test_a_bias_two_ruled_layers_share_takes_both_shares():
+    '''A Parameter tied across layers under a Zennit rule: each layer's rule keeps its share, both reach it.'''
+    model = mamba('Mamba')
+    model.backbone.layers[1].mixer.out_proj.bias = model.backbone.layers[0].mixer.out_proj.bias
+    embeddings = token_embeddings(model)
+    with torch.no_grad():
+        explained = model(inputs_embeds=embeddings).logits[:, -1, 5]
+    for gamma in (None, {'out_proj': 0.5}):
+        relevance, constants = MambaLRP(model, epsilon=1e-12, gamma=gamma).attribute(
+            embeddings, target=5, return_constant_relevance=True)
+        assert_accounted(relevance.sum((1, 2)), constants, explained)
+
+
+def test_a_rule_on_a_layer_whose_output_is_held_leaves_it_held():
+    '''Qwen3.5's gated attention holds q_proj's output (queries and gate): a Zennit rule there must not attach it to
+    the input again (relevance would pass the softmax and the gate, and conservation break by percent).'''
+    from zennit.rules import Epsilon
+    from test_families import build
+
+    model = build('Qwen3_5')
+    embeddings = model.get_input_embeddings()(
+        torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(4))).detach()
+    with torch.no_grad():
+        explained = model(inputs_embeds=embeddings, use_cache=False).logits[:, -1, 5]
+    for options in ({'gamma': {'q_proj': 0.0, 'o_proj': 0.0}}, {'layer_map': [(torch.nn.Linear, Epsilon(1e-12))]}):
+        relevance = MambaLRP(model, epsilon=1e-12, **options).attribute(embeddings, target=5)
+        assert ((relevance.sum((1, 2)) - explained).abs() <= 1e-6 * explained.abs()).all()
+
+
+def test_refusals_and_warnings_where_the_constants_cannot_be_read():
+    from captum.attr import NoiseTunnel
+    from zennit.rules import Gamma
+
+    # a ruled layer's frozen bias on the Zennit path: no backward pass would reach its rule
+    model = with_biases(tiny_vim())
+    model.patch_embed.proj.bias.requires_grad_(False)
+    inputs = images().requires_grad_()
+    with MambaComposite(layer_map=[(torch.nn.Conv2d, Gamma(0.5))]).context(model) as modified:
+        explained = modified(inputs)[:, 0]
+        with pytest.raises(ValueError, match='patch_embed.proj.bias does not require a gradient'):
+            constant_relevance(explained, model)
+    # a model without constants has none, on both paths
+    from test_mamba3 import embeddings_of, language_model
+
+    plain = language_model()
+    embeddings = embeddings_of(plain).requires_grad_()
+    with MambaComposite().context(plain) as modified:
+        assert constant_relevance(modified(inputs_embeds=embeddings)[:, -1, 0], plain) == {}
+    assert MambaLRP(plain).attribute(embeddings.detach(), target=0, return_constant_relevance=True)[1] == {}
+    # NoiseTunnel averages attributions only
+    model = mamba('Mamba')
+    embeddings = token_embeddings(model)
+    with pytest.raises(ValueError, match='NoiseTunnel'):
+        NoiseTunnel(MambaLRP(model)).attribute(embeddings, nt_type='smoothgrad', nt_samples=2, target=5,
+                                               return_constant_relevance=True)
+    # a forward function with parameters outside model=, and an ablation: not accounted for, said so
+    head = torch.nn.Linear(30, 3).double()
+    forward = lambda inputs: head(model(inputs_embeds=inputs, use_cache=False).logits[:, -1].double())  # noqa: E731
+    with pytest.warns(UserWarning, match='unaccounted'):
+        MambaLRP(forward, model=model, epsilon=1e-12).attribute(embeddings, target=1, return_constant_relevance=True)
+    with pytest.warns(UserWarning, match='not conserved'):
+        MambaLRP(model, rules=()).attribute(embeddings, target=1, return_constant_relevance=True)

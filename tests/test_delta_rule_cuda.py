@@ -17,6 +17,19 @@ needs_fla = pytest.mark.skipif(not torch.cuda.is_available() or _fla() is None,
                                reason='needs a CUDA GPU and flash-linear-attention')
 
 
+@pytest.fixture(autouse=True)
+def one_configuration_per_kernel(monkeypatch):
+    '''Each Triton kernel compiled with the first of its autotuning configurations only: flash-linear-attention
+    autotunes every kernel over dozens of them per shape and dtype, which took this file past 5 minutes on an H100.
+    The results do not depend on the configuration; speed is measured in benchmarks/speed.py, fully tuned.'''
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        return
+    prune = Autotuner.prune_configs
+    monkeypatch.setattr(Autotuner, 'prune_configs', lambda self, *args, **kwargs: prune(self, *args, **kwargs)[:1])
+
+
 def delta_rule_inputs(per_channel: bool, length: int, dtype=torch.float32, device='cuda', heads=4, key_dim=64,
                       value_dim=32, batch=2):
     '''Normalised queries and keys, values, log-decays (per head or per key channel), write strengths and an initial

@@ -15,7 +15,7 @@ the layer received less what it passed to its input. Models initialised by
 transformers have zero convolution biases; every trained checkpoint has non-zero ones, and Vim's class token and
 position embeddings take a large share of its logits.
 '''
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -39,30 +39,32 @@ def additive_parameters(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]
             if name.rsplit('.', 1)[-1] in ADDITIVE_NAMES}
 
 
-def _zennit_rules(model: torch.nn.Module, names: Iterable[str]) -> Dict[str, ZennitRule]:
-    '''Of ``names``, those whose module carries a :py:class:`ZennitRule` (a ``gamma`` or ``layer_map`` rule), with it.'''
-    modules = dict(model.named_modules())
-    rules = {}
-    for name in names:
-        module = modules.get(name.rpartition('.')[0])
-        for hook in getattr(module, '_forward_hooks', {}).values():
-            if isinstance(getattr(hook, '__self__', None), ZennitRule):
-                rules[name] = hook.__self__
-    return rules
+def _ruled_owners(model: torch.nn.Module, parameters: Mapping[str, torch.nn.Parameter]
+                  ) -> Dict[str, List[Tuple[torch.nn.Module, ZennitRule]]]:
+    '''Per name of ``parameters``, the modules holding it that carry a :py:class:`ZennitRule` (a ``gamma`` or
+    ``layer_map`` rule), with the rule: a parameter two layers share (tied, or a shared block's) has two.'''
+    names = {id(parameter): name for name, parameter in parameters.items()}
+    owners: Dict[str, List[Tuple[torch.nn.Module, ZennitRule]]] = {}
+    for module in model.modules():
+        rules = [hook.__self__ for hook in module._forward_hooks.values()
+                 if isinstance(getattr(hook, '__self__', None), ZennitRule)]
+        for parameter in module._parameters.values():
+            if rules and id(parameter) in names:
+                owners.setdefault(names[id(parameter)], []).append((module, rules[0]))
+    return owners
 
 
 def check_constants_can_be_explained(model: torch.nn.Module, parameters: Mapping[str, torch.nn.Parameter]) -> None:
-    '''Raise where the relevance of ``parameters`` cannot be read: a parameter that does not require a gradient (none
-    reaches it), unless its layer is under a Zennit rule (which computes its share), or such a layer's parameter other
-    than its bias.'''
-    ruled = _zennit_rules(model, parameters)
-    frozen = [name for name, parameter in parameters.items() if not parameter.requires_grad and name not in ruled]
+    '''Raise where the relevance of ``parameters`` cannot be read: a parameter that does not require a gradient (no
+    backward pass reaches it, nor the rule of its layer), or one of a layer under a Zennit rule other than its bias.'''
+    frozen = [name for name, parameter in parameters.items() if not parameter.requires_grad]
     if frozen:
         raise ValueError(
-            f'The relevance of the constants is their gradient x value, but {frozen[0]} does not require a gradient '
-            f'(frozen): call model.requires_grad_(True) before the forward pass, or pass the parameters to explain.'
+            f'The relevance of the constants is read in a backward pass that reaches them, but {frozen[0]} does not '
+            f'require a gradient (frozen): call model.requires_grad_(True) before the forward pass, or pass the '
+            f'parameters to explain (parameters=).'
         )
-    other = [name for name in ruled if not name.endswith('.bias')]
+    other = [name for name in _ruled_owners(model, parameters) if name.rsplit('.', 1)[-1] != 'bias']
     if other:
         raise ValueError(
             f'{other[0]} is a parameter of a layer under a Zennit rule (gamma or layer_map) other than its bias: the '
@@ -75,9 +77,10 @@ def constant_relevance(explained: torch.Tensor, model: torch.nn.Module,
                        seed: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     '''The relevance of each of ``model``'s constants for each explained output, inside a MambaLRP explanation.
 
-    Call it where you take the relevance of the inputs, inside the composite's context, after the forward pass and
-    before or after that gradient (the graph is kept). One backward pass per example: a parameter's gradient is summed
-    over the batch.
+    Call it inside the composite's context after the forward pass, before taking the relevance of the inputs (it
+    keeps the graph; after, take that with ``retain_graph=True``). One backward pass per example: a parameter's
+    gradient is summed over the batch. Only ``model``'s parameters are constants here: a forward function's own
+    (a head outside the model) are not.
 
     Parameters
     ----------
@@ -114,20 +117,16 @@ def constant_relevance(explained: torch.Tensor, model: torch.nn.Module,
     (['backbone.layers.0.mixer.conv1d.bias'], True)
     '''
     parameters = dict(additive_parameters(model) if parameters is None else parameters)
+    if not parameters:
+        return {}
     check_constants_can_be_explained(model, parameters)
     explained = explained.reshape(-1)
     seed = explained.detach() if seed is None else torch.as_tensor(seed, dtype=explained.dtype).expand_as(explained)
-    # a layer under a Zennit rule: its rule computes the relevance it keeps (its bias's share), no gradient reaches it
-    ruled = _zennit_rules(model, parameters)
-    modules = dict(model.named_modules())
-    rules = set(ruled.values())
-    # the gradient is taken for every parameter that requires one: a ruled layer's bias too, which puts its rule's
-    # backward on the way (its own gradient is None)
-    names = [name for name in parameters if parameters[name].requires_grad]
-    tensors = [parameters[name] for name in names]
-    if not tensors:
-        raise ValueError('None of the constants requires a gradient, so no backward pass reaches them: call '
-                         'model.requires_grad_(True) before the forward pass.')
+    # a layer under a Zennit rule: its rule computes the relevance it keeps (its bias's share); no gradient passes it
+    owners = _ruled_owners(model, parameters)
+    rules = {rule for pairs in owners.values() for _, rule in pairs}
+    # every constant's gradient is taken: a ruled layer's bias too, which puts its rule's backward on the way
+    names, tensors = list(parameters), list(parameters.values())
     relevance: Dict[str, list] = {name: [] for name in parameters}
     try:
         for index in range(len(explained)):
@@ -136,12 +135,11 @@ def constant_relevance(explained: torch.Tensor, model: torch.nn.Module,
             gradients = torch.autograd.grad(explained[index], tensors, seed[index], retain_graph=True,
                                             allow_unused=True)
             for name, tensor, gradient in zip(names, tensors, gradients):
-                if gradient is not None and name not in ruled:
-                    relevance[name].append((tensor.detach() * gradient).sum())
-            for name, rule in ruled.items():
-                module = modules[name.rpartition('.')[0]]
-                if module in rule.kept:
-                    relevance[name].append(rule.kept[module])
+                # the uses outside ruled layers (gradient x value), and what each ruled layer holding it keeps
+                parts = [] if gradient is None else [(tensor.detach() * gradient).sum()]
+                parts += [rule.kept[module] for module, rule in owners.get(name, ()) if module in rule.kept]
+                if parts:
+                    relevance[name].append(sum(parts))
     finally:
         for rule in rules:
             rule.kept = None

@@ -471,7 +471,9 @@ class ZennitRule(Hook):
         # explained input itself, the place for the relevance of its zero elements
         parameters = effective_parameters(module)
         zero_inputs = getattr(args[0], ZeroInputRelevance.ATTRIBUTE, None)
-        return replace_output(output, lambda tensor: _ThroughZennitRule.apply(
+        # an output another rule holds constant (the attention rule on a gate's or queries' projection, hooked
+        # before) stays held: the rule would attach it to the input again, and relevance would pass the gate
+        return replace_output(output, lambda tensor: tensor if not tensor.requires_grad else _ThroughZennitRule.apply(
             args[0], tensor, weakref.ref(self), module, parameters, zero_inputs))
 
     def relevance(self, module: torch.nn.Module, input: torch.Tensor, relevance: torch.Tensor,
