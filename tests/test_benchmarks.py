@@ -1,5 +1,6 @@
 '''The benchmark's own pieces: the hidden-attention baseline, and the faithfulness run (quick, 1 and 2 processes).'''
 import os
+import re
 import subprocess
 import sys
 
@@ -317,3 +318,17 @@ def test_multi_gpu_corpus_script_runs_on_the_cpu():
                   '--batch', '4'])
     line = next(line for line in output.splitlines() if line.startswith('corpus: 1 process(es) on cpu'))
     assert float(line.split('largest conservation error ')[1].split()[0]) < 1e-4
+
+
+def test_bfloat16_and_last_token_studies_run_and_report(tmp_path):
+    '''Two sentences each: the tables are written; float32 conserves with the constants; bfloat16 agrees closely.'''
+    output = run([sys.executable, 'benchmarks/bfloat16.py', '--examples', '2', '--batch', '2', '--out', str(tmp_path)])
+    table = (tmp_path / 'bfloat16_sst2_cpu.md').read_text()
+    assert table in output
+    conservation = float(re.search(r'conservation, float32: inputs \+ constants vs logit \| ([\d.e+-]+)', table)[1])
+    correlation = float(re.search(r'Pearson correlation bfloat16 vs float32 \(mean\) \| ([\d.]+)', table)[1])
+    assert conservation <= 1e-5 and correlation >= 0.99
+    output = run([sys.executable, 'benchmarks/last_token.py', '--tasks', 'sst2', '--examples', '2', '--out',
+                  str(tmp_path)])
+    table = (tmp_path / 'last_token.md').read_text()
+    assert '| MambaLRP |' in table and '| IntegratedGradients |' in table and '## sst2 (2 examples)' in table
