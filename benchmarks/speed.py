@@ -26,8 +26,10 @@ estimated or first-measured time is too long to repeat within the budget is meas
 ``--long N`` also explains one N-token input with ``recompute=True`` and reports time, memory and conservation.
 
 Run: ``python benchmarks/speed.py`` (CPU: 4 layers, d_model 256) or ``python benchmarks/speed.py --device cuda``
-(24 layers, d_model 768, the 130M size); ``--families mamba mamba2 falcon_mamba bamba olmo_hybrid kimi_linear``
-measures each family at that size (Bamba: its last layer attention; the delta-rule hybrids: every fourth); ``--configs mamba-2.8b falcon-mamba-7b codestral-mamba-7b bamba-9b`` the
+(24 layers, d_model 768, the 130M size); ``--families mamba mamba2 falcon_mamba bamba olmo_hybrid kimi_linear mamba3``
+measures each family at that size (Bamba: its last layer attention; the delta-rule hybrids: every fourth; Mamba-3:
+mamba-ssm's ``Mamba3`` mixers in ``Mamba3LMHeadModel`` on a GPU, the plain-PyTorch copy elsewhere); ``--configs
+mamba-2.8b falcon-mamba-7b codestral-mamba-7b bamba-9b olmo-hybrid-7b`` the
 published models' layouts in bfloat16; ``--quick`` for a small smoke run. Writes ``speed_<device>.md`` and
 ``speed_<device>.csv`` (a row per family, length, batch and method; a column per ratio) to ``--out``.
 '''
