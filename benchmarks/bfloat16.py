@@ -127,7 +127,8 @@ def main() -> None:
                         help='directory the table is written to (default: benchmarks/output)')
     args = parser.parse_args()
     records = measure(args.task, args.device, args.examples, args.batch)
-    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'CPU, {torch.get_num_threads()} threads'
+    device = (torch.cuda.get_device_name() if args.device.startswith('cuda')
+              else f'CPU, {torch.get_num_threads()} threads')
     text = report(records, args.task, device)
     print(text)
     os.makedirs(args.out, exist_ok=True)

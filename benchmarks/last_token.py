@@ -108,7 +108,8 @@ def report(results: Dict[str, Dict[str, List[dict]]]) -> str:
                 f'| {name} | {interval_text([r["last_share"] for r in rows])} '
                 f'| {interval_text([r["last_share"] - r["effect_share"] for r in rows], 3)} '
                 f'| {statistics.mean(r["last_top"] for r in rows):.0%} '
-                f'| {interval_text([r["rank"] for r in rows], 2)} | {interval_text([r["rank_rest"] for r in rows], 2)} |')
+                f'| {interval_text([r["rank"] for r in rows], 2)} '
+                f'| {interval_text([r["rank_rest"] for r in rows], 2)} |')
         lines.append('')
     return '\n'.join(lines)
 

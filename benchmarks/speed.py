@@ -135,7 +135,7 @@ REAL_SIZES = {
 }
 
 
-def mamba3_model(device: str, hidden_size: int, num_hidden_layers: int) -> torch.nn.Module:
+def mamba3_model(device: str, vocab_size: int, hidden_size: int, num_hidden_layers: int) -> torch.nn.Module:
     '''A language model of Mamba-3 blocks (Mamba-3's 130M-size layout on a GPU: state 128, heads of 64, rotation of
     half the state), float32: on a GPU with mamba-ssm, its ``Mamba3`` (Triton kernels); else the plain-PyTorch copy.'''
     from zennit_mamba.families.mamba3 import Mamba3LMHeadModel
@@ -147,9 +147,8 @@ def mamba3_model(device: str, hidden_size: int, num_hidden_layers: int) -> torch
         except ImportError:
             pass
     head_dim = min(64, hidden_size // 2)
-    model = Mamba3LMHeadModel(d_model=hidden_size, n_layer=num_hidden_layers, vocab_size=50280 if device == 'cuda'
-                              else 1000, mixer_class=mixer_class, d_state=min(128, hidden_size), headdim=head_dim,
-                              chunk_size=64)
+    model = Mamba3LMHeadModel(d_model=hidden_size, n_layer=num_hidden_layers, vocab_size=vocab_size,
+                              mixer_class=mixer_class, d_state=min(128, hidden_size), headdim=head_dim, chunk_size=64)
     return model.to(device).eval()
 
 
@@ -190,13 +189,13 @@ def build_model(device: str, quick: bool, family: str = 'mamba') -> torch.nn.Mod
                 model = transformers.AutoModelForCausalLM.from_config(REAL_SIZES[family]()).eval()
         finally:
             torch.set_default_dtype(default)
-    elif family == 'mamba3':
-        size = dict(hidden_size=64, num_hidden_layers=2) if quick else SIZES[device]
-        model = mamba3_model(device, **size)
     else:
         size = dict(hidden_size=64, num_hidden_layers=2) if quick else SIZES[device]
-        config = _config(family, 50280 if device == 'cuda' else 1000, **size)
-        model = transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
+        vocab_size = 50280 if device == 'cuda' else 1000
+        if family == 'mamba3':
+            model = mamba3_model(device, vocab_size, **size)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(_config(family, vocab_size, **size)).to(device).eval()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Conv1d) and module.bias is not None:

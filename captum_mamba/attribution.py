@@ -12,7 +12,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from zennit_mamba import MambaComposite
-from zennit_mamba.constants import additive_parameters, check_constants_can_be_explained, constant_relevance
+from zennit_mamba.constants import additive_parameters, constant_relevance
 
 from ._explain import (
     ExplainedForward, HeldRegistration, _is_language_model, check_additional_forward_args, check_inputs,
@@ -175,8 +175,6 @@ class MambaLRP(HeldRegistration, GradientAttribution):
             # the ends are here: the gradient of the explained value starts the backward pass, and relevance leaves at
             # the inputs given here (what a forward function computes around the model is differentiated as it is)
             with self.composite.ends.explained_by_caller(inputs) as converted, _requiring_gradients(frozen):
-                if constants:
-                    check_constants_can_be_explained(self.model, constants)
                 explained = _run_forward(forward, converted, target, additional_forward_args)
                 if constants:
                     # the gradient of the explained value is the relevance here: the seed is 1

@@ -263,7 +263,6 @@ def _kernel_ssd(kernel, x, dt, A, B, C, D, chunk_size) -> Tuple[torch.Tensor, to
     return outputs.float(), state
 
 
-
 class _HeldSelectionSSD(torch.autograd.Function):
     '''The SSD core with per-position log-steps and input scales for a constant selection (Mamba-3's trapezoidal
     form, :py:func:`held_selection_ssd`): a linear map of ``x``, whose backward is the transposed scan.
