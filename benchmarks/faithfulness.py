@@ -257,7 +257,9 @@ def main() -> None:
     parser.add_argument('--tasks', nargs='+', default=list(TASKS), choices=list(TASKS))
     parser.add_argument('--examples', type=int, help='test examples explained per task (default 96, quick 24)')
     parser.add_argument('--device', default='cpu', help='where the models run (cuda: the GPU benchmark)')
-    parser.add_argument('--sst2-size', default='small', help="the SST-2 classifier: 'small' (shipped), '130m' or 'deltanet-small' (Gated DeltaNet)")
+    parser.add_argument('--sst2-size', default='small',
+                        help="the SST-2 classifier: 'small' (shipped), '130m', 'deltanet-small' (Gated DeltaNet) or "
+                             "'minimax-small' (lightning attention)")
     parser.add_argument('--weights', help='directory of the SST-2 weights (default: the shipped ones)')
     parser.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'output',
                                                       'faithfulness'),

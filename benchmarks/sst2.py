@@ -10,6 +10,8 @@ contains an SST-2 validation sentence is dropped from pretraining and fine-tunin
 * ``130m``: mamba-130m's architecture (24 layers, width 768, GPT-NeoX tokenizer); trained on a GPU only.
 * ``deltanet-small``: a Gated DeltaNet hybrid in OLMo-Hybrid's layout (transformers' ``OlmoHybridForCausalLM``: three
   Gated DeltaNet layers, then full attention; gated MLPs), width 128, the small size's tokenizer and schedule.
+* ``minimax-small``: a lightning-attention hybrid in MiniMax's layout (transformers' ``MiniMaxForCausalLM``: three
+  lightning attention layers, then full attention; four experts, two per token), width 128, one pretraining epoch.
 
 Reproduce the shipped weights (a GPU takes minutes; the CPU path works, slowly)::
 
@@ -30,7 +32,9 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, MambaConfig, OlmoHybridConfig, PretrainedConfig
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, MambaConfig, MiniMaxConfig, OlmoHybridConfig, PretrainedConfig,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +57,7 @@ class Size:
     finetune_epochs: int = 4
     batch: int = 32
     bfloat16: bool = False  # autocast to bfloat16 on a GPU
-    architecture: str = 'mamba'  # or 'gated-deltanet' (OLMo-Hybrid's layout)
+    architecture: str = 'mamba'  # or 'gated-deltanet' (OLMo-Hybrid's layout) or 'minimax' (lightning attention)
 
 
 SIZES = {
@@ -63,6 +67,9 @@ SIZES = {
                  finetune_lr=5e-5, finetune_epochs=3, bfloat16=True),
     'deltanet-small': Size(hidden_size=128, layers=4, tokenizer='word', pretrain_epochs=3, block=128, pretrain_lr=3e-3,
                            finetune_lr=5e-4, architecture='gated-deltanet'),
+    # one pretraining epoch: it trains on one CPU core in about 70 minutes
+    'minimax-small': Size(hidden_size=128, layers=4, tokenizer='word', pretrain_epochs=1, block=128, pretrain_lr=3e-3,
+                          finetune_lr=5e-4, architecture='minimax'),
 }
 
 
@@ -160,6 +167,14 @@ def tokenizer_for(size: Size, texts: List[str]):
 def config_for(size: Size, vocabulary: int) -> PretrainedConfig:
     # no biases: a bias takes a share of the relevance, and the benchmark's conservation column is meant to check the
     # rules (the step-size biases sit inside the detached selection)
+    if size.architecture == 'minimax':
+        heads = size.hidden_size // 32
+        return MiniMaxConfig(
+            vocab_size=vocabulary, hidden_size=size.hidden_size, intermediate_size=size.hidden_size,
+            num_hidden_layers=size.layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=32,
+            layer_types=['linear_attention'] * (size.layers - 1) + ['full_attention'], num_local_experts=4,
+            num_experts_per_tok=2, block_size=64, tie_word_embeddings=True, pad_token_id=0, bos_token_id=None,
+            eos_token_id=None, max_position_embeddings=4096)
     if size.architecture == 'gated-deltanet':
         heads = size.hidden_size // 32
         return OlmoHybridConfig(

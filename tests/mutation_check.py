@@ -28,7 +28,8 @@ MUTANTS = {
 
 MAMBA_ONLY = ['Mamba', 'Mamba2', 'FalconMamba']
 HYBRIDS = ['Jamba', 'Bamba', 'NemotronH', 'GraniteMoeHybrid', 'FalconH1', 'Zamba2', 'Zamba', 'Lfm2', 'Qwen3Next',
-           'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid', 'KimiLinear']
+           'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid', 'KimiLinear', 'MiniMax',
+           'RecurrentGemma', 'Rwkv', 'xLSTM']
 MAMBA_SSM = ['mamba-ssm Mamba', 'mamba-ssm Mamba2']
 #: this package's plain-PyTorch models without attention
 PLAIN = ['Mamba3']
@@ -38,16 +39,23 @@ TEST_FILES = ['tests/test_families.py', 'tests/test_conservation.py', 'tests/tes
 
 def apply_mutation(rule: str) -> None:
     '''Replace ``rule``'s equation by the plain operation (called by conftest.py in the mutated test run).'''
-    from zennit_mamba.rules import RULES
+    from zennit_mamba.rules import RULES, LNRule
 
     RULES[rule].apply = staticmethod(MUTANTS[rule])
+    if rule == 'norm':  # LayerNorm's LN-rule, with the centring kept (RWKV, EfficientViM)
+        LNRule.apply_centred = staticmethod(lambda h, u, *arguments: u)
+
+
+#: (rule, family) where the family has nothing the rule acts on: RWKV has no product of two input-dependent factors
+OFF_PATH = {('gate', 'Rwkv')}
 
 
 def families(rule: str, gpu: bool) -> List[str]:
     '''The families on whose path ``rule`` is on.'''
     if gpu:
         return [] if rule == 'attention' else MAMBA_SSM
-    return HYBRIDS if rule == 'attention' else MAMBA_ONLY + HYBRIDS + PLAIN
+    named = HYBRIDS if rule == 'attention' else MAMBA_ONLY + HYBRIDS + PLAIN
+    return [family for family in named if (rule, family) not in OFF_PATH]
 
 
 def family_of(test: str) -> str:

@@ -243,3 +243,143 @@ def _mamba3_mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str
         gated = 0.5 * gated + 0.5 * gated.detach()
     return gated.reshape(batch, length, inner) @ mixer.out_proj.weight.T
 
+
+
+def sequential_lightning_attention(layer: torch.nn.Module, x: torch.Tensor, rules: Collection[str]) -> torch.Tensor:
+    '''MiniMax's lightning attention token by token, from its parameters: ``[q, k, v] = silu(qkv_proj(x))``,
+    ``S_t = lambda_h S_{t-1} + k_t v_t^T`` with ``lambda_h = exp(-slope_h)``, ``o_t = S_t^T q_t``, then ``out_proj(
+    sigmoid(output_gate(x)) * w * rms(o))``; each rule applied by hand where it is in ``rules``: ``q`` and ``k``
+    detached (``'ssm'``), the SiLU as ``x * (silu(x) / x)`` with the ratio detached (``'silu'``), the norm as
+    ``o * (u / o)`` with the ratio detached (``'norm'``), the sigmoid gate detached (``'attention'``).'''
+    batch, length, _ = x.shape
+    heads, head_dim = layer.num_attention_heads, layer.head_dim
+    projected = x @ layer.qkv_proj.weight.T
+    ratio = F.silu(projected) / projected
+    qkv = projected * (ratio.detach() if 'silu' in rules else ratio)
+    query, key, value = qkv.reshape(batch, length, heads, 3 * head_dim).split(head_dim, dim=-1)
+    if 'ssm' in rules:
+        query, key = query.detach(), key.detach()
+    decay = torch.exp(-layer.slope_rate.reshape(heads, 1, 1)).to(x.dtype)
+    state = torch.zeros(batch, heads, head_dim, head_dim, dtype=x.dtype)
+    outputs = []
+    for t in range(length):
+        state = decay * state + key[:, t, :, :, None] * value[:, t, :, None, :]
+        outputs.append((state * query[:, t, :, :, None]).sum(-2))
+    o = torch.stack(outputs, 1).reshape(batch, length, heads * head_dim)
+    # in float32 whatever the dtype, as MiniMaxRMSNorm computes; under the LN-rule its ratio u / o held
+    o32 = o.float()
+    normalised = layer.norm.weight * (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + layer.norm.variance_epsilon)
+                                      ).to(o.dtype)
+    if 'norm' in rules:
+        normalised = o * (normalised / o).detach()
+    gate = torch.sigmoid(x @ layer.output_gate.weight.T)
+    gate = gate.detach() if 'attention' in rules else gate
+    return (gate * normalised) @ layer.out_proj.weight.T
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    '''GeLU in its tanh approximation (transformers' ``gelu_pytorch_tanh``), written out.'''
+    return 0.5 * x * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))
+
+
+def sequential_recurrent_gemma_block(block: torch.nn.Module, u: torch.Tensor, position_ids: torch.Tensor,
+                                     rules: Collection[str]) -> torch.Tensor:
+    '''RecurrentGemma's recurrent block (Griffin's RG-LRU) token by token from its equations, with the MambaLRP rules
+    as detaches: ``linear_out(h * gelu(linear_y(u)))``, ``x = conv(linear_x(u))``, per head ``i_t = sigmoid(x_t W_i +
+    b_i)``, ``r_t = sigmoid(x_t W_r + b_r)``, ``a_t = exp(-8 r_t softplus(c))``, ``h_t = a_t h_{t-1} + sqrt(1 - a_t^2)
+    i_t x_t``, and at a reset (``position_ids == 0``) ``h_t = i_t x_t``. The SSM rule detaches ``a``, the normaliser
+    and ``i``; the identity rule holds ``gelu(y) / y``; the half rule halves the product's gradient.'''
+    rg_lru = block.rg_lru
+    heads, block_width = rg_lru.num_attention_heads, rg_lru.block_width
+    y = u @ block.linear_y.weight.T + block.linear_y.bias
+    gate = _gelu_tanh(y)
+    if 'silu' in rules:
+        gate = y * (gate / y).detach()
+    x = _causal_depthwise_conv(u @ block.linear_x.weight.T + block.linear_x.bias, block.conv_1d)
+    state = torch.zeros(u.shape[0], x.shape[2], dtype=u.dtype)
+    softplus_c = torch.log1p(torch.exp(rg_lru.recurrent_param))
+    states = []
+    for t in range(u.shape[1]):
+        x_t = x[:, t].reshape(-1, heads, block_width)
+        input_gate = torch.sigmoid(torch.einsum('bhi,hij->bhj', x_t, rg_lru.input_gate_weight)
+                                   + rg_lru.input_gate_bias).reshape(u.shape[0], -1)
+        recurrent_gate = torch.sigmoid(torch.einsum('bhi,hij->bhj', x_t, rg_lru.recurrent_gate_weight)
+                                       + rg_lru.recurrent_gate_bias).reshape(u.shape[0], -1)
+        a = torch.exp(-8.0 * recurrent_gate * softplus_c)
+        normaliser = torch.sqrt(1.0 - a ** 2)
+        reset = (position_ids[:, t] == 0)[:, None]
+        a = torch.where(reset, torch.zeros_like(a), a)
+        normaliser = torch.where(reset, torch.ones_like(normaliser), normaliser)
+        if 'ssm' in rules:
+            a, normaliser, input_gate = a.detach(), normaliser.detach(), input_gate.detach()
+        state = a * state + normaliser * input_gate * x[:, t]
+        states.append(state)
+    gated = torch.stack(states, 1) * gate
+    if 'gate' in rules:
+        gated = 0.5 * gated + 0.5 * gated.detach()
+    return gated @ block.linear_out.weight.T + block.linear_out.bias
+
+
+def sequential_mlstm_layer(layer: torch.nn.Module, x: torch.Tensor, rules: Collection[str]) -> torch.Tensor:
+    '''xLSTM's mLSTM layer token by token, from its parameters and the equations of Beck et al. (2024): per head,
+    ``m_t = max(log sigmoid(f~_t) + m_{t-1}, i~_t)``, ``f_t = exp(log sigmoid(f~_t) + m_{t-1} - m_t)``,
+    ``i_t = exp(i~_t - m_t)``, ``C_t = f_t C_{t-1} + i_t k_t v_t^T``, ``n_t = f_t n_{t-1} + i_t k_t``,
+    ``h_t = C_t^T q_t / (max(|n_t . q_t|, exp(-m_t)) + eps)`` with ``q`` scaled by ``1 / sqrt(d_qk)`` and the gate
+    pre-activations soft-capped, ``cap * tanh(. / cap)``; then ``out_proj(sigmoid(o~) * w * layernorm(h))`` per head.
+    Each rule applied by hand where it is in ``rules``: ``q``, ``k``, ``i~``, ``f~`` detached (``'ssm'``: ``m``,
+    the gates and the denominator follow them), the norm as ``h * (u / h)`` with the ratio detached (``'norm'``), the
+    sigmoid gate detached (``'attention'``). The stabiliser is the step-by-step one (transformers computes most
+    positions chunkwise, whose stabiliser differs; the outputs differ through ``eps`` only).'''
+    config = layer.config
+    batch, length, _ = x.shape
+    heads = config.num_heads
+
+    def linear(module: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs @ module.weight.T + (0.0 if module.bias is None else module.bias)
+
+    def capped(values: torch.Tensor) -> torch.Tensor:
+        return config.gate_soft_cap * torch.tanh(values / config.gate_soft_cap)
+
+    if config.weight_mode == 'single':
+        query, key, value, o_preact = (linear(module, x) for module in (layer.q, layer.k, layer.v, layer.ogate_preact))
+        i_preact, f_preact = capped(linear(layer.igate_preact, x)), capped(linear(layer.fgate_preact, x))
+    else:
+        qkvo = linear(layer.qkv_opreact, x)
+        query, key = qkvo[..., :layer.qk_dim], qkvo[..., layer.qk_dim:2 * layer.qk_dim]
+        value, o_preact = qkvo[..., 2 * layer.qk_dim:2 * layer.qk_dim + layer.v_dim], qkvo[..., -layer.v_dim:]
+        gates = capped(linear(layer.ifgate_preact, x))
+        i_preact, f_preact = gates[..., :heads], gates[..., heads:]
+    query, key, value = (tensor.reshape(batch, length, heads, -1) for tensor in (query, key, value))
+    if 'ssm' in rules:
+        query, key, i_preact, f_preact = query.detach(), key.detach(), i_preact.detach(), f_preact.detach()
+    qk_dim, v_dim = query.shape[-1], value.shape[-1]
+    memory = torch.zeros(batch, heads, qk_dim, v_dim, dtype=x.dtype)
+    normaliser = torch.zeros(batch, heads, qk_dim, dtype=x.dtype)
+    stabiliser = torch.zeros(batch, heads, dtype=x.dtype)
+    outputs = []
+    for t in range(length):
+        log_forget = F.logsigmoid(f_preact[:, t])
+        new_stabiliser = torch.maximum(log_forget + stabiliser, i_preact[:, t])
+        forget = torch.exp(log_forget + stabiliser - new_stabiliser)
+        write = torch.exp(i_preact[:, t] - new_stabiliser)
+        written = key[:, t, :, :, None] * value[:, t, :, None]
+        memory = forget[..., None, None] * memory + write[..., None, None] * written
+        normaliser = forget[..., None] * normaliser + write[..., None] * key[:, t]
+        stabiliser = new_stabiliser
+        scaled = query[:, t] * qk_dim ** -0.5
+        numerator = (scaled[..., None] * memory).sum(-2)
+        denominator = torch.maximum((scaled * normaliser).sum(-1).abs(), torch.exp(-stabiliser)) + config.eps
+        outputs.append(numerator / denominator[..., None])
+    h = torch.stack(outputs, 1)  # (batch, length, heads, v head dim)
+    # a LayerNorm per head, in float32 where the config forces it, as xLSTMMultiHeadLayerNorm computes
+    norm = layer.multihead_norm
+    centred = h.float() if norm.force_float32_reductions else h
+    centred = centred - centred.mean(-1, keepdim=True)
+    normalised = (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
+    normalised = normalised.reshape(batch, length, -1) * norm.weight + (0.0 if norm.bias is None else norm.bias)
+    flat = h.reshape(batch, length, -1)
+    if 'norm' in rules:
+        normalised = flat * (normalised / flat).detach()
+    gate = torch.sigmoid(o_preact)
+    gate = gate.detach() if 'attention' in rules else gate
+    return linear(layer.out_proj, gate * normalised)

@@ -332,3 +332,22 @@ def test_bfloat16_and_last_token_studies_run_and_report(tmp_path):
                   str(tmp_path)])
     table = (tmp_path / 'last_token.md').read_text()
     assert '| MambaLRP |' in table and '| IntegratedGradients |' in table and '## sst2 (2 examples)' in table
+
+
+def test_copying_study_builds_the_task_scores_alignments_and_reports(tmp_path):
+    '''benchmarks/copying.py: the sequences copy distinct letters; the AUC counts ties half; a tiny run (a few
+    seconds) explains every copied token with every method and writes its table beside LaTIM's note.'''
+    import copying
+
+    ids = copying.copy_sequences(5, 4, 6, torch.Generator().manual_seed(0))
+    assert ids.shape == (5, 10) and (ids[:, 0] == copying.BOS).all() and (ids[:, 5] == copying.SEP).all()
+    assert torch.equal(ids[:, 1:5], ids[:, 6:]) and all(len(set(row.tolist())) == 4 for row in ids[:, 1:5])
+    scores = torch.tensor([[0.0, 3.0, 1.0, 1.0], [0.0, 1.0, 1.0, 2.0]])
+    assert copying.auc(scores, 1).tolist() == [1.0, 0.5]
+    output = run([sys.executable, 'benchmarks/copying.py', '--sequences', '4', '--length', '3', '--vocab', '6',
+                  '--hidden', '16', '--layers', '1', '--state', '4', '--steps', '10', '--batch', '8', '--ig-steps',
+                  '4', '--out', str(tmp_path), '--cache', str(tmp_path)])
+    table = (tmp_path / 'copying.md').read_text()
+    assert table in output and 'Published by LaTIM on their setup' in table
+    for name in ('MambaLRP', 'IntegratedGradients', 'InputXGradient', 'Saliency', 'Occlusion (reference)'):
+        assert f'| {name} |' in table

@@ -140,7 +140,9 @@ def test_values_backward_equals_the_kernels_own_backward(per_channel):
     except RuntimeError as error:  # fla 0.6 refuses its gated backward on Hopper with Triton < 3.7.1
         pytest.skip(f'flash-linear-attention refuses its own backward here: {error}')
     assert relative_error(kernels_output.transpose(1, 2), output) <= 1e-5
-    assert relative_error(gradient, expected.transpose(1, 2)) <= 1e-4
+    # two float32 backward passes of other kernels and orders (Kimi's: 1.2e-3 apart on an H100), each within 2e-3 of
+    # the float64 rule (test_kernels_forward_and_values_backward_equal_the_rule_in_float64)
+    assert relative_error(gradient, expected.transpose(1, 2)) <= 2e-3
 
 
 #: the delta-rule families with heads the kernels take (16 channels or more)

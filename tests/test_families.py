@@ -39,6 +39,35 @@ def with_selection(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def like_trained_recurrent_gemma(model: torch.nn.Module) -> torch.nn.Module:
+    '''RecurrentGemma's RG-LRU gates start almost constant (weights of standard deviation 0.035) and its RMSNorms
+    scale by ``1 + w`` with ``w`` at zero: gates that select, as training gives (else no test could tell whether the
+    SSM rule holds them), and random norm weights.'''
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(('input_gate_weight', 'recurrent_gate_weight')):
+                parameter.normal_(0.0, 1.0)
+            elif name.endswith('norm.weight'):
+                parameter.normal_(0.0, 0.3)
+    return model
+
+
+def like_trained_xlstm(model: torch.nn.Module) -> torch.nn.Module:
+    '''xLSTM initialises every weight of a linear layer named "gate" at zero (the input, forget and output gates' and
+    the feed-forward's SiLU gate): then none of them depends on the input, and no test could tell whether the SSM rule
+    holds the input and forget gates, the attention rule the output gate, or the half rule splits the feed-forward's
+    product. Random ones, as training gives, and random norm weights.'''
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(('igate_preact.weight', 'fgate_preact.weight')):
+                parameter.normal_(0.0, 1.0)
+            elif name.endswith(('ogate_preact.weight', 'proj_up_gate.weight')):
+                parameter.normal_(0.0, 0.3)
+            elif name.endswith('norm.weight') or name.endswith(('norm_mlstm.weight', 'norm_ffn.weight')):
+                parameter.normal_(1.0, 0.3)
+    return model
+
+
 def with_norm_weights(model: torch.nn.Module) -> torch.nn.Module:
     '''Qwen3-Next's RMSNorms scale by ``1 + w`` with ``w`` starting at zero: random ``w``, as training gives, so that
     a norm's weight shows in the relevance.'''
@@ -47,6 +76,39 @@ def with_norm_weights(model: torch.nn.Module) -> torch.nn.Module:
             if name.endswith(('layernorm.weight', 'q_norm.weight', 'k_norm.weight', 'model.norm.weight')):
                 parameter.normal_(0.0, 0.3)
     return model
+
+
+#: xLSTM with qk and v heads of 16 and 32 (the dimensions a cache takes, multiples of 64 in all), chunks of 4 positions
+#: (13 tokens: three chunks, the last position step by step), a soft-cap of 2, where the logits reach it
+XLSTM = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_heads=4, qk_dim_factor=2.0, v_dim_factor=4.0,
+             ffn_proj_factor=1.5, ffn_round_up_to_multiple_of=16, chunk_size=4, output_logit_soft_cap=2.0,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+def rwkv_model(dtype: torch.dtype = torch.float64, zero_biases: bool = True, layers: int = 3) -> torch.nn.Module:
+    '''A tiny RWKV with its time parameters spread as training spreads them (transformers sets every bonus to 1 and
+    tiny embeddings), halving its hidden states every 2 blocks, in eval mode after one call: RWKV rescales its output
+    weights in place on its first call in eval mode (and flags that it did), which a test must not see as a change the
+    composite made.'''
+    torch.manual_seed(0)
+    model = tf.RwkvForCausalLM(tf.RwkvConfig(
+        vocab_size=40, hidden_size=32, attention_hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        context_length=64, rescale_every=2))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if 'time_mix' in name:
+                parameter.uniform_(0.0, 1.0)
+            elif name.endswith(('time_first', 'time_decay')):
+                parameter.normal_(0.0, 1.5)
+            elif name.endswith('embeddings.weight'):
+                parameter.normal_(0.0, 1.0)
+            elif name.endswith('.bias'):
+                parameter.normal_(0.0, 0.0 if zero_biases else 0.3)
+            elif 'ln' in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+        model = model.to(dtype).eval()
+        model(torch.zeros(1, 1, dtype=torch.long))
+    return model
+
 
 
 BUILDERS: Dict[str, Callable[[], torch.nn.Module]] = {
@@ -103,6 +165,19 @@ BUILDERS: Dict[str, Callable[[], torch.nn.Module]] = {
         qk_nope_head_dim=8, num_local_experts=4, num_experts_per_tok=2, linear_head_dim=8, linear_num_heads=4,
         layer_types=GATED_DELTANET['layer_types'], mlp_layer_types=['dense', 'sparse', 'dense', 'sparse'],
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # a window of 8 positions, shorter than the tests' 13; a soft-cap of 2, where the logits reach it
+    'RecurrentGemma': lambda: like_trained_recurrent_gemma(tf.RecurrentGemmaForCausalLM(tf.RecurrentGemmaConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attention_window_size=8, logits_soft_cap=2.0,
+        block_types=['recurrent', 'attention', 'recurrent', 'recurrent']))),
+    # lightning attention in blocks of 8 positions (the state carried across blocks), residual factors not 1
+    'MiniMax': lambda: tf.MiniMaxForCausalLM(tf.MiniMaxConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=16, num_hidden_layers=4, head_dim=8, block_size=8,
+        num_local_experts=4, num_experts_per_tok=2, layer_types=GATED_DELTANET['layer_types'],
+        linear_attn_alpha_factor=0.7, linear_attn_beta_factor=1.3, mlp_alpha_factor=1.2, mlp_beta_factor=0.8,
+        **ATTENTION)),
+    'xLSTM': lambda: like_trained_xlstm(tf.xLSTMForCausalLM(tf.xLSTMConfig(**XLSTM))),
+    'Rwkv': rwkv_model,
 }
 MAMBA_ONLY = ['Mamba2', 'FalconMamba']
 HYBRIDS = [name for name in BUILDERS if name not in MAMBA_ONLY]
@@ -173,7 +248,7 @@ CONSERVATION_BOUNDS = {
     'Mamba2': 5e-11, 'FalconMamba': 5e-11, 'Jamba': 2e-10, 'Bamba': 5e-10, 'NemotronH': 1e-7,
     'GraniteMoeHybrid': 5e-10, 'FalconH1': 5e-10, 'Zamba2': 2e-10, 'Zamba': 2e-10, 'Lfm2': 2e-10,
     'Qwen3Next': 1e-10, 'Qwen3_5': 1e-10, 'Qwen3_5Moe': 1e-10, 'OlmoHybrid': 1e-10,
-    'KimiLinear': 1e-10,
+    'KimiLinear': 1e-10, 'MiniMax': 1e-10, 'RecurrentGemma': 1e-11, 'xLSTM': 1e-11, 'Rwkv': 1e-11,
 }
 
 
@@ -233,8 +308,17 @@ def test_agrees_with_sequential_reference(name, rules, options):
 ADDED_FAMILY_RULES = [('Zamba', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
 ADDED_FAMILY_RULES += [('Lfm2', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
 DELTA_RULE_FAMILIES = ['Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid', 'KimiLinear']
-ADDED_FAMILY_RULES += [(name, rule) for name in DELTA_RULE_FAMILIES
+ADDED_FAMILY_RULES += [(name, rule) for name in DELTA_RULE_FAMILIES + ['MiniMax']
                        for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
+# RecurrentGemma: the RG-LRU's gates as the selection ('ssm'), the GeLUs and the logits' soft-cap ('silu'), the
+# recurrent block's and the MLPs' products ('gate'), the local attention
+ADDED_FAMILY_RULES += [('RecurrentGemma', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
+# RWKV: the WKV's keys, decay and bonus as the selection ('ssm'), the squared ReLU ('silu'), its LayerNorms ('norm'),
+# the receptances held ('attention'); it has no product of two input-dependent factors ('gate')
+ADDED_FAMILY_RULES += [('Rwkv', rule) for rule in ('silu', 'ssm', 'norm', 'attention')]
+# xLSTM: the queries, keys and gate pre-activations as the selection ('ssm'), the feed-forwards' SiLU and the logits'
+# soft-cap ('silu'), their products ('gate'), the RMS and multi-head norms, the sigmoid output gate held ('attention')
+ADDED_FAMILY_RULES += [('xLSTM', rule) for rule in ('silu', 'ssm', 'gate', 'norm', 'attention')]
 
 
 @pytest.mark.parametrize('name, rule', ADDED_FAMILY_RULES, ids=[f'{name}-{rule}' for name, rule in ADDED_FAMILY_RULES])
@@ -432,7 +516,49 @@ def test_token_ids_give_the_relevance_of_their_embeddings():
     assert relative_error(relevance, expected) <= 1e-10
 
 
-@pytest.mark.parametrize('name', ['Mamba', *BUILDERS])  # every family of both generations
+#: families whose layers compute in blocks of their own (MiniMax's lightning attention, tests/test_minimax.py; xLSTM's
+#: mLSTM in chunks of chunk_size positions, whose stabiliser depends on where the chunks start, so that blocks of other
+#: starts would change its eps term: tests/test_xlstm.py)
+OWN_BLOCKS = ['MiniMax', 'xLSTM']
+#: families whose recurrent layers do not read the attention mask, which refuse padding before a token
+REFUSES_LEFT_PADDING = ['RecurrentGemma', 'Rwkv', 'xLSTM']
+
+
+@pytest.mark.parametrize('name', REFUSES_LEFT_PADDING)
+def test_padding_before_a_token_is_refused_and_right_padding_gives_the_unpadded_relevance(name):
+    model = build(name)
+    embeddings = embeddings_for(model)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :4] = 0
+    # the model's own forward does not read the mask: left padding changes the last token's logits
+    with torch.no_grad():
+        padded = model(inputs_embeds=embeddings, attention_mask=mask, use_cache=False).logits[1, -1]
+        alone = model(inputs_embeds=embeddings[1:, 4:], use_cache=False).logits[0, -1]
+    assert relative_error(padded, alone) > 1e-5
+    before = snapshot(model)
+    with MambaComposite(epsilon=1e-12).context(model) as modified:
+        with pytest.raises(ValueError, match=r'do not read the attention mask, but examples \[1\].*Pad on the right'):
+            modified(inputs_embeds=embeddings, attention_mask=mask, use_cache=False)
+        with pytest.raises(ValueError, match='2D mask'):
+            modified(inputs_embeds=embeddings, attention_mask=mask[:, None, None].bool(), use_cache=False)
+    assert_snapshots_equal(snapshot(model), before)
+
+    # right padding: row 1 holds 9 tokens and 4 pads; its logits at the 9th token are those of the 9 tokens alone
+    mask = mask.flip(-1)
+    with MambaComposite(epsilon=1e-12).context(model) as modified:
+        leaf = embeddings.clone().requires_grad_()
+        logits = modified(inputs_embeds=leaf, attention_mask=mask, use_cache=False).logits
+        target = logits[1, 8].argmax()
+        relevance, = torch.autograd.grad(logits[1, 8, target], leaf, logits[1, 8, target].detach())
+        relevance = relevance[1]
+    unpadded, explained, _ = explain(model, embeddings[1:, :9], targets=target[None])
+    assert relative_error(explained, logits[1, 8, target].detach()) <= 1e-12
+    assert relative_error(relevance[:9], unpadded[0]) <= 1e-10
+    assert torch.equal(relevance[9:], torch.zeros_like(relevance[9:]))
+    assert (conservation_error(relevance[None], explained) <= 10 * CONSERVATION_BOUNDS[name]).all()
+
+
+@pytest.mark.parametrize('name', [name for name in ['Mamba', *BUILDERS] if name not in OWN_BLOCKS])
 @pytest.mark.parametrize('block', [2, 5])
 def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, monkeypatch):
     '''On a CPU, a mixer runs over time blocks (mixer_io.CPU_TIME_BLOCK), each scan continued from the previous
@@ -451,6 +577,8 @@ def test_time_blocks_give_the_relevance_and_outputs_of_one_pass(name, block, mon
     embeddings = embeddings_for(model)
     mask = torch.ones(2, 13, dtype=torch.long)
     mask[1, :4] = 0  # left padding of the second example
+    if name in REFUSES_LEFT_PADDING:
+        mask = mask.flip(-1)  # right padding, which those accept (tests/test_recurrent_gemma.py)
 
     def outcomes():
         results = [explain(model, embeddings, MambaComposite(epsilon=1e-12, gamma=0.25), targets=torch.tensor([3, 5]))]

@@ -11,22 +11,23 @@ import torch
 from captum_mamba import LayerMambaLRP, MambaLRP
 from conftest import assert_snapshots_equal, make_mamba, relative_error, snapshot
 from test_cuda import make_mamba_ssm, make_mamba_ssm2, needs_mamba_ssm
-from test_families import build
+from test_families import REFUSES_LEFT_PADDING, build
 
 from zennit_mamba import MambaComposite
 from zennit_mamba.support import mixer_types
 
 FAMILIES = ['Mamba', 'Mamba2', 'FalconMamba', 'Jamba', 'Bamba', 'NemotronH', 'GraniteMoeHybrid', 'FalconH1', 'Zamba2',
             'Zamba', 'Lfm2', 'Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid',
-            'KimiLinear']
+            'KimiLinear', 'MiniMax', 'RecurrentGemma', 'Rwkv', 'xLSTM']
 HYBRIDS = FAMILIES[3:]
 #: hybrids whose attention takes positions 0, 1, ... whatever the mask (no position_ids from it): transformers
 #: computes rotary embeddings in float32, so left padding shifts them by float32 rounding (LFM2's own logits by 1.4e-9,
 #: OLMo-Hybrid's relevance by 1.1e-7): these get position_ids from the mask, as a careful user passes them
-POSITIONS_FROM_THE_MASK = {'Lfm2', 'Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid'}
+POSITIONS_FROM_THE_MASK = {'Lfm2', 'Qwen3Next', 'Qwen3_5', 'Qwen3_5Moe', 'OlmoHybrid', 'MiniMax'}
 #: padded against unpadded, where a family computes in float32 whatever the model's dtype: Kimi-Linear's router and
-#: forget gate (its unmodified float64 model's own logits differ by 5.8e-8 with left padding)
-PADDED_BOUND = {'KimiLinear': 1e-7}
+#: forget gate (its unmodified float64 model's own logits differ by 5.8e-8 with left padding); MiniMax's RMS norms
+#: (4.7e-8)
+PADDED_BOUND = {'KimiLinear': 1e-7, 'MiniMax': 1e-6}
 #: mamba-ssm's own MambaLMHeadModel with each of its mixers, in float32 on a GPU (skipped elsewhere)
 MAMBA_SSM = [pytest.param(name, marks=needs_mamba_ssm) for name in ('mamba-ssm Mamba', 'mamba-ssm Mamba2')]
 EVERY_FAMILY = FAMILIES + MAMBA_SSM
@@ -64,7 +65,8 @@ def logits_of(model, embeddings, **kwargs):
     '''Last-position logits in the model's dtype (transformers casts a Mamba-only model's .logits to float32).'''
     if is_mamba_ssm(model):
         return model(None, inputs_embeds=embeddings, **kwargs).logits[:, -1]
-    if 'labels' in kwargs or not hasattr(model, 'backbone'):
+    # xLSTM's causal LM soft-caps its logits (the explained output), which its head alone does not
+    if 'labels' in kwargs or not hasattr(model, 'backbone') or hasattr(model.config, 'output_logit_soft_cap'):
         return model(inputs_embeds=embeddings, use_cache=False, **kwargs).logits[:, -1].to(embeddings.dtype)
     return model.lm_head(model.backbone(inputs_embeds=embeddings, use_cache=False).last_hidden_state[:, -1])
 
@@ -237,7 +239,7 @@ def test_an_overflowing_output_is_refused_by_name_not_returned_as_nan_relevance(
     model = model_of(name)
     embeddings = embeddings_for(model, 2, 6)
     with torch.no_grad():
-        model.lm_head.weight.mul_(1e308).mul_(1e10)
+        model.get_output_embeddings().weight.mul_(1e308).mul_(1e10)
     before = snapshot(model)
     with pytest.raises(FloatingPointError, match=r'NaN or inf \(examples \[0, 1\].*overflowed in torch.float'):
         explain(model, embeddings)
@@ -266,6 +268,12 @@ def test_left_padding_on_a_hybrid_gives_zero_relevance_to_pads_and_no_nan(name):
     pads = torch.randn(2, 3, embeddings.shape[-1], dtype=embeddings.dtype, generator=torch.Generator().manual_seed(4))
     padded = torch.cat([pads, embeddings], dim=1)
     mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 8, dtype=torch.long)], dim=1)
+    if name in REFUSES_LEFT_PADDING:
+        before = snapshot(model)
+        with pytest.raises(ValueError, match='do not read the attention mask'):
+            explain(model, padded, attention_mask=mask)
+        assert_snapshots_equal(snapshot(model), before)
+        return
     expected, explained = explain(model, embeddings)
     positions = {'position_ids': (mask.cumsum(-1) - 1).clamp(min=0)} if name in POSITIONS_FROM_THE_MASK else {}
     relevance, padded_explained = explain(model, padded, attention_mask=mask, **positions)
@@ -350,6 +358,10 @@ def test_a_padding_mask_is_honoured_and_the_last_real_token_explained(name, padd
     if padding == 'left':
         embeddings, mask = embeddings.flip(1), mask.flip(1)
         embeddings[0, 2:] = embeddings[0, 2:].flip(0)  # the real tokens in their order again
+        if name in REFUSES_LEFT_PADDING:
+            with pytest.raises(ValueError, match='do not read the attention mask'):
+                lrp.attribute(embeddings, target=3, additional_forward_args=(mask,))
+            return
     relevance = lrp.attribute(embeddings, target=3, additional_forward_args=(mask,))
     real = relevance[0][mask[0].bool()]
     assert torch.equal(relevance[0][~mask[0].bool()], torch.zeros_like(relevance[0][~mask[0].bool()]))

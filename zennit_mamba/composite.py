@@ -22,12 +22,9 @@ from zennit_mamba.core.layers import INSIDE_MIXER
 from zennit_mamba.core.ruleset import RuleSet
 from zennit_mamba.rules import MAMBA_LRP_RULES, Rule
 from zennit_mamba.support import (
-    check_recompute, check_supported, mixer_types, table, treatment_of, walk_outside_mixers,
+    PROJECTIONS, check_recompute, check_supported, mixer_types, table, treatment_of, walk_outside_mixers,
 )
 
-#: names of the projections inside a Mamba mixer, the targets of ``gamma=<float>``
-# Vim's backward branch has its own convolution and selection projections (conv1d_b, x_proj_b, dt_proj_b)
-PROJECTIONS = ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj', 'conv1d_b', 'x_proj_b', 'dt_proj_b')
 
 GammaSpec = Union[None, float, Mapping[Union[str, type], float]]
 LayerMap = List[Tuple[Tuple[type, ...], Optional[Hook]]]
@@ -93,7 +90,10 @@ class MambaComposite(Composite):
     gamma : float or mapping, optional
         The generalised gamma rule on projections instead of LRP-0. A float applies it to all projections of the
         mixers (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``, and Vim's ``conv1d_b``, ``x_proj_b``,
-        ``dt_proj_b``). A mapping selects linear and
+        ``dt_proj_b``, and those each family file declares: RecurrentGemma's ``linear_x``, ``linear_y``, ``conv_1d``,
+        ``linear_out``; RWKV's ``key``, ``value``, ``receptance``, ``output``; xLSTM's ``v``,
+        ``qkv_opreact``). A mapping selects
+        linear and
         convolution layers by module type, by attribute name (``'out_proj'``) or by a pattern on the qualified name
         (``'backbone.layers.0.*'``), each with its own gamma. A key that selects no layer, keys that give one layer
         different values, and a key that selects a module holding layers it leaves unselected (a wrapper) are

@@ -36,6 +36,13 @@ def _discover() -> Tuple[Family, ...]:
 #: the supported families, one per file of :py:mod:`zennit_mamba.families`
 FAMILIES: Tuple[Family, ...] = _discover()
 
+#: the attribute names of the mixers' linear and convolution layers, which ``MambaComposite(gamma=<float>)`` selects:
+#: Mamba's (Vim's backward branch has its own convolution and selection projections) and those the family files
+#: declare (:py:attr:`~zennit_mamba.core.family.Canonized.projections`)
+PROJECTIONS: Tuple[str, ...] = tuple(dict.fromkeys(
+    ('in_proj', 'conv1d', 'x_proj', 'dt_proj', 'out_proj', 'conv1d_b', 'x_proj_b', 'dt_proj_b')
+    + tuple(name for family in FAMILIES for entry in family.canonized.values() for name in entry.projections)))
+
 
 class Table(NamedTuple):
     '''The supported families' classes, resolved: what MambaLRP does with a module of each class.'''

@@ -64,6 +64,9 @@ class Canonized(NamedTuple):
         passes them while it is on.
     check : callable, optional
         A module's problem (a setting the canonized forward does not reproduce), or None.
+    projections : tuple of str, optional
+        The attribute names of the mixer's linear and convolution layers beyond Mamba's (``in_proj``, ``conv1d``,
+        ``x_proj``, ``dt_proj``, ``out_proj``), which ``MambaComposite(gamma=<float>)`` selects by name.
     '''
     forward: Callable
     added: Tuple[str, ...] = ()
@@ -71,6 +74,7 @@ class Canonized(NamedTuple):
     uncalled: Tuple[str, ...] = ()
     selection: Tuple[str, ...] = ()
     check: Optional[Check] = None
+    projections: Tuple[str, ...] = ()
 
 
 class Family(NamedTuple):

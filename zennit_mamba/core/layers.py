@@ -38,13 +38,39 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     The probabilities ``softmax(q k^T)`` are a function of the queries and keys alone, so holding them constant
     (:py:class:`~zennit_mamba.rules.AttentionRule`) is applying the rule to ``q`` and ``k``: then ``o = P V`` with
     relevance through ``V`` only, in SDPA's kernels, which keep no ``L x L`` probabilities for the backward pass.
-    Keyword arguments it cannot honour (a sliding window, soft-capping, packed sequences) are refused, not dropped.
+    Keyword arguments it cannot honour (a sliding window the mask does not carry, soft-capping, packed sequences)
+    are refused, not dropped.
     Returns no attention weights, as transformers' SDPA does.
     '''
+    kwargs = without_window_in_mask(attention_mask, key, kwargs)
     refuse_keywords(module, kwargs)
     rule = _rule(module)
     return sdpa_attention_forward(module, rule(query), rule(key), value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
+
+
+def without_window_in_mask(attention_mask, key: torch.Tensor, kwargs: dict) -> dict:
+    '''``kwargs`` without ``sliding_window`` where the attention already keeps to the window without it: a 4D mask
+    (transformers' SDPA and eager masks, which SDPA and eager attention read, build the window into it), or no mask
+    and at most ``sliding_window`` keys (causal attention is then the window's; transformers skips the mask only
+    then). Elsewhere (a flash or flex attention model's mask, which leaves the window to the kernel) the keyword stays,
+    for :py:func:`~zennit_mamba.core.upstream.refuse_keywords` to refuse.
+
+    Examples
+    --------
+    >>> key = torch.zeros(1, 2, 5, 4)
+    >>> without_window_in_mask(None, key, {'sliding_window': 8})
+    {}
+    >>> without_window_in_mask(None, key, {'sliding_window': 4})
+    {'sliding_window': 4}
+    '''
+    window = kwargs.get('sliding_window')
+    if window is None:
+        return kwargs
+    if (torch.is_tensor(attention_mask) and attention_mask.dim() == 4) or (attention_mask is None
+                                                                            and key.shape[2] <= window):
+        return {name: value for name, value in kwargs.items() if name != 'sliding_window'}
+    return kwargs
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

@@ -73,7 +73,11 @@ class RuleSet:
 
     def activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
         '''The activation ``name`` of ``ACT2FN`` (SiLU for Mamba), under :py:class:`SiLUIdentity`.'''
-        y = F.silu(x) if name in ('silu', 'swish') else ACT2FN[name](x)
+        return self.activated(x, F.silu(x) if name in ('silu', 'swish') else ACT2FN[name](x))
+
+    def activated(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        '''The output ``y = act(x)`` of an element-wise activation (a layer's own activation module) under
+        :py:class:`SiLUIdentity`.'''
         return SiLUIdentity.apply(x, y) if 'silu' in self.names else y
 
     def gate(self, value: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -147,6 +147,38 @@ def refuse_continuation() -> RuntimeError:
     )
 
 
+def refuse_padding(attention_mask: Optional[torch.Tensor], family: str, layers: str) -> None:
+    '''Raise for an attention mask other than a ``(batch, length)`` one without padding before a token, for a model
+    ``family`` whose ``layers`` (``"RecurrentGemma's recurrent blocks"``) do not read the mask: padding before a token
+    flows into them, in the model's own forward too. Right padding leaves the tokens before it as they are.'''
+    if attention_mask is None:
+        return
+    if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
+        raise ValueError(
+            f'MambaLRP explains {family} with a (batch, length) attention_mask of ones and zeros (or none); got '
+            f'{type(attention_mask).__name__ if not torch.is_tensor(attention_mask) else attention_mask.shape}. Pass '
+            'the tokenizer\'s 2D mask.')
+    kept = attention_mask.bool()
+    # a position kept after one that is masked: padding (or a hole) before a token
+    before = (kept[:, 1:] & ~kept[:, :-1]).any(-1)
+    if before.any():
+        raise ValueError(
+            f'{layers} do not read the attention mask, but examples {before.nonzero().flatten().tolist()} have '
+            'padding before a real token: it flows into their recurrence (and convolution), in the model\'s own '
+            'forward too, so the output would not be that of the unpadded sequence. Pad on the right '
+            '(tokenizer.padding_side = "right") and explain the logits at each row\'s last token, or explain each '
+            'sequence without padding.')
+
+
+def soft_cap(rules, logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    '''A soft-cap of the logits ``l' = tanh(l / cap) * cap`` (none where ``cap`` is None), as transformers computes
+    it, under the identity rule (an element-wise function with ``f(0) = 0``): ``l' / l`` held constant, so that
+    ``R(l) = R(l')`` and the relevance sums to the capped logit that is explained.'''
+    if cap is None:
+        return logits
+    return rules.activated(logits, torch.nn.functional.tanh(logits / cap) * cap)
+
+
 def run_mixer(rules, function: Callable[..., T], mixer: torch.nn.Module, *arguments) -> T:
     '''``function(rules, mixer, *arguments)``, recomputed in the backward pass where ``rules.recompute``, with its
     input's GPU as the current device.
@@ -201,3 +233,4 @@ def with_mamba_ssm_cache(mixer: torch.nn.Module, inference_params, batch: int, r
         conv_state.copy_(F.pad(result.conv_input, (mixer.d_conv - result.conv_input.shape[-1], 0)))
         ssm_state.copy_(result.last_state)
     return result.output
+
