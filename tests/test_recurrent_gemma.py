@@ -165,6 +165,9 @@ def test_the_state_attributes_are_left_as_they_were_and_caches_are_refused():
 
         with pytest.raises(RuntimeError, match='use_cache=False and no cache'):
             modified(inputs_embeds=embeddings, use_cache=False, cache=DynamicCache(config=model.config))
+        # under the name transformers took before 5.24, which the original still honours
+        with pytest.raises(RuntimeError, match='use_cache=False and no cache'):
+            modified(inputs_embeds=embeddings, use_cache=False, past_key_values=DynamicCache(config=model.config))
     assert_snapshots_equal(snapshot(model), before)
     for block, (conv, recurrent), (conv_value, recurrent_value) in zip(blocks, states, values):
         assert block.conv1d_state is conv and block.rg_lru.recurrent_states is recurrent

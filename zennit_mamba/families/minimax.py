@@ -11,7 +11,7 @@ MambaLRP's principles carry over as for Gated DeltaNet (:py:mod:`~zennit_mamba.m
 keys are what the input selects (how strongly position ``s`` is written and read), held constant by the selection rule
 (``'ssm'``), so that ``o`` is linear in ``v`` and relevance flows through the values only, as through ``x`` in Mamba's
 scan (the decays are constants already); the activation by the identity rule (``'silu'``); the RMS norm over all heads
-by the LN-rule (``'norm'``, its own module, hooked where the canonized layer calls it); the sigmoid output gate held
+by the LN-rule (``'norm'``: its ratio held where the canonized layer calls the norm); the sigmoid output gate held
 constant as routing weights are (``'attention'``): the signal takes all relevance. The residual sums scaled by the
 layers' alpha and beta factors are linear (LRP-0). The softmax attention layers take the attention rule, the experts
 the half rule on their gated products, the router's weights are held.
@@ -74,7 +74,7 @@ FAMILY = Family(
     name='MiniMax', library='transformers', hybrid=True, beside='attention, experts',
     library_modules=(MODULE,),
     canonized=in_module(MODULE, {
-        'MiniMaxLightningAttention': Canonized(lightning_attention_forward),
+        'MiniMaxLightningAttention': Canonized(lightning_attention_forward, projections=('qkv_proj',)),
     }),
     layers=in_module(MODULE, {
         'MiniMaxForCausalLM': COMPOSITION, 'MiniMaxForSequenceClassification': COMPOSITION,

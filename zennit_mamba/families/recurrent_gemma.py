@@ -44,6 +44,8 @@ def model_forward(rules, self, input_ids: Optional[torch.Tensor] = None, positio
     '''Forward of a canonized ``RecurrentGemmaModel``: the original's, after refusing what it would compute otherwise
     than the explained sequence (see the module's docstring) before anything of the model changes: the original
     sets up the recurrent blocks' states on ``use_cache=True``.'''
+    if cache is None:  # the cache's name before transformers 5.24, which the original still takes
+        cache = kwargs.pop('past_key_values', None)
     if (use_cache if use_cache is not None else self.config.use_cache) or cache is not None:
         raise RuntimeError(refuses_cache())
     refuse_padding(attention_mask, 'RecurrentGemma', 'RecurrentGemma\'s recurrent blocks')

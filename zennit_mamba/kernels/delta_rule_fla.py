@@ -61,10 +61,10 @@ def _fla():
 
 def fla_delta_rule_applies(value: torch.Tensor, key_dim: int) -> bool:
     '''Whether :py:func:`fla_values_delta_rule` serves a layer's values (where :py:data:`SERVES_THE_RULE_SET`): on a
-    CUDA GPU of compute capability 8.0 or
-    later (the kernels' Triton), in float32, bfloat16 or float16 (float64 takes the PyTorch form, exact), key heads
-    of at most 256 channels, with flash-linear-attention installed.'''
-    return (SERVES_THE_RULE_SET and value.is_cuda and value.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    CUDA GPU of compute capability 8.0 or later (the kernels' Triton), in float32 or bfloat16, the dtypes checked on a
+    GPU (float64 takes the PyTorch form, exact; float16 too, unchecked), key heads of at most 256 channels, with
+    flash-linear-attention installed.'''
+    return (SERVES_THE_RULE_SET and value.is_cuda and value.dtype in (torch.float32, torch.bfloat16)
             and key_dim <= 256
             and torch.cuda.get_device_capability(value.device)[0] >= 8 and _fla() is not None)
 
