@@ -29,10 +29,11 @@ from typing import Optional
 
 import torch
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_utils import slice_logits_to_keep
 
 from zennit_mamba.core.family import Canonized, Family, in_module
 from zennit_mamba.core.layers import ATTENTION, COMPOSITION, INSIDE_MIXER, NORM, POSITIONS, gated_mlp
-from zennit_mamba.mixers.io import refuse_padding, soft_cap
+from zennit_mamba.mixers.io import pop_return_dict, refuse_padding, soft_cap
 from zennit_mamba.mixers.rg_lru import block_forward, refuses_cache
 
 MODULE = 'transformers.models.recurrent_gemma.modeling_recurrent_gemma'
@@ -53,29 +54,16 @@ def model_forward(rules, self, input_ids: Optional[torch.Tensor] = None, positio
                               inputs_embeds=inputs_embeds, use_cache=False, cache=None, **kwargs)
 
 
-def _kept_positions(hidden_states: torch.Tensor, logits_to_keep) -> torch.Tensor:
-    '''The hidden states of the positions ``logits_to_keep`` selects, as transformers' ``slice_logits_to_keep``.'''
-    if torch.is_tensor(logits_to_keep) and logits_to_keep.ndim == 2:
-        if logits_to_keep.dtype == torch.bool:
-            return hidden_states[logits_to_keep]
-        return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
-    if isinstance(logits_to_keep, int):
-        logits_to_keep = slice(-logits_to_keep, None)
-    return hidden_states[:, logits_to_keep, :]
-
-
 def causal_lm_forward(rules, self, input_ids: Optional[torch.Tensor] = None,
                       position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                       inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                       use_cache: Optional[bool] = None, logits_to_keep=0, cache=None, **kwargs):
     '''Forward of a canonized ``RecurrentGemmaForCausalLM``: the original's, with the identity rule on the logits'
     soft-cap, ``l' = tanh(l / cap) * cap`` with ``l' / l`` held constant, so that ``R(l) = R(l')``.'''
-    return_dict = kwargs.pop('return_dict', None)
-    if return_dict is None:  # as transformers' can_return_tuple
-        return_dict = getattr(self.config, 'return_dict', True)
+    return_dict = pop_return_dict(self.config, kwargs)
     outputs = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, cache=cache, **kwargs)
-    logits = self.lm_head(_kept_positions(outputs.last_hidden_state, logits_to_keep))
+    logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
     logits = soft_cap(rules, logits, self.config.logits_soft_cap)
     loss = None
     if labels is not None:

@@ -37,7 +37,7 @@ import torch
 
 from zennit_mamba.core.family import Canonized, Family, Treatment, in_module
 from zennit_mamba.core.layers import COMPOSITION, INSIDE_MIXER, NORM, gated_mlp
-from zennit_mamba.mixers.io import refuse_continuation, refuse_padding, soft_cap
+from zennit_mamba.mixers.io import pop_return_dict, refuse_continuation, refuse_padding, soft_cap
 from zennit_mamba.mixers.mlstm import MODULE, layer_forward, layer_problem
 
 
@@ -79,9 +79,7 @@ def causal_lm_forward(rules, self, input_ids: Optional[torch.Tensor] = None,
     least (float64 in a float64 model).'''
     from transformers.models.xlstm.modeling_xlstm import xLSTMCausalLMOutput
 
-    return_dict = kwargs.pop('return_dict', None)
-    if return_dict is None:  # as transformers' can_return_tuple
-        return_dict = getattr(self.config, 'return_dict', True)
+    return_dict = pop_return_dict(self.config, kwargs)
     outputs = self.backbone(input_ids, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     logits = self.lm_head(outputs[0].to(self.lm_head.weight.dtype))
     logits = soft_cap(rules, logits.to(torch.promote_types(logits.dtype, torch.float32)),

@@ -170,6 +170,13 @@ def refuse_padding(attention_mask: Optional[torch.Tensor], family: str, layers: 
             'sequence without padding.')
 
 
+def pop_return_dict(config, kwargs: dict) -> bool:
+    '''Whether a canonized causal-LM forward returns its output object or a tuple: ``kwargs``' ``return_dict``
+    (removed from them), else the config's, as transformers' ``can_return_tuple`` decides.'''
+    return_dict = kwargs.pop('return_dict', None)
+    return getattr(config, 'return_dict', True) if return_dict is None else return_dict
+
+
 def soft_cap(rules, logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     '''A soft-cap of the logits ``l' = tanh(l / cap) * cap`` (none where ``cap`` is None), as transformers computes
     it, under the identity rule (an element-wise function with ``f(0) = 0``): ``l' / l`` held constant, so that
