@@ -125,11 +125,13 @@ Method = Callable[[ExplainedLogits, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def methods(ig_steps: int) -> Dict[str, Method]:
     '''Name to ``(wrapped model, embeddings, targets) -> (batch, length)`` position scores.'''
-    def mamba_lrp(rules):
-        return lambda wrapped, x, t: MambaLRP(wrapped, rules=rules).attribute(x, target=t)
+    def mamba_lrp(rules, **options):
+        return lambda wrapped, x, t: MambaLRP(wrapped, rules=rules, **options).attribute(x, target=t)
 
     return {
         'MambaLRP': mamba_lrp(MAMBA_LRP_RULES),
+        # the mixers' output gates held: relevance through the scans' outputs only (gate_relevance='value')
+        'MambaLRP (gate: value)': mamba_lrp(MAMBA_LRP_RULES, gate_relevance='value'),
         'MambaLRP w/o SSM rule': mamba_lrp(MAMBA_LRP_RULES - {'ssm'}),
         'LRP (LN-rule)': mamba_lrp({'norm'}),
         'IntegratedGradients': lambda wrapped, x, t: IntegratedGradients(wrapped).attribute(
@@ -223,7 +225,7 @@ vocabulary, and how its AUC is computed) could not be read from here: the paper'
 the stored sources this study could search, so LaTIM's metric is **not** reproduced here and its numbers are not
 comparable with the table above. The only copying figures found are second-hand: the aggregator wizwand.com lists a
 "Copying task" AUC of 98 for LaTIM (paper page 68fa771c1e209131cea7110d) and 84 for the hidden attention of Ali et al.
-(page 68fa72bb1e209131cea583bc). No source found here gives MambaLRP's copying AUC (the 40 quoted in issue #41); do
+(page 68fa72bb1e209131cea583bc). No source found here gives MambaLRP's copying AUC (a figure of 40 is quoted second-hand); do
 not cite it until it is checked against the paper's table.
 '''
 

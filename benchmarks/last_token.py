@@ -31,7 +31,8 @@ from methods import methods  # noqa: E402
 from tasks import TASKS, example_batches, model_inputs, trained_model  # noqa: E402
 
 #: the methods compared (of benchmarks/methods.py)
-COMPARED = ('MambaLRP', 'MambaLRP w/o SSM rule', 'MambaLRP w/o gate rule', 'LRP (LN-rule)', 'InputXGradient',
+COMPARED = ('MambaLRP', 'MambaLRP (gate: value)', 'MambaLRP w/o SSM rule', 'MambaLRP w/o gate rule', 'LRP (LN-rule)',
+            'InputXGradient',
             'IntegratedGradients', 'SmoothGrad', 'Saliency')
 
 

@@ -20,7 +20,7 @@ Method = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Optional[torch.
 RELEVANCE_METHODS = {
     'InputXGradient', 'IntegratedGradients', 'LRP (LN-rule)', 'MambaLRP',
     'MambaLRP w/o SiLU rule', 'MambaLRP w/o SSM rule', 'MambaLRP w/o gate rule', 'MambaLRP w/o attention rule',
-    'MambaLRP (delta: uniform q, k, v)',
+    'MambaLRP (delta: uniform q, k, v)', 'MambaLRP (gate: value)',
     'MambaLRP + gamma (in/out proj)', 'MambaLRP + gamma (conv1d)', 'MambaLRP + gamma (patch embedding)',
     'MambaLRP + gamma (all)',
 }
@@ -157,6 +157,8 @@ def methods(quick: bool, vision: bool = False) -> Dict[str, Method]:
         'MambaLRP w/o attention rule': where_attention(mamba_lrp(MAMBA_LRP_RULES - {'attention'})),
         # the delta-rule layers' second treatment: relevance through queries and keys too (AttnLRP's uniform rule)
         'MambaLRP (delta: uniform q, k, v)': where_delta_rule(mamba_lrp(MAMBA_LRP_RULES, delta_relevance='uniform')),
+        # the gate's second treatment: the mixers' output gates held (HeldGate), relevance through their values only
+        'MambaLRP (gate: value)': mamba_lrp(MAMBA_LRP_RULES, gate_relevance='value'),
     }
     if vision:
         chosen.update({name: mamba_lrp(MAMBA_LRP_RULES, gamma) for name, gamma in VIM_GAMMA_COMPOSITES.items()})

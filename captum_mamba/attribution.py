@@ -81,7 +81,8 @@ class MambaLRP(HeldRegistration, GradientAttribution):
         The model whose Mamba mixers carry the rules; required where ``forward_func`` is a plain function. Relevance
         enters at its logits.
     **composite_options
-        Options of :py:class:`zennit_mamba.MambaComposite`: ``epsilon``, ``gamma``, ``rules``, ``layer_map``.
+        Options of :py:class:`zennit_mamba.MambaComposite`: ``epsilon``, ``gamma``, ``rules``, ``layer_map``,
+        ``recompute``, ``delta_relevance``, ``gate_relevance``.
 
     Examples
     --------

@@ -34,7 +34,7 @@ class MambaLRPAttribution(GradientAttributionRegistry):
     ----------
     attribution_model : inseq.models.AttributionModel
         The model inseq wraps (``inseq.load_model(model, 'mamba_lrp', tokenizer=...)`` makes it).
-    epsilon, gamma, rules, layer_map, recompute : optional
+    epsilon, gamma, rules, layer_map, recompute, delta_relevance, gate_relevance : optional
         Options of :py:class:`zennit_mamba.MambaComposite`, passed through ``inseq.load_model``.
     '''
 

@@ -40,7 +40,8 @@ class LayerMambaLRP(HeldRegistration, LayerGradientXActivation):
     model : :py:obj:`torch.nn.Module`, optional
         The model whose Mamba mixers carry the rules; required where ``forward_func`` is a plain function.
     **composite_options
-        Options of :py:class:`zennit_mamba.MambaComposite`: ``epsilon``, ``gamma``, ``rules``, ``layer_map``.
+        Options of :py:class:`zennit_mamba.MambaComposite`: ``epsilon``, ``gamma``, ``rules``, ``layer_map``,
+        ``recompute``, ``delta_relevance``, ``gate_relevance``.
 
     Examples
     --------

@@ -24,6 +24,8 @@ MUTANTS = {
     'gate': lambda product: product,
     'ssm': lambda *selection: selection,
     'attention': lambda constant: constant,
+    # gate_relevance='value' (HeldGate): the output gate let through instead of held
+    'held_gate': lambda gate: gate,
 }
 
 MAMBA_ONLY = ['Mamba', 'Mamba2', 'FalconMamba']
@@ -39,21 +41,24 @@ TEST_FILES = ['tests/test_families.py', 'tests/test_conservation.py', 'tests/tes
 
 def apply_mutation(rule: str) -> None:
     '''Replace ``rule``'s equation by the plain operation (called by conftest.py in the mutated test run).'''
-    from zennit_mamba.rules import RULES, LNRule
+    from zennit_mamba.rules import RULES, HeldGate, LNRule
 
-    RULES[rule].apply = staticmethod(MUTANTS[rule])
+    (HeldGate if rule == 'held_gate' else RULES[rule]).apply = staticmethod(MUTANTS[rule])
     if rule == 'norm':  # LayerNorm's LN-rule, with the centring kept (RWKV, EfficientViM)
         LNRule.apply_centred = staticmethod(lambda h, u, *arguments: u)
 
 
-#: (rule, family) where the family has nothing the rule acts on: RWKV has no product of two input-dependent factors
-OFF_PATH = {('gate', 'Rwkv')}
+#: (rule, family) where the family has nothing the rule acts on: RWKV has no product of two input-dependent factors;
+#: the held gate has no SiLU output gate to hold where the attention or selection rule holds it already
+#: (test_families.GATE_ALREADY_HELD)
+OFF_PATH = {('gate', 'Rwkv')} | {('held_gate', family) for family in ('KimiLinear', 'MiniMax', 'xLSTM', 'Rwkv', 'Lfm2')}
 
 
 def families(rule: str, gpu: bool) -> List[str]:
     '''The families on whose path ``rule`` is on.'''
     if gpu:
-        return [] if rule == 'attention' else MAMBA_SSM
+        # the held gate's GPU path is the CPU's (the fused kernels step aside for it): checked by the CPU tests
+        return [] if rule in ('attention', 'held_gate') else MAMBA_SSM
     named = HYBRIDS if rule == 'attention' else MAMBA_ONLY + HYBRIDS + PLAIN
     return [family for family in named if (rule, family) not in OFF_PATH]
 
@@ -87,11 +92,13 @@ def failures(rule: str, gpu: bool) -> List[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--gpu', action='store_true', help='run test_cuda.py for the mamba-ssm families instead')
+    parser.add_argument('--rules', nargs='+', choices=list(MUTANTS), default=list(MUTANTS),
+                        help='only these mutations (default: all)')
     arguments = parser.parse_args()
     uncaught = 0
     print('| rule | family | caught by (failing tests) |')
     print('|---|---|---|')
-    for rule in MUTANTS:
+    for rule in arguments.rules:
         failed = failures(rule, arguments.gpu)
         by_family: Dict[str, List[str]] = {}
         for test in failed:

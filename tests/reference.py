@@ -27,6 +27,15 @@ def _rms_norm(norm: torch.nn.Module, h: torch.Tensor, ln_rule: bool) -> torch.Te
     return u
 
 
+def _gate(y: torch.Tensor, gate: torch.Tensor, rules: Collection[str]) -> torch.Tensor:
+    '''A mixer's output gate ``y * gate``: the half rule where ``'gate'`` is in ``rules``; with ``'held_gate'`` also
+    there (``gate_relevance='value'``), the gate held instead, so that relevance flows through ``y`` only.'''
+    if {'gate', 'held_gate'} <= set(rules):
+        return y * gate.detach()
+    gated = y * gate
+    return 0.5 * gated + 0.5 * gated.detach() if 'gate' in rules else gated
+
+
 def _sequential_scan(x, delta, A, B, C, D):
     '''x, delta: (batch, length, channels); B, C: (batch, length, state); A: (channels, state).'''
     state = torch.zeros(x.shape[0], x.shape[2], A.shape[1], dtype=x.dtype, device=x.device)
@@ -61,9 +70,7 @@ def _mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str]) -> t
     A = -torch.exp(mixer.A_log.float()).to(u.dtype)
     y = _sequential_scan(x, delta, A, B, C, mixer.D.float().to(u.dtype))
 
-    gated = y * _silu(z, 'silu' in rules)
-    if 'gate' in rules:
-        gated = 0.5 * gated + 0.5 * gated.detach()
+    gated = _gate(y, _silu(z, 'silu' in rules), rules)
     return gated @ mixer.out_proj.weight.T
 
 
@@ -91,9 +98,7 @@ def _mamba2_mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str
         outputs.append((hidden * C[:, t, :, None, :]).sum(-1) + mixer.D[:, None] * x[:, t])
     y = torch.stack(outputs, dim=1).reshape(batch, length, inner)
 
-    gated = y * _silu(z, 'silu' in rules)
-    if 'gate' in rules:
-        gated = 0.5 * gated + 0.5 * gated.detach()
+    gated = _gate(y, _silu(z, 'silu' in rules), rules)
     grouped = gated.reshape(batch, length, groups, inner // groups)
     scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + mixer.norm.variance_epsilon)
     if 'norm' in rules:
@@ -136,9 +141,7 @@ def _vim_branch(x, z, conv, x_proj, dt_proj, A_log, D, rules):
     if 'ssm' in rules:
         delta, B, C = delta.detach(), B.detach(), C.detach()
     y = _sequential_scan(x, delta, -torch.exp(A_log).to(x.dtype), B, C, D.to(x.dtype))
-    gated = y * _silu(z, 'silu' in rules)
-    if 'gate' in rules:
-        gated = 0.5 * gated + 0.5 * gated.detach()
+    gated = _gate(y, _silu(z, 'silu' in rules), rules)
     return gated
 
 
@@ -238,9 +241,7 @@ def _mamba3_mixer(mixer: torch.nn.Module, u: torch.Tensor, rules: Collection[str
         if 'norm' in rules:
             scale = scale.detach()
         y = mixer.norm.weight.reshape(heads, headdim) * y * scale
-    gated = y * gate
-    if 'gate' in rules:
-        gated = 0.5 * gated + 0.5 * gated.detach()
+    gated = _gate(y, gate, rules)
     return gated.reshape(batch, length, inner) @ mixer.out_proj.weight.T
 
 
@@ -314,9 +315,7 @@ def sequential_recurrent_gemma_block(block: torch.nn.Module, u: torch.Tensor, po
             a, normaliser, input_gate = a.detach(), normaliser.detach(), input_gate.detach()
         state = a * state + normaliser * input_gate * x[:, t]
         states.append(state)
-    gated = torch.stack(states, 1) * gate
-    if 'gate' in rules:
-        gated = 0.5 * gated + 0.5 * gated.detach()
+    gated = _gate(torch.stack(states, 1), gate, rules)
     return gated @ block.linear_out.weight.T + block.linear_out.bias
 
 

@@ -70,7 +70,9 @@ def read_rows(path, task):
     import csv
 
     with open(path) as file:
-        rows = [row for row in csv.DictReader(file) if row['task'] == task]
+        # a column another task has (the localisation scores) is empty in this task's rows
+        rows = [{key: value for key, value in row.items() if value != ''} for row in csv.DictReader(file)
+                if row['task'] == task]
     for row in rows:
         del row['seconds_per_explanation']  # timings differ between runs, everything else must not
     return rows
@@ -82,7 +84,7 @@ def quick_run(tmp_path_factory):
     # vim-mnist (shipped weights, GPU-sized) is left to its own accuracy test, and 12 examples a task (the quick
     # run's default 24 took 3 of CI's 15 minutes) keep CI short
     output = run([sys.executable, 'benchmarks/faithfulness.py', '--quick', '--out', str(out), '--examples', '12',
-                  '--tasks', 'sst2', 'digits', 'needle', 'vim-digits'])
+                  '--tasks', 'sst2', 'digits', 'needle', 'vim-digits', 'vim-photo-digits'])
     return out, output
 
 
@@ -93,7 +95,7 @@ def test_quick_run_writes_tables_and_plots(quick_run):
         assert (out / f'curves_{task}.png').exists() and (out / f'conservation_{task}.png').exists()
     rows = read_rows(out / 'results.csv', 'needle')
     methods = {row['method']: row for row in rows}
-    assert len(methods) == 12 and 'MambaAttr' in methods
+    assert len(methods) == 13 and 'MambaAttr' in methods and 'MambaLRP (gate: value)' in methods
     assert float(methods['MambaLRP']['conservation_error']) < 1e-4
     assert float(methods['InputXGradient']['conservation_error']) > 1e-3
     assert 0.0 <= float(methods['MambaLRP']['needle_share']) <= 1.0
@@ -105,10 +107,17 @@ def test_quick_run_writes_tables_and_plots(quick_run):
     # SST-2 on the shipped classifier: relevance conserved (no convolution bias), every sentence of one length
     sst2 = {row['method']: row for row in read_rows(out / 'results.csv', 'sst2')}
     assert float(sst2['MambaLRP']['conservation_error']) < 1e-4 and sst2['MambaLRP']['examples'] == '12'
-    assert (out / 'results.md').read_text().count('| MambaLRP |') == 4
+    # a row in each task's table, and one in the photo task's localisation table
+    assert (out / 'results.md').read_text().count('| MambaLRP |') == 6
     # the Vision Mamba task adds the gamma composites of the paper's Vim ablation
     vim_methods = {row['method'] for row in read_rows(out / 'results.csv', 'vim-digits')}
-    assert len(vim_methods) == 16 and 'MambaLRP + gamma (in/out proj)' in vim_methods
+    assert len(vim_methods) == 17 and 'MambaLRP + gamma (in/out proj)' in vim_methods
+    # the image task with ground truth adds the localisation scores, each a share inside its interval
+    photo = read_rows(out / 'results.csv', 'vim-photo-digits')
+    assert len(photo) == 17 and 'Localisation against the known masks' in output
+    for row in photo:
+        for key in ('mass_accuracy', 'rank_accuracy', 'pointing'):
+            assert 0.0 <= float(row[f'{key}_low']) <= float(row[key]) <= float(row[f'{key}_high']) <= 1.0
 
 
 def test_two_processes_give_the_same_table(quick_run):
@@ -351,3 +360,33 @@ def test_copying_study_builds_the_task_scores_alignments_and_reports(tmp_path):
     assert table in output and 'Published by LaTIM on their setup' in table
     for name in ('MambaLRP', 'IntegratedGradients', 'InputXGradient', 'Saliency', 'Occlusion (reference)'):
         assert f'| {name} |' in table
+
+
+def test_localisation_scores_hand_computed():
+    from faithfulness import localisation
+
+    # object patches 0 and 3; positive relevance 3 + 2, of which 3 on an object patch; the two highest-scoring
+    # patches are 0 and 2, one of them an object patch; the highest is an object patch
+    scores = localisation(torch.tensor([3.0, -1.0, 2.0, 0.0], dtype=torch.float64), torch.tensor([0.5, 0.0, 0.0, 0.2]))
+    assert scores == {'mass_accuracy': 0.6, 'rank_accuracy': 0.5, 'pointing': 1.0, 'object_share': 0.5}
+
+
+def test_scenes_keep_test_and_training_photographs_apart_and_mask_the_digit():
+    import scenes
+
+    # a photograph dark on its training part, bright on its test part (its right quarter)
+    photograph = torch.zeros(120, 400)
+    photograph[:, 300:] = 1.0
+    digits = torch.zeros(6, 28, 28)
+    digits[:, 6:22, 12:16] = 1.0  # a bar
+    labels = torch.arange(6)
+    generator = torch.Generator().manual_seed(0)
+    for test in (False, True):
+        made = scenes.composite(digits, labels, [photograph], test, 48, generator)
+        assert torch.equal(made.labels, labels) and made.masks.any((1, 2)).all()
+        background = made.images[~made.masks]
+        # the jitter moves brightness by at most 0.15: training crops come from the dark part only, test crops from
+        # the bright one (the pixels outside the mask but at the digit's soft edge take some of its ink)
+        assert ((background >= 0.5) == test).float().mean() > 0.9
+        # the digit is inked in the colour that stands out: dark on the bright part, bright on the dark one
+        assert (made.images[made.masks].mean() < background.mean()) == test

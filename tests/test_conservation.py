@@ -119,3 +119,18 @@ def test_every_path_agrees_with_reference(path, rules):
     expected, expected_logits = reference_relevance(model, embeddings, targets, rules=rules)
     assert torch.allclose(explained, expected_logits, rtol=1e-10, atol=0)
     assert relative_error(relevance, expected) <= (1e-8 if 'norm' in rules else 1e-5)
+
+
+@pytest.mark.parametrize('path', PATHS)
+def test_the_held_gate_variant_agrees_with_the_reference_on_every_path(path):
+    # gate_relevance='value': the output gate silu(z) held, relevance through the scan's output only
+    model = make_mamba(layers=2, seed=5)
+    embeddings = embed(model, 2, 40)
+    composite = MambaComposite(epsilon=1e-12, gate_relevance='value', **PATHS[path])
+    relevance, explained, targets = explain(model, embeddings, composite=composite)
+    expected, expected_logits = reference_relevance(model, embeddings, targets, rules=ALL_RULES | {'held_gate'})
+    assert torch.allclose(explained, expected_logits, rtol=1e-10, atol=0)
+    assert relative_error(relevance, expected) <= 1e-8
+    assert ((relevance.sum((1, 2)) - explained).abs() <= 1e-9 * explained.abs()).all()
+    half, _ = reference_relevance(model, embeddings, targets)
+    assert relative_error(expected, half) > 1e-2

@@ -404,3 +404,21 @@ def test_fused_branch_is_taken_and_equals_the_operations_in_turn(dtype, monkeypa
     assert len(calls) == 2
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert relative_error(relevance.float(), expected.float()) <= tolerance
+
+
+@needs_mamba_ssm
+@pytest.mark.parametrize('make, convert', [('make_mamba_ssm', 'to_transformers'),
+                                           ('make_mamba_ssm2', 'mamba2_to_transformers')], ids=['Mamba', 'Mamba2'])
+def test_mamba_ssm_held_gate_equals_the_float64_reference(make, convert, monkeypatch):
+    # gate_relevance='value' takes the unfused path on the GPU (the fused kernels restate the half rule)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    model = globals()[make]()
+    converted = globals()[convert](model)
+    ids = torch.randint(0, 64, (2, 150), device='cuda')
+    embeddings = model.backbone.embedding(ids).detach()
+    targets = explain(converted, embeddings)[2]
+    relevance, logits = mamba_ssm_relevance(model, embeddings, targets, MambaComposite(gate_relevance='value'))
+    assert ((relevance.sum((1, 2)) - logits).abs() <= 1e-3 * logits.abs()).all()
+    reference, _ = reference_relevance(converted.double(), embeddings.double(), targets,
+                                       rules={'silu', 'ssm', 'gate', 'norm', 'held_gate'})
+    assert relative_error(relevance.double(), reference) <= 5e-4

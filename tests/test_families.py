@@ -428,6 +428,28 @@ def test_kimis_sigmoid_output_gate_is_held(monkeypatch):
     assert (conservation_error(relevance, explained) > 1e-6).all()
 
 
+#: families whose mixers have no SiLU/GeLU output gate for ``gate_relevance`` to act on: their output gates are
+#: sigmoids the attention rule holds already (Kimi, MiniMax, xLSTM; RWKV's receptance), or LFM2's short convolution
+#: multiplies by input-selected gates the selection rule holds
+GATE_ALREADY_HELD = ('KimiLinear', 'MiniMax', 'xLSTM', 'Rwkv', 'Lfm2')
+
+
+@pytest.mark.parametrize('name', list(BUILDERS))
+def test_the_held_gate_variant_conserves_and_moves_relevance(name):
+    # gate_relevance='value': each mixer's output gate y * act(z) held, so all relevance flows through y
+    model = build(name)
+    embeddings = embeddings_for(model)
+    half, explained, targets = explain(model, embeddings)
+    relevance, held_explained, _ = explain(model, embeddings, MambaComposite(epsilon=1e-12, gate_relevance='value'),
+                                           targets)
+    assert (conservation_error(relevance, held_explained) <= CONSERVATION_BOUNDS[name]).all()
+    assert relative_error(held_explained, explained) <= 1e-12
+    if name in GATE_ALREADY_HELD:
+        assert relative_error(relevance, half) <= 1e-12
+    else:
+        assert relative_error(relevance, half) > 1e-4
+
+
 @pytest.mark.parametrize('name', list(BUILDERS))
 def test_gamma_conserves_and_changes_relevance_on_every_family(name):
     # Zennit's Gamma on every mixer projection, inside the one-pass explanation, hybrids included

@@ -41,9 +41,9 @@ def embeddings_of(model: Mamba3LMHeadModel, batch: int = 2, length: int = 13) ->
     return model.get_input_embeddings()(ids).detach()
 
 
-def explain(model, embeddings, rules=ALL_RULES):
+def explain(model, embeddings, rules=ALL_RULES, **options):
     embeddings = embeddings.detach().clone().requires_grad_()
-    with MambaComposite(epsilon=1e-12, rules=rules).context(model) as modified:
+    with MambaComposite(epsilon=1e-12, rules=rules, **options).context(model) as modified:
         logits = modified(inputs_embeds=embeddings)[:, -1]
         targets = logits.argmax(-1)
         explained = logits[torch.arange(len(targets)), targets]
@@ -87,6 +87,17 @@ def test_conservation_and_the_reference(variant):
     logits = model(inputs_embeds=embeddings)[:, -1]
     gradient, = torch.autograd.grad(logits[torch.arange(len(targets)), targets].sum(), embeddings)
     assert (((embeddings * gradient).sum((1, 2)) - explained).abs() > 1e-3 * explained.abs()).all()
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_the_held_gate_variant_conserves_and_equals_the_reference(variant):
+    model = language_model(variant)
+    embeddings = embeddings_of(model)
+    relevance, explained, targets = explain(model, embeddings, gate_relevance='value')
+    assert ((relevance.sum((1, 2)) - explained).abs() <= 1e-9 * explained.abs()).all()
+    expected, _ = mamba3_reference_relevance(model, embeddings, targets, ALL_RULES | {'held_gate'})
+    assert relative_error(relevance, expected) <= 1e-9
+    assert relative_error(relevance, explain(model, embeddings)[0]) > 1e-3
 
 
 @pytest.mark.parametrize('variant', list(VARIANTS))

@@ -76,6 +76,28 @@ def test_half_rule_gives_each_factor_half():
         assert torch.allclose(relevance, 0.5 * output.detach(), rtol=1e-14)
 
 
+def test_held_gate_gives_the_value_all_and_the_gate_nothing():
+    # gate_relevance='value' (HeldGate): R(y) = y * g, R(g) = 0; the half rule stays on other products
+    value, gate = leaves(torch.tensor([[2.0, -1.0, 0.5]], dtype=torch.float64),
+                         torch.tensor([[3.0, 4.0, -2.0]], dtype=torch.float64))
+    rules = RuleSet({'gate'}, gate_relevance='value')
+    output = rules.output_gate(value, gate)
+    assert torch.equal(output, value * gate)
+    value_relevance, = gradient_x_input(output, [value])
+    assert torch.equal(value_relevance, torch.tensor([[6.0, -4.0, -1.0]], dtype=torch.float64))
+    assert torch.autograd.grad(output.sum(), gate, allow_unused=True, retain_graph=True) == (None,)  # held
+    for relevance in gradient_x_input(rules.gate(value, gate), [value, gate]):
+        assert torch.allclose(relevance, 0.5 * output.detach(), rtol=1e-14)
+    # without the gate rule (its ablation) the product is plain, whichever treatment is chosen
+    plain = RuleSet((), gate_relevance='value').output_gate(value, gate)
+    assert torch.allclose(sum(gradient_x_input(plain, [value, gate])), 2 * output.detach(), rtol=1e-14)
+
+
+def test_an_unknown_gate_relevance_is_refused():
+    with pytest.raises(ValueError, match="gate_relevance must be one of \\('half', 'value'\\)"):
+        RuleSet(gate_relevance='gate')
+
+
 def test_gate_without_half_rule_doubles_relevance():
     value, gate = leaves(torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64))
     output = RuleSet(()).gate(value, gate)

@@ -87,14 +87,17 @@ def test_forward_unchanged_model_restored_and_token_relevance_matches_the_refere
     assert_snapshots_equal(snapshot(model), before)
 
 
-@pytest.mark.parametrize('rules', [{'silu', 'ssm', 'norm'}, {'silu', 'gate', 'norm'}, {'ssm', 'gate', 'norm'}],
-                         ids=['no-gate-rule', 'no-ssm-rule', 'no-silu-rule'])
+@pytest.mark.parametrize('rules', [{'silu', 'ssm', 'norm'}, {'silu', 'gate', 'norm'}, {'ssm', 'gate', 'norm'},
+                                   {'silu', 'ssm', 'gate', 'norm', 'held_gate'}],
+                         ids=['no-gate-rule', 'no-ssm-rule', 'no-silu-rule', 'held-gate'])
 def test_each_rule_acts_on_both_directions(rules):
-    # the ablations agree with the reference with the same rule off: a rule missing in one direction shows here
+    # the ablations (and the held gate, gate_relevance='value') agree with the reference: a rule missing in one
+    # direction shows here
     model = tiny_vim()
     inputs = images()
     targets = torch.tensor([1, 3])
-    relevance = LayerMambaLRP(model, model.pos_drop, epsilon=1e-12, rules=rules).attribute(inputs, target=targets)
+    options = {'gate_relevance': 'value'} if 'held_gate' in rules else {'rules': rules}
+    relevance = LayerMambaLRP(model, model.pos_drop, epsilon=1e-12, **options).attribute(inputs, target=targets)
     expected, _ = vim_reference_relevance(model, model.tokens(inputs), targets, rules)
     assert relative_error(relevance, expected) <= 1e-8  # epsilon 1e-12 against logits of 1e-2 to 1
 

@@ -3,7 +3,8 @@ from zennit_mamba.canonizers import MambaCanonizer
 from zennit_mamba.composite import MambaComposite
 from zennit_mamba.core.hooks import ExplainedModel, ZennitRule
 from zennit_mamba.core.ruleset import RuleSet
-from zennit_mamba.rules import MAMBA_LRP_RULES, AttentionRule, DetachSelection, HalfRule, LNRule, Rule, SiLUIdentity
+from zennit_mamba.rules import (MAMBA_LRP_RULES, AttentionRule, DetachSelection, HalfRule, HeldGate, LNRule, Rule,
+                                 SiLUIdentity)
 from zennit_mamba.kernels.scan import selective_scan
 from zennit_mamba.kernels.ssd import ssd_scan
 from zennit_mamba.support import FAMILIES, UnsupportedModelError, check_supported
@@ -16,6 +17,7 @@ __all__ = [
     'DetachSelection',
     'ExplainedModel',
     'HalfRule',
+    'HeldGate',
     'LNRule',
     'MambaCanonizer',
     'MambaComposite',

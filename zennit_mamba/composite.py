@@ -117,6 +117,10 @@ class MambaComposite(Composite):
         MambaLRP's principle: queries, keys, decays and write strengths select and are held constant) or
         ``'uniform'`` (as AttnLRP treats attention: also through the queries and the written keys, the uniform rule
         on the read-out ``S^T q`` and the write ``k v^T``; computed token by token).
+    gate_relevance : str, optional
+        How a mixer's output gate ``y * act(z)`` passes relevance: ``'half'`` (the default, the paper's half rule) or
+        ``'value'`` (the gate held constant, all relevance through ``y``; :py:class:`~zennit_mamba.rules.HeldGate`).
+        Feed-forward products (SwiGLU) keep the half rule either way.
 
     Examples
     --------
@@ -142,8 +146,9 @@ class MambaComposite(Composite):
         canonizers: Optional[List[Canonizer]] = None,
         recompute: bool = False,
         delta_relevance: str = 'values',
+        gate_relevance: str = 'half',
     ):
-        self.rule_set = RuleSet(rules, recompute, delta_relevance)
+        self.rule_set = RuleSet(rules, recompute, delta_relevance, gate_relevance)
         if not 0 < epsilon < float('inf'):
             raise ValueError(f'epsilon must be positive and finite (it stabilises a division), got {epsilon!r}; use '
                              f'1e-12 for an almost exact LRP-0.')

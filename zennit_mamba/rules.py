@@ -176,6 +176,23 @@ class HalfRule(Rule):
         return _HalfGradient.apply(product) if product.requires_grad else product
 
 
+class HeldGate(Rule):
+    '''The gate rule's second treatment, ``gate_relevance='value'``: a mixer's output gate ``o = y * g``, ``g = act(z)``
+    computed from the current token alone, is held constant like the selection, so relevance flows through the
+    mixer's output ``y`` only.
+
+    ``o = y * g.detach()``: gradient x input gives ``R(y) = R(o)`` and ``R(z) = 0``, where the half rule gives each
+    factor ``R(o) / 2``. It applies MambaLRP's first principle (what the input selects is held) to the gate, as the
+    library already treats the sigmoid output gates of Kimi, MiniMax and xLSTM.
+    '''
+
+    name = 'gate'
+
+    @staticmethod
+    def apply(gate: torch.Tensor) -> torch.Tensor:
+        return gate.detach()
+
+
 class DetachSelection(Rule):
     '''MambaLRP rule for the selective SSM: ``delta``, ``A_bar = exp(delta A)``, ``B_bar = delta B`` and ``C`` are
     constants.

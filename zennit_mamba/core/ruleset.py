@@ -11,11 +11,13 @@ from zennit_mamba.kernels.delta_rule_fla import fla_delta_rule_applies, fla_valu
 from zennit_mamba.kernels.scan import selective_scan
 from zennit_mamba.kernels.ssd import ssd_scan
 from zennit_mamba.rules import (
-    MAMBA_LRP_RULES, RULES, AttentionRule, DetachSelection, HalfRule, LNRule, SiLUIdentity,
+    MAMBA_LRP_RULES, RULES, AttentionRule, DetachSelection, HalfRule, HeldGate, LNRule, SiLUIdentity,
 )
 
 #: where the delta-rule layers pass relevance (:py:class:`RuleSet`'s ``delta_relevance``)
 DELTA_RELEVANCE = ('values', 'uniform')
+#: the treatments of a mixer's output gate ``y * act(z)`` (:py:class:`HalfRule`, :py:class:`HeldGate`)
+GATE_RELEVANCE = ('half', 'value')
 
 #: each rule's equation as the fused functions restate it (kernels/fused.py, kernels/ssd_triton.py): where a rule's
 #: ``apply`` is another function, the rule set computes the operations in turn
@@ -40,6 +42,11 @@ class RuleSet:
         the values only) or ``'uniform'`` (AttnLRP's treatment of attention: relevance also through the queries and
         the written keys, the uniform rule splitting each product, the read-out ``S^T q`` and the write ``k v^T``,
         between its factors; the projections ``I - beta k k^T``, decays and write strengths held; token by token).
+    gate_relevance : str, optional
+        How a mixer's output gate ``o = y * act(z)`` passes relevance: ``'half'`` (the paper's half rule, each factor
+        half) or ``'value'`` (the gate, computed from the current token alone, held constant as the selection is, so
+        all of it flows through ``y``: :py:class:`HeldGate`). Products inside feed-forward blocks (SwiGLU) keep the
+        half rule either way.
 
     Examples
     --------
@@ -51,7 +58,7 @@ class RuleSet:
     '''
 
     def __init__(self, rules: Collection[str] = MAMBA_LRP_RULES, recompute: bool = False,
-                 delta_relevance: str = 'values'):
+                 delta_relevance: str = 'values', gate_relevance: str = 'half'):
         if isinstance(rules, str) or not isinstance(rules, Collection):
             raise TypeError(f'rules must be a collection of rule names such as {{\'silu\', \'ssm\'}} (() for none), '
                             f'got {rules!r}')
@@ -61,15 +68,18 @@ class RuleSet:
             raise ValueError(f'Unknown MambaLRP rules {sorted(unknown)}; choose from {sorted(MAMBA_LRP_RULES)}.')
         if delta_relevance not in DELTA_RELEVANCE:
             raise ValueError(f'delta_relevance must be one of {DELTA_RELEVANCE}, got {delta_relevance!r}.')
+        if gate_relevance not in GATE_RELEVANCE:
+            raise ValueError(f'gate_relevance must be one of {GATE_RELEVANCE}, got {gate_relevance!r}.')
         self.recompute = recompute
         self.delta_relevance = delta_relevance
+        self.gate_relevance = gate_relevance
         #: whether the rules act on a call: while off, a canonized mixer runs its own forward
         #: (:py:class:`~zennit_mamba.core.instance.CanonizedForward`)
         self.switch = RuleSwitch()
 
     def __repr__(self) -> str:
         return (f'RuleSet({sorted(self.names)}, recompute={self.recompute}, '
-                f'delta_relevance={self.delta_relevance!r})')
+                f'delta_relevance={self.delta_relevance!r}, gate_relevance={self.gate_relevance!r})')
 
     def activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
         '''The activation ``name`` of ``ACT2FN`` (SiLU for Mamba), under :py:class:`SiLUIdentity`.'''
@@ -84,6 +94,13 @@ class RuleSet:
         '''``value * gate`` under :py:class:`HalfRule`.'''
         product = value * gate
         return HalfRule.apply(product) if 'gate' in self.names else product
+
+    def output_gate(self, value: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        '''A mixer's output gate ``value * gate`` (``gate = act(z)``, from the current token): under
+        :py:class:`HalfRule` (``gate_relevance='half'``) or with ``gate`` held by :py:class:`HeldGate` (``'value'``).'''
+        if self.gate_relevance == 'value' and 'gate' in self.names:
+            return value * HeldGate.apply(gate)
+        return self.gate(value, gate)
 
     def norm(self, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         '''The output ``u`` of an RMS normalisation of ``h`` under :py:class:`LNRule`.'''
@@ -105,19 +122,21 @@ class RuleSet:
     def fuses_branch(self) -> bool:
         '''Whether a Mamba-1 branch's SiLU, scan and gate may run as one fused function
         (:py:class:`~zennit_mamba.kernels.fused.SiLUScanGate`).'''
-        return self.fuses({'silu', 'ssm', 'gate'}, ('activation', 'selection', 'scan', 'gate'))
+        return self.gate_relevance == 'half' and self.fuses(
+            {'silu', 'ssm', 'gate'}, ('activation', 'selection', 'scan', 'gate', 'output_gate'))
 
     def fuses_gated_norm(self) -> bool:
         '''Whether a Mamba-2 gated RMS normalisation may run as one fused function
         (:py:class:`~zennit_mamba.kernels.fused.GatedRMSNorm`).'''
-        return self.fuses({'silu', 'gate', 'norm'}, ('activation', 'gate', 'norm', 'gated_norm'))
+        return self.gate_relevance == 'half' and self.fuses(
+            {'silu', 'gate', 'norm'}, ('activation', 'gate', 'output_gate', 'norm', 'gated_norm'))
 
     def gated_norm(self, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, epsilon: float, group_size: int,
                    before_gate: bool, activation: str = 'silu') -> torch.Tensor:
         '''The gated RMS normalisation of a mixer's output ``y`` over groups of ``group_size`` channels:
         ``w * rms(y * act(gate))``, or ``w * rms(y) * act(gate)`` where ``before_gate`` (the delta-rule layers'), with
         :py:class:`LNRule` on the normalisation. A SiLU gate (Mamba's) takes :py:class:`SiLUIdentity` and
-        :py:class:`HalfRule` on the product; a sigmoid gate (Kimi's), a value in (0, 1) that scales the signal as a
+        :py:meth:`output_gate` on the product; a sigmoid gate (Kimi's), a value in (0, 1) that scales the signal as a
         routing weight does, is held constant by :py:meth:`held` and the product passes relevance to ``y``. Computed
         in float32 at least, returned in ``y``'s dtype.'''
         dtype = y.dtype
@@ -125,7 +144,7 @@ class RuleSet:
         if activation == 'sigmoid':
             activated, product = self.held(torch.sigmoid(gate.to(compute)))[0], torch.mul
         else:
-            activated, product = self.activation(activation, gate.to(compute)), self.gate
+            activated, product = self.activation(activation, gate.to(compute)), self.output_gate
         hidden = y.to(compute) if before_gate else product(y.to(compute), activated)
         grouped = hidden.unflatten(-1, (hidden.shape[-1] // group_size, group_size))
         normalised = self.norm(grouped, grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + epsilon))

@@ -32,7 +32,7 @@ def hsmssd_forward(rules, self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     a, B, C = rules.selection(a, B, C)
     hidden = x @ (a * B).transpose(-2, -1)
     hidden, gate = torch.split(self.hz_proj(hidden), [self.d_inner, self.d_inner], dim=1)
-    hidden = self.out_proj(rules.gate(hidden, rules.activation('silu', gate)) + hidden * self.D)
+    hidden = self.out_proj(rules.output_gate(hidden, rules.activation('silu', gate)) + hidden * self.D)
     y = hidden @ C
     return y.reshape(batch, -1, height, width).contiguous(), hidden
 

@@ -58,7 +58,7 @@ def _mixer_block(
         else:
             scanned, state = rules.scan(*selection, initial_state=initial_state[:, head])
         activated_gate = rules.activation('silu', gate[:, head])
-        outputs.append(rules.gate(scanned.to(torch.promote_types(scanned.dtype, activated_gate.dtype)),
+        outputs.append(rules.output_gate(scanned.to(torch.promote_types(scanned.dtype, activated_gate.dtype)),
                                   activated_gate))
         states.append(state)
     output = mixer.out_proj(torch.cat(outputs, dim=1).transpose(1, 2).to(hidden_states.dtype))

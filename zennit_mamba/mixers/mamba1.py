@@ -148,7 +148,7 @@ def selective_branch(
     else:
         scanned, last_state = rules.scan(x.transpose(1, 2), *selection, initial_state=initial_state)
     gate = rules.activation('silu', gate)
-    return rules.gate(scanned.to(torch.promote_types(scanned.dtype, gate.dtype)), gate), last_state
+    return rules.output_gate(scanned.to(torch.promote_types(scanned.dtype, gate.dtype)), gate), last_state
 
 
 def transformers_forward(

@@ -74,7 +74,7 @@ def _gated_norm(rules, mixer: torch.nn.Module, y: torch.Tensor, gate: torch.Tens
     if not hasattr(norm, 'weight'):
         # without a gated norm (FalconH1's mamba_rms_norm=False, mamba-ssm's rmsnorm=False) the gate acts directly
         compute = torch.promote_types(y.dtype, torch.float32)
-        return rules.gate(y.to(compute), rules.activation('silu', gate.to(compute))).to(y.dtype)
+        return rules.output_gate(y.to(compute), rules.activation('silu', gate.to(compute))).to(y.dtype)
     before_gate = getattr(norm, 'norm_before_gate', False)
     group_size = getattr(norm, 'group_size', None) or y.shape[-1] // norm.n_groups
     # transformers' name, then mamba-ssm's

@@ -107,7 +107,7 @@ def mamba3_mixer(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor) -> 
         norm = mixer.norm
         y = rules.gated_norm(y.flatten(2), z, norm.weight, norm.eps, headdim, before_gate=True)
     else:
-        y = rules.gate(y.flatten(2), rules.activation('silu', z))
+        y = rules.output_gate(y.flatten(2), rules.activation('silu', z))
     return mixer.out_proj(y.to(hidden_states.dtype))
 
 

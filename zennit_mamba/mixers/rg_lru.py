@@ -103,7 +103,7 @@ def _mixer_block(rules, block: torch.nn.Module, hidden_states: torch.Tensor, pos
     normalised = x * input_gate * multiplier.type(x.dtype)
     compute = torch.promote_types(x.dtype, torch.float32)
     states, last_state = linear_recurrence(a.to(compute), normalised.to(compute), initial_state)
-    output = rules.gate(states.to(x.dtype), gate)
+    output = rules.output_gate(states.to(x.dtype), gate)
     return block.linear_out(output), last_state
 
 
