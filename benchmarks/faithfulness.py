@@ -75,6 +75,8 @@ def localisation(scores: torch.Tensor, object_share: torch.Tensor) -> Dict[str, 
 
     Chance for the first two is the object patches' share of the image, ``object_share``.'''
     inside = object_share > 0
+    if not inside.any():
+        raise ValueError('an example without object patches has no localisation score')
     positive = scores.clamp(min=0)
     top = scores.topk(int(inside.sum())).indices
     return {'mass_accuracy': (positive[inside].sum() / positive.sum().clamp(min=1e-30)).item(),
@@ -321,6 +323,10 @@ def main() -> None:
                                                       'faithfulness'),
                         help='directory the tables and plots are written to (default: benchmarks/output/faithfulness)')
     args = parser.parse_args()
+    unknown = set(args.methods or ()) - set(methods(False, vision=True))
+    if unknown:
+        parser.error(f'unknown methods {sorted(unknown)}; the names are those of the tables: '
+                     f'{", ".join(methods(False, vision=True))}')
     torch.manual_seed(0)
 
     distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1

@@ -48,8 +48,11 @@ class MambaLRPAttribution(GradientAttributionRegistry):
         rules: Collection[str] = MAMBA_LRP_RULES,
         layer_map: Optional[LayerMap] = None,
         recompute: bool = False,
+        delta_relevance: str = 'values',
+        gate_relevance: str = 'half',
     ):
         super().__init__(attribution_model)
         # the rules act on the transformers model inside inseq's wrapper, whose forward returns the attributed score
         self.method = MambaLRP(attribution_model, model=attribution_model.model, epsilon=epsilon, gamma=gamma,
-                               rules=rules, layer_map=layer_map, recompute=recompute)
+                               rules=rules, layer_map=layer_map, recompute=recompute, delta_relevance=delta_relevance,
+                               gate_relevance=gate_relevance)

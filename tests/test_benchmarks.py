@@ -390,3 +390,6 @@ def test_scenes_keep_test_and_training_photographs_apart_and_mask_the_digit():
         assert ((background >= 0.5) == test).float().mean() > 0.9
         # the digit is inked in the colour that stands out: dark on the bright part, bright on the dark one
         assert (made.images[made.masks].mean() < background.mean()) == test
+        # without a digit, every pixel of every crop is from its own part of the photograph
+        blank = scenes.composite(torch.zeros(20, 28, 28), torch.arange(20), [photograph], test, 48, generator)
+        assert ((blank.images >= 0.5) == test).all() and not blank.masks.any()

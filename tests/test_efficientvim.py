@@ -36,11 +36,15 @@ def images() -> torch.Tensor:
     return torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
 
-def conservation_error(model, rules=MAMBA_LRP_RULES) -> torch.Tensor:
+def relevance_of(model, rules=MAMBA_LRP_RULES, **options) -> torch.Tensor:
+    return MambaLRP(model, epsilon=1e-12, rules=rules, **options).attribute(images(), target=1)
+
+
+def conservation_error(model, rules=MAMBA_LRP_RULES, **options) -> torch.Tensor:
     inputs = images()
     with torch.no_grad():
         explained = model(inputs)[:, 1]
-    relevance = MambaLRP(model, epsilon=1e-12, rules=rules).attribute(inputs, target=1)
+    relevance = relevance_of(model, rules, **options)
     return ((relevance.sum((1, 2, 3)) - explained).abs() / explained.abs()).max()
 
 
@@ -53,6 +57,12 @@ def test_relevance_is_conserved_and_the_model_restored():
             assert relative_error(modified(images()), expected) <= 1e-12
     assert conservation_error(model) <= 1e-8
     assert_snapshots_equal(snapshot(model), before)
+
+
+def test_the_held_gate_variant_conserves_and_moves_relevance():
+    model = tiny_efficientvim()
+    assert conservation_error(model, gate_relevance='value') <= 1e-8
+    assert relative_error(relevance_of(model, gate_relevance='value'), relevance_of(model)) > 1e-3
 
 
 @pytest.mark.parametrize('rule', ['ssm', 'gate', 'norm', 'silu', 'attention'])
