@@ -225,8 +225,14 @@ vocabulary, and how its AUC is computed) could not be read from here: the paper'
 the stored sources this study could search, so LaTIM's metric is **not** reproduced here and its numbers are not
 comparable with the table above. The only copying figures found are second-hand: the aggregator wizwand.com lists a
 "Copying task" AUC of 98 for LaTIM (paper page 68fa771c1e209131cea7110d) and 84 for the hidden attention of Ali et al.
-(page 68fa72bb1e209131cea583bc). No source found here gives MambaLRP's copying AUC (a figure of 40 is quoted second-hand); do
-not cite it until it is checked against the paper's table.
+(page 68fa72bb1e209131cea583bc). A reading note on the paper (GitHub zhaoyang97/Paper-Notes-en,
+docs/ACL2025/others/latim_measuring_latent_token-to-token_interactions_in_mamba_models.md; unofficial and apparently
+machine-written) reproduces a copying table with AUC / AP / R@K: Mamba-1: hidden attention 0.84 / 0.36 / 0.22,
+MambaLRP 0.40 / 0.22 / 0.20, LaTIM (ALTI) 0.86 / 0.47 / 0.36; Mamba-2: hidden attention 0.79 / 0.49 / 0.39, LaTIM
+(l2) 0.98 / 0.86 / 0.74. That is where the quoted 40 for MambaLRP comes from. It does not say how the AUC is
+computed, whether MambaLRP there explains each layer or the whole model, or how their copying model was trained, so
+these figures stay second-hand: the paper's own table and metric must be read before they are compared with the
+table above.
 '''
 
 

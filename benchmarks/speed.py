@@ -562,7 +562,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--configs', nargs='+', default=[], choices=sorted(REAL_SIZES),
                         help='real-size configurations, bfloat16, random weights (a GPU\'s worth of memory)')
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS,
-                        help='the methods to measure (gi_same_kernels, ratio (b), is always measured)')
+                        help='the methods to measure (gi_same_kernels, ratio (b), is always measured, unless '
+                             '--without-same-kernels)')
+    parser.add_argument('--without-same-kernels', action='store_true',
+                        help='leave out ratio (b): on the delta-rule hybrids and Mamba-3 the canonized model with '
+                             'every rule off runs PyTorch autograd through their scans, 3 to 9 times (a) on a GPU, '
+                             'which at 8,192 x 8 takes most of a run')
     parser.add_argument('--quick', action='store_true', help='tiny model, short inputs, one repeat')
     parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'output'),
                         help='directory the tables are written to (default: benchmarks/output)')
@@ -584,7 +589,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         sizes.append(f'{family} ({layers} layers, d_model {hidden_size}, '
                      f'{str(dtype).replace("torch.", "")})')
         methods = {name: method for name, method in method_table(family).items()
-                   if name in args.methods or name == 'gi_same_kernels'}
+                   if name in args.methods or (name == 'gi_same_kernels' and not args.without_same_kernels)}
         for batch in args.batches:
             estimates, previous = {}, None
             for length in sorted(args.lengths):
@@ -596,20 +601,28 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                 timings = (f"{name} {row['seconds']:.3f}s" if 'seconds' in row else f'{name} skipped'
                            for name, row in rows.items())
                 print(f'{family} L={length} batch={batch}: ' + ', '.join(timings), flush=True)
+                # written after every size, so that a run cut short (a device's time limit) keeps what it measured
+                write_tables(results, long_results, sizes, notes, args)
         if args.long:
             long_results.append(dict(family=family, length=args.long, **long_input(model, args.device, args.long)))
             print(f'long input: {long_results[-1]}', flush=True)
         del model
         if args.device == 'cuda':
             torch.cuda.empty_cache()
+    print(write_tables(results, long_results, sizes, notes, args))
+    return results
+
+
+def write_tables(results: List[dict], long_results: List[dict], sizes: List[str], notes: List[str],
+                 args: argparse.Namespace) -> str:
+    '''Writes ``speed_<device>.md`` and ``speed_<device>.csv`` to ``args.out`` and returns the markdown.'''
     description = (f'{args.device}, ' + ', '.join(sizes) + f', {torch.get_num_threads()} threads'
                    + (f', {torch.cuda.get_device_name()}' if args.device == 'cuda' else ''))
     text = report(results, args.device, long_results, description) + ''.join(f'\nNote: {note}\n' for note in notes)
-    print(text)
     with open(os.path.join(args.out, f'speed_{args.device}.md'), 'w') as handle:
         handle.write(text)
     write_csv(results, os.path.join(args.out, f'speed_{args.device}.csv'))
-    return results
+    return text
 
 
 if __name__ == '__main__':

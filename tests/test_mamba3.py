@@ -224,9 +224,11 @@ def test_mamba_ssms_mamba3_loads_into_the_plain_copy_and_computes_the_same(varia
 @pytest.mark.skipif(not torch.cuda.is_available() or _mamba_ssm_mamba3() is None,
                     reason='needs a CUDA GPU and mamba-ssm with Mamba3')
 @pytest.mark.parametrize('variant', list(VARIANTS))
-def test_mamba_ssms_mamba3_is_explained_as_the_plain_copy_through_both_front_ends(variant):
+@pytest.mark.parametrize('gate_relevance', ['half', 'value'])
+def test_mamba_ssms_mamba3_is_explained_as_the_plain_copy_through_both_front_ends(variant, gate_relevance):
     '''mamba-ssm's own Mamba3 mixers in a language model, canonized: relevance conserved in float32 and equal to the
-    plain copy's (the same computation), the model's kernels restored after explaining.'''
+    plain copy's (the same computation), the model's kernels restored after explaining; with either gate treatment
+    (the plain copy's held gate equals the float64 reference in ``test_the_held_gate_variant_...``).'''
     from captum_mamba import ExplainedLogits
 
     torch.manual_seed(0)
@@ -240,13 +242,14 @@ def test_mamba_ssms_mamba3_is_explained_as_the_plain_copy_through_both_front_end
         before = kernels(inputs_embeds=embeddings)
     targets = before[:, -1].argmax(-1)
 
-    expected, explained, _ = explain(plain, embeddings)
-    relevance, kernels_explained, _ = explain(kernels, embeddings)
+    expected, explained, _ = explain(plain, embeddings, gate_relevance=gate_relevance)
+    relevance, kernels_explained, _ = explain(kernels, embeddings, gate_relevance=gate_relevance)
     assert relative_error(kernels_explained, explained) <= 1e-5
     assert relative_error(relevance, expected) <= 1e-4
     assert ((relevance.sum((1, 2)) - kernels_explained).abs() <= 1e-3 * kernels_explained.abs()).all()
     for front_end in (kernels, ExplainedLogits(kernels)):
-        assert relative_error(MambaLRP(front_end).attribute(embeddings, target=targets), expected) <= 1e-4
+        explainer = MambaLRP(front_end, gate_relevance=gate_relevance)
+        assert relative_error(explainer.attribute(embeddings, target=targets), expected) <= 1e-4
     with torch.no_grad():  # the kernels' forward again, bit for bit
         assert torch.equal(kernels(inputs_embeds=embeddings), before)
 
