@@ -141,6 +141,36 @@ def test_whole_sequences_only():
         Mamba3(d_model=32, is_mimo=True)
 
 
+def test_the_held_selection_is_computed_without_a_graph():
+    '''Under the SSM rule as stated the selection (norms, rotations, steps of every head) is computed without a graph:
+    the same relevance as a rule set whose selection is its own method (which takes the graph), for far fewer tensors
+    saved for the backward pass.'''
+    from zennit_mamba import RuleSet
+    from zennit_mamba.mixers.mamba3 import mamba3_mixer
+
+    class OwnSelection(RuleSet):
+        def selection(self, *selection):
+            return RuleSet.selection(self, *selection)
+
+    mixer = trained_like(Mamba3(d_model=32, d_state=16, headdim=8, chunk_size=8, **VARIANTS['Mamba3'])).double()
+    u = torch.randn(2, 21, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for rules in (RuleSet(), OwnSelection()):
+        saved, inputs = [0], u.clone().requires_grad_()
+
+        def pack(tensor):
+            saved[0] += tensor.numel()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = mamba3_mixer(rules, mixer, inputs)
+        gradient, = torch.autograd.grad(output.sum(), inputs)
+        results.append((output.detach(), gradient, saved[0]))
+    (output, gradient, saved), (own_output, own_gradient, own_saved) = results
+    assert torch.equal(output, own_output) and relative_error(gradient, own_gradient) <= 1e-12
+    assert saved < 0.7 * own_saved
+
+
 def _mamba_ssm_mamba3():
     try:
         from mamba_ssm.modules.mamba3 import Mamba3 as KernelMamba3

@@ -26,6 +26,7 @@ Unrolled, with ``c_t = sum_{r <= t} A_r DT_r``: ``y_t = sum_{s < t} exp(c_t - c_
 (q_t . k_t) x_t + D x_t`` with ``w_s = DT_s sigma_s + DT_{s+1} (1 - sigma_{s+1})`` (0 past the end): Mamba-2's SSD with
 the input scaled by ``w`` and the diagonal corrected, which :py:func:`trapezoid_ssd` computes.
 '''
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -90,16 +91,20 @@ def mamba3_mixer(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor) -> 
     z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(
         projected, [inner, inner, groups * state, groups * state, heads, heads, heads, angles_count], dim=-1)
 
-    A = torch.clamp(-F.softplus(dd_A), max=-mixer.A_floor)
-    step = F.softplus(dd_dt + mixer.dt_bias.to(dtype))
-    turn = torch.tanh(angles).unsqueeze(2) * math.pi * step.unsqueeze(-1)        # (batch, length, heads, angles)
-    theta = torch.remainder(torch.cumsum(turn, dim=1), 2 * math.pi)
-    # each head reads its group's B and C
-    group = torch.arange(heads, device=hidden_states.device) // (heads // groups)
-    key = rms(B.unflatten(-1, (groups, state)), mixer.B_norm.weight.to(dtype), mixer.B_norm.eps)[:, :, group]
-    query = rms(C.unflatten(-1, (groups, state)), mixer.C_norm.weight.to(dtype), mixer.C_norm.eps)[:, :, group]
-    key = rotate_pairs(key + mixer.B_bias.to(dtype)[:, 0], theta)
-    query = rotate_pairs(query + mixer.C_bias.to(dtype)[:, 0], theta)
+    # the selection is constant under the SSM rule: where that rule computes as stated, it is computed without a graph,
+    # which would keep per-head queries and keys and their norms' and rotations' intermediates (half the explanation's
+    # memory on a GPU); a replaced rule (the mutation check) or an ablation takes the graph
+    with torch.no_grad() if rules.fuses({'ssm'}, ('selection',)) else contextlib.nullcontext():
+        A = torch.clamp(-F.softplus(dd_A), max=-mixer.A_floor)
+        step = F.softplus(dd_dt + mixer.dt_bias.to(dtype))
+        turn = torch.tanh(angles).unsqueeze(2) * math.pi * step.unsqueeze(-1)    # (batch, length, heads, angles)
+        theta = torch.remainder(torch.cumsum(turn, dim=1), 2 * math.pi)
+        # each head reads its group's B and C
+        group = torch.arange(heads, device=hidden_states.device) // (heads // groups)
+        key = rms(B.unflatten(-1, (groups, state)), mixer.B_norm.weight.to(dtype), mixer.B_norm.eps)[:, :, group]
+        query = rms(C.unflatten(-1, (groups, state)), mixer.C_norm.weight.to(dtype), mixer.C_norm.eps)[:, :, group]
+        key = rotate_pairs(key + mixer.B_bias.to(dtype)[:, 0], theta)
+        query = rotate_pairs(query + mixer.C_bias.to(dtype)[:, 0], theta)
     selection = Mamba3Selection(*rules.selection(A * step, step, torch.sigmoid(trap), query, key))
 
     y = trapezoid_ssd(x.unflatten(-1, (heads, headdim)), selection, mixer.D.to(dtype), mixer.chunk_size)
