@@ -132,6 +132,23 @@ def test_two_processes_give_the_same_table(quick_run):
     assert read_rows(parallel_out / 'results.csv', 'needle') == read_rows(out / 'results.csv', 'needle')
 
 
+def test_speed_benchmark_leaves_out_ratio_b_and_reports_without_mambalrp_via_zennit(tmp_path):
+    '''--without-same-kernels leaves out (b) whatever --methods says; the tables need no lrp_zennit row (the
+    scaling line of 8,192 against 1,024 tokens reads it) and are written after every size.'''
+    import speed
+
+    for extra in ([], ['--methods', 'gi', 'lrp_captum']):
+        out = tmp_path / str(len(extra))
+        results = speed.main(['--quick', '--out', str(out), '--budget', '1e9', '--batches', '1',
+                              '--without-same-kernels'] + extra)
+        expected = set(speed.METHODS) - {'gi_same_kernels'} if not extra else {'gi', 'lrp_captum'}
+        assert all(set(result['rows']) == expected for result in results)
+        assert '| mamba | 16 | 1 | gi_same_kernels | n/a |' in (out / 'speed_cpu.md').read_text()
+    by_size = [{'family': 'mamba', 'length': length, 'batch': 1, 'rows': {'gi': {'seconds': 1.0}}}
+               for length in (1024, 8192)]
+    assert speed.checks(by_size)[-1] == '- scaling, mamba, batch 1: MambaLRP time(8192) / time(1024) = -'
+
+
 def test_speed_benchmark_quick_run_measures_every_method_and_writes_its_tables(tmp_path):
     import speed
 

@@ -143,8 +143,8 @@ def test_whole_sequences_only():
 
 def test_the_held_selection_is_computed_without_a_graph():
     '''Under the SSM rule as stated the selection (norms, rotations, steps of every head) is computed without a graph:
-    the same relevance as a rule set whose selection is its own method (which takes the graph), for far fewer tensors
-    saved for the backward pass.'''
+    the same relevance as a rule set whose selection is its own method (which takes the graph), with none of the
+    selection's operations recorded for the backward pass (they would raise the mixer's peak memory).'''
     from zennit_mamba import RuleSet
     from zennit_mamba.mixers.mamba3 import mamba3_mixer
 

@@ -91,9 +91,9 @@ def mamba3_mixer(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor) -> 
     z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(
         projected, [inner, inner, groups * state, groups * state, heads, heads, heads, angles_count], dim=-1)
 
-    # the selection is constant under the SSM rule: where that rule computes as stated, it is computed without a graph,
-    # which would keep per-head queries and keys and their norms' and rotations' intermediates (half the explanation's
-    # memory on a GPU); a replaced rule (the mutation check) or an ablation takes the graph
+    # the selection is constant under the SSM rule: where that rule computes as stated, it is computed without a graph
+    # (whose per-head norms' and rotations' intermediates would be held until the rule cuts the graph, raising the
+    # mixer's peak memory); a replaced rule (the mutation check) or an ablation takes the graph
     with torch.no_grad() if rules.fuses({'ssm'}, ('selection',)) else contextlib.nullcontext():
         A = torch.clamp(-F.softplus(dd_A), max=-mixer.A_floor)
         step = F.softplus(dd_dt + mixer.dt_bias.to(dtype))
@@ -105,7 +105,8 @@ def mamba3_mixer(rules, mixer: torch.nn.Module, hidden_states: torch.Tensor) -> 
         query = rms(C.unflatten(-1, (groups, state)), mixer.C_norm.weight.to(dtype), mixer.C_norm.eps)[:, :, group]
         key = rotate_pairs(key + mixer.B_bias.to(dtype)[:, 0], theta)
         query = rotate_pairs(query + mixer.C_bias.to(dtype)[:, 0], theta)
-    selection = Mamba3Selection(*rules.selection(A * step, step, torch.sigmoid(trap), query, key))
+        trap = torch.sigmoid(trap)
+    selection = Mamba3Selection(*rules.selection(A * step, step, trap, query, key))
 
     y = trapezoid_ssd(x.unflatten(-1, (heads, headdim)), selection, mixer.D.to(dtype), mixer.chunk_size)
     if mixer.is_outproj_norm:
