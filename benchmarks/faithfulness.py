@@ -351,6 +351,9 @@ def main() -> None:
         chunks = list(example_batches(task, count, CHUNK))
         for indices, inputs in tqdm(chunks[rank::world], desc=f'{name} (rank {rank})', disable=rank != 0):
             records += explain_chunk(model, task, indices, inputs, args.quick, args.methods)
+        if not distributed:
+            # the tables of the tasks done so far: a long run stopped later keeps them
+            write_tables(records, accuracies, args)
 
     if distributed:
         gathered = [None] * world
@@ -359,8 +362,19 @@ def main() -> None:
         dist.destroy_process_group()
     if rank != 0:
         return
-    records.sort(key=lambda record: (record['task'], record['method'], record['example']))
-    tables = summarise(records, args.quick)
+    tables, text = write_tables(records, accuracies, args)
+    plot(sorted(records, key=record_order), tables, args.out)
+    print(text)
+    print(f'wrote {args.out}/results.md, results.csv and the plots')
+
+
+def record_order(record: dict) -> tuple:
+    return record['task'], record['method'], record['example']
+
+
+def write_tables(records: List[dict], accuracies: Dict[str, float], args: argparse.Namespace) -> tuple:
+    '''Writes ``results.md`` and ``results.csv`` of ``records`` to ``args.out``; returns the tables and the markdown.'''
+    tables = summarise(sorted(records, key=record_order), args.quick)
     os.makedirs(args.out, exist_ok=True)
     text = markdown(tables, accuracies)
     with open(os.path.join(args.out, 'results.md'), 'w') as file:
@@ -370,9 +384,7 @@ def main() -> None:
         writer = csv.DictWriter(file, fieldnames=sorted({key for row in rows for key in row}))
         writer.writeheader()
         writer.writerows(rows)
-    plot(records, tables, args.out)
-    print(text)
-    print(f'wrote {args.out}/results.md, results.csv and the plots')
+    return tables, text
 
 
 if __name__ == '__main__':
