@@ -352,8 +352,8 @@ def main() -> None:
         for indices, inputs in tqdm(chunks[rank::world], desc=f'{name} (rank {rank})', disable=rank != 0):
             records += explain_chunk(model, task, indices, inputs, args.quick, args.methods)
         if not distributed:
-            # the tables of the tasks done so far: a long run stopped later keeps them
-            write_tables(records, accuracies, args)
+            # the tables of the tasks done so far: a long run stopped later keeps them (after the last task, the run's)
+            tables, text = write_tables(records, accuracies, args)
 
     if distributed:
         gathered = [None] * world
@@ -362,19 +362,18 @@ def main() -> None:
         dist.destroy_process_group()
     if rank != 0:
         return
-    tables, text = write_tables(records, accuracies, args)
-    plot(sorted(records, key=record_order), tables, args.out)
+    if distributed:
+        tables, text = write_tables(records, accuracies, args)
+    plot(records, tables, args.out)
     print(text)
     print(f'wrote {args.out}/results.md, results.csv and the plots')
 
 
-def record_order(record: dict) -> tuple:
-    return record['task'], record['method'], record['example']
-
-
 def write_tables(records: List[dict], accuracies: Dict[str, float], args: argparse.Namespace) -> tuple:
-    '''Writes ``results.md`` and ``results.csv`` of ``records`` to ``args.out``; returns the tables and the markdown.'''
-    tables = summarise(sorted(records, key=record_order), args.quick)
+    '''Sorts ``records`` and writes their ``results.md`` and ``results.csv`` to ``args.out``; returns the tables and
+    the markdown.'''
+    records.sort(key=lambda record: (record['task'], record['method'], record['example']))
+    tables = summarise(records, args.quick)
     os.makedirs(args.out, exist_ok=True)
     text = markdown(tables, accuracies)
     with open(os.path.join(args.out, 'results.md'), 'w') as file:

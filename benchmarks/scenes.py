@@ -8,6 +8,7 @@ black) stands out from the crop beneath it. The class is the digit; the mask is 
 Training and test images never share a digit or a part of a photograph: the test crops come from the right quarter
 of each photograph, the training crops from the rest.
 '''
+import functools
 import gzip
 import importlib.util
 import os
@@ -51,10 +52,17 @@ def read_sources() -> dict:
     '''The file ``IMAGE_SOURCES`` names, or an empty dictionary where it is not set.'''
     if not os.environ.get(SOURCES):
         return {}
-    with gzip.open(os.environ[SOURCES], 'rb') as file:
-        sources = torch.load(file)
+    path = os.environ[SOURCES]
+    sources = _load_sources(path, os.stat(path).st_mtime_ns)
     # as mnist_images reads them: float32 integers divided by 255
-    return dict(sources, digits=sources['digits'].float() / 255.0)
+    return dict(sources, photographs=list(sources['photographs']), digits=sources['digits'].float() / 255.0)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_sources(path: str, modified: int) -> dict:
+    # read once per file and version (``modified``): a photo-digits task takes its photographs and its digits from it
+    with gzip.open(path, 'rb') as file:
+        return torch.load(file)
 
 
 def photographs() -> List[torch.Tensor]:
